@@ -34,7 +34,11 @@ def generate(out_dir: Path) -> list[Path]:
     written: list[Path] = []
     for proto in protos:
         stem = proto.removesuffix(".proto")
-        written += [out_dir / f"{stem}_pb2.py", out_dir / f"{stem}_pb2.pyi", out_dir / f"{stem}_pb2_grpc.py"]
+        written += [
+            out_dir / f"{stem}_pb2.py",
+            out_dir / f"{stem}_pb2.pyi",
+            out_dir / f"{stem}_pb2_grpc.py",
+        ]
     return written
 
 

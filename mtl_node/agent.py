@@ -1,0 +1,249 @@
+"""The round loop of one agent (DESIGN §1 and §3), independent of how models travel.
+
+Each round i: adapt (psi = local step from theta), publish psi as round i, fetch every neighbour's
+round-i model concurrently with a deadline, score them on our own data, let the rule filter and
+weigh, combine. A neighbour that fails, times out or sends an invalid model is left out of that
+round and counted; it is never fatal. Publishing before fetching means neighbours never wait on
+each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mtl_node import wire
+from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
+from mtl_node.attack_api import Attack, make_attack
+from mtl_node.combine import squared_distance, weighted_sum
+from mtl_node.config import NodeConfig
+from mtl_node.errors import FetchError, WireError
+from mtl_node.recorder import MemoryRecorder, Recorder, RoundRecord
+from mtl_node.store import ModelStore
+from mtl_node.tasks import Metrics, Task, make_task
+from mtl_node.transport import Transport
+from mtl_node.wire import StateDict
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Models above this size are adapted/scored in a worker thread so the event loop keeps serving.
+OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass
+class AgentStatus:
+    """What GetStatus/WatchStatus report; replaced (not mutated) after every round."""
+
+    agent_id: str
+    role: str
+    rule: str
+    rounds_total: int
+    round: int = 0
+    state: str = "starting"
+    metrics: Metrics | None = None
+    accepted: int = 0
+    filtered: int = 0
+    missing: int = 0
+    decisions: tuple[NeighborDecision, ...] = field(default_factory=tuple)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: NodeConfig,
+        transport: Transport,
+        recorder: Recorder | None = None,
+        task: Task | None = None,
+    ) -> None:
+        self.config = config
+        self.id = config.id
+        self.neighbors: list[str] = list(config.neighbors)
+        self.transport = transport
+        self.recorder = recorder or MemoryRecorder()
+        self.task = task or make_task(config.task, config.id, config.seed, config.task_params, config.device)
+        # A Byzantine agent learns alone to keep an honest-looking model to craft from.
+        self.rule: Rule = make_rule("none" if config.attack else config.rule, config.rule_params)
+        self.attack: Attack | None = (
+            make_attack(config.attack, config.id, config.seed, config.attack_params)
+            if config.attack
+            else None
+        )
+        self.store = ModelStore(config.id, keep=config.keep_rounds)
+        self.theta: StateDict = self.task.init_model()
+        self.manifest = wire.manifest_of(self.theta)
+        transport.expect(self.manifest)
+        self.status = AgentStatus(config.id, config.role, config.rule, config.rounds)
+        self._status_changed = asyncio.Event()
+        self._seen: set[str] = set()  # neighbours that answered at least once
+        self.last_fetched: dict[str, StateDict | Exception] = {}
+        self._offload = self.manifest.data_bytes > OFFLOAD_BYTES
+        # Byzantine agents fetch too (and discard): it keeps them in step with their victims and
+        # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
+        self.fetches = self.attack is not None or self.rule.name != "none"
+        self._last_failure: dict[str, str] = {}
+        self.done = asyncio.Event()
+        self.store.publish(0, self.theta)
+
+    # -- what the server side asks --------------------------------------------------------------
+
+    async def model_for(self, round_: int, requester: str, timeout: float) -> StateDict:
+        """The model served for ``round_`` to ``requester``: published, or crafted if Byzantine."""
+        published = await self.store.wait_for(round_, timeout)
+        if self.attack is None:
+            return published.state
+        return self.attack.craft(published.round, requester, published.state)
+
+    async def payload_for(self, round_: int, requester: str, timeout: float) -> tuple[int, bytes, str]:
+        """(round, safetensors bytes, digest) served for ``round_``; honest payloads are cached."""
+        published = await self.store.wait_for(round_, timeout)
+        if self.attack is None:
+            payload, digest = await self._compute(published.payload)
+            return published.round, payload, digest
+        crafted = self.attack.craft(published.round, requester, published.state)
+        payload = await self._compute(wire.encode, crafted)
+        return published.round, payload, wire.digest(payload)
+
+    async def wait_status_change(self) -> None:
+        await self._status_changed.wait()
+
+    def _set_status(self, status: AgentStatus) -> None:
+        self.status = status
+        self._status_changed.set()
+        self._status_changed = asyncio.Event()
+
+    # -- the round loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._set_status(_replace(self.status, state="running"))
+        try:
+            for i in range(1, self.config.rounds + 1):
+                await self.run_round(i)
+        except Exception:
+            self._set_status(_replace(self.status, state="failed"))
+            raise
+        finally:
+            self.recorder.close()
+        self._set_status(_replace(self.status, state="done"))
+        self.done.set()
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._offload:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def run_round(self, i: int) -> None:
+        started = time.perf_counter()
+        theta_prev = self.theta
+        psi = await self._compute(self.task.adapt, theta_prev, i)
+        self.store.publish(i, psi)
+
+        fetched = await self._fetch_all(i) if self.fetches else {}
+        if self.attack is None and self.rule.name != "none":
+            candidates, models = await self._candidates(i, psi, theta_prev, fetched)
+        else:
+            # Non-cooperative (or Byzantine): nothing to score; neighbours show as filtered.
+            self.last_fetched = fetched
+            candidates = [Candidate(a) for a in [self.id, *self.neighbors]]
+            models = {self.id: psi}
+        agg: Aggregation = self.rule.aggregate(candidates)
+        self.theta = await self._compute(weighted_sum, models, agg.weights)
+        metrics = await self._compute(self.task.evaluate, self.theta, i)
+
+        record = RoundRecord(
+            agent=self.id,
+            round=i,
+            role=self.config.role,
+            rule=self.config.rule,
+            metrics=metrics,
+            accepted=agg.count("accepted"),
+            filtered=agg.count("filtered"),
+            missing=agg.count("missing"),
+            decisions=tuple(agg.decisions),
+            seconds=time.perf_counter() - started,
+        )
+        self.recorder.record(record, self.theta)
+        self._set_status(
+            AgentStatus(
+                self.id,
+                self.config.role,
+                self.config.rule,
+                self.config.rounds,
+                round=i,
+                state="running",
+                metrics=metrics,
+                accepted=record.accepted,
+                filtered=record.filtered,
+                missing=record.missing,
+                decisions=record.decisions,
+            )
+        )
+
+    async def _fetch_all(self, i: int) -> dict[str, StateDict | Exception]:
+        results = await asyncio.gather(*(self._fetch_one(n, i) for n in self.neighbors))
+        return dict(zip(self.neighbors, results, strict=True))
+
+    async def _fetch_one(self, neighbor: str, i: int) -> StateDict | Exception:
+        # Until a neighbour has answered once, wait for it to come up (startup barrier).
+        timeout = self.config.fetch_timeout if neighbor in self._seen else self.config.startup_timeout
+        try:
+            state = await self.transport.fetch(neighbor, i, self.id, timeout)
+            wire.validate_state(state, self.manifest)
+        except (FetchError, WireError) as exc:
+            # Warn when a neighbour starts failing (or fails differently), not every round.
+            reason = getattr(exc, "reason", "error")
+            level = logging.DEBUG if self._last_failure.get(neighbor) == reason else logging.WARNING
+            log.log(level, "%s: round %d: left out %s: %s", self.id, i, neighbor, exc)
+            self._last_failure[neighbor] = reason
+            return exc
+        if self._last_failure.pop(neighbor, None):
+            log.info("%s: round %d: %s is back", self.id, i, neighbor)
+        self._seen.add(neighbor)
+        return state
+
+    async def _candidates(
+        self,
+        i: int,
+        psi: StateDict,
+        theta_prev: StateDict,
+        fetched: dict[str, StateDict | Exception],
+    ) -> tuple[list[Candidate], dict[str, StateDict]]:
+        models: dict[str, StateDict] = {self.id: psi}
+        missing: dict[str, str] = {}
+        for n in self.neighbors:
+            got = fetched.get(n)
+            if isinstance(got, dict):
+                models[n] = got
+            elif isinstance(got, Exception):
+                missing[n] = _reason(got)
+            else:
+                missing[n] = "not fetched"
+        present = list(models)
+        losses: dict[str, float] = {}
+        if self.rule.needs_loss:
+            values = await self._compute(self.task.losses, [models[a] for a in present], i)
+            losses = dict(zip(present, values, strict=True))
+        distances: dict[str, float] = {}
+        if self.rule.needs_distance:
+            distances = {a: squared_distance(theta_prev, models[a]) for a in present}
+        candidates = [
+            Candidate(a, losses.get(a), distances.get(a))
+            if a in models
+            else Candidate(a, missing_reason=missing[a])
+            for a in [self.id, *self.neighbors]
+        ]
+        return candidates, models
+
+
+def _reason(exc: Exception) -> str:
+    tag = getattr(exc, "reason", "error")
+    return f"{tag}: {exc}"
+
+
+def _replace(status: AgentStatus, **changes: Any) -> AgentStatus:
+    return dataclasses.replace(status, **changes)

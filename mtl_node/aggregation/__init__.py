@@ -1,0 +1,27 @@
+"""Aggregation rules: how a normal agent weighs itself and its neighbours each round.
+
+Pure code (floats in, weights out; no grpc, no torch): the round loop hands a rule one
+``Candidate`` per neighbourhood member (the agent itself first) and gets back weights and a
+per-neighbour decision for the filter log. ``combine`` applies the weights to the models.
+"""
+
+from mtl_node.aggregation import rules as _rules  # noqa: F401  (registers the built-in rules)
+from mtl_node.aggregation.base import (
+    RULES,
+    Aggregation,
+    Candidate,
+    NeighborDecision,
+    Rule,
+    RuleParams,
+    make_rule,
+)
+
+__all__ = [
+    "RULES",
+    "Aggregation",
+    "Candidate",
+    "NeighborDecision",
+    "Rule",
+    "RuleParams",
+    "make_rule",
+]

@@ -1,0 +1,101 @@
+"""The rule interface, its parameters and the registry of rules."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mtl_node.registry import Registry
+
+Decision = Literal["accepted", "filtered", "missing"]
+
+
+class RuleParams(BaseModel):
+    """Knobs shared by the rules. ``nu`` is the paper's forgetting factor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nu: float = Field(0.1, gt=0.0, le=1.0, description="EMA forgetting factor, in (0, 1]")
+    ema_init: float | None = Field(
+        10.0,
+        ge=0.0,
+        description="EMA value before the first observation (the reference code uses 10); "
+        "null starts each neighbour's EMA at its first observed value",
+    )
+    floor: float = Field(
+        1e-12,
+        gt=0.0,
+        description="scores below this count as this when inverted, so a zero or tiny score "
+        "cannot give a neighbour infinite weight",
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One member of the neighbourhood this round, as the round loop saw it.
+
+    ``loss`` is the loss of the member's model on *our* data; ``sq_distance`` is
+    ||theta_self(i-1) - psi_member||^2. Both are None when the member's model did not arrive or was
+    rejected, in which case ``missing_reason`` says why.
+    """
+
+    agent_id: str
+    loss: float | None = None
+    sq_distance: float | None = None
+    missing_reason: str | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.missing_reason is None
+
+
+@dataclass(frozen=True)
+class NeighborDecision:
+    agent_id: str
+    decision: Decision
+    weight: float
+    ema: float
+    loss: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """Weights (summing to 1 over present members, the agent itself included) and decisions."""
+
+    weights: dict[str, float]
+    decisions: list[NeighborDecision] = field(default_factory=list)
+
+    def count(self, decision: Decision) -> int:
+        return sum(1 for d in self.decisions[1:] if d.decision == decision)
+
+
+class Rule(ABC):
+    """A stateful per-agent rule: it keeps its running scores across rounds."""
+
+    name: ClassVar[str]
+    needs_loss: ClassVar[bool] = False
+    needs_distance: ClassVar[bool] = False
+
+    def __init__(self, params: RuleParams | None = None) -> None:
+        self.params = params or RuleParams()
+
+    @abstractmethod
+    def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
+        """``candidates[0]`` is the agent itself; it is always present."""
+
+
+RULES: Registry[type[Rule]] = Registry("rule")
+
+
+def make_rule(name: str, params: RuleParams | None = None) -> Rule:
+    return RULES.get(name, field="rule")(params)
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

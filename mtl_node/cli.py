@@ -1,0 +1,238 @@
+"""``mtl-node``: run one agent daemon, and small client tools to look at running agents."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from mtl_node.errors import ConfigError, MTLError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="One agent of a Byzantine-resilient distributed multi-task network.",
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("mtl_node")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"mtl-node: error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def parse_pairs(items: list[str], field: str) -> dict[str, Any]:
+    """``k=v`` items; values are YAML scalars/lists so numbers and ``[1, 2]`` keep their type."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(field, f"{item!r} is not KEY=VALUE", "e.g. mu=0.1")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def parse_neighbors(spec: str) -> dict[str, str]:
+    """``a=127.0.0.1:5001,b=127.0.0.1:5002`` -> {"a": ..., "b": ...} (order kept)."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        nid, sep, addr = part.partition("=")
+        if not sep or not nid or not addr:
+            raise ConfigError(
+                "--neighbors", f"{part!r} is not ID=HOST:PORT", "e.g. --neighbors b=127.0.0.1:5002"
+            )
+        if nid in out:
+            raise ConfigError("--neighbors", f"neighbour {nid!r} listed twice")
+        out[nid] = addr
+    return out
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def serve(
+    id: Annotated[str | None, typer.Option("--id", help="this agent's id")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to serve on (port 0: any)")] = None,
+    neighbors: Annotated[str | None, typer.Option(help="ID=HOST:PORT,... in order")] = None,
+    task: Annotated[str | None, typer.Option(help="task name (mtl-node tasks)")] = None,
+    task_param: Annotated[list[str] | None, typer.Option(help="task parameter KEY=VALUE")] = None,
+    rule: Annotated[str | None, typer.Option(help="aggregation rule (mtl-node rules)")] = None,
+    rule_param: Annotated[list[str] | None, typer.Option(help="rule parameter KEY=VALUE")] = None,
+    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
+    seed: Annotated[int | None, typer.Option(help="run seed")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N")] = None,
+    attack: Annotated[str | None, typer.Option(help="make this agent Byzantine")] = None,
+    attack_param: Annotated[list[str] | None, typer.Option(help="attack parameter KEY=VALUE")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="write metrics/decisions here")] = None,
+    save_models_every: Annotated[int | None, typer.Option(help="checkpoint every N rounds")] = None,
+    fetch_timeout: Annotated[float | None, typer.Option(help="deadline per fetch, s")] = None,
+    exit_when_done: Annotated[
+        bool | None, typer.Option("--exit-when-done/--keep-serving", help="exit after last round")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with any of these fields")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run one agent: serve its model over gRPC, learn for ROUNDS rounds, keep serving."""
+    from mtl_node.config import build_config, load_yaml
+
+    setup_logging(log_level)
+    try:
+        data: dict[str, Any] = load_yaml(config) if config else {}
+        flags: dict[str, Any] = {
+            "id": id,
+            "listen": listen,
+            "task": task,
+            "rule": rule,
+            "rounds": rounds,
+            "seed": seed,
+            "device": device,
+            "attack": attack,
+            "results_dir": results_dir,
+            "save_models_every": save_models_every,
+            "fetch_timeout": fetch_timeout,
+            "exit_when_done": exit_when_done,
+        }
+        data |= {k: v for k, v in flags.items() if v is not None}
+        if neighbors is not None:
+            data["neighbors"] = parse_neighbors(neighbors)
+        if task_param:
+            data["task_params"] = {
+                **data.get("task_params", {}),
+                **parse_pairs(task_param, "--task-param"),
+            }
+        if rule_param:
+            data["rule_params"] = {
+                **data.get("rule_params", {}),
+                **parse_pairs(rule_param, "--rule-param"),
+            }
+        if attack_param:
+            data["attack_params"] = {
+                **data.get("attack_params", {}),
+                **parse_pairs(attack_param, "--attack-param"),
+            }
+        if "id" not in data:
+            raise ConfigError("--id", "missing", "give --id NAME or id: in the config file")
+        cfg = build_config(data)
+        # Build the agent's pieces once here so task/attack parameter errors exit 2 cleanly.
+        from mtl_node.attack_api import make_attack
+        from mtl_node.daemon import run_daemon
+        from mtl_node.tasks import make_task
+
+        make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+        if cfg.attack:
+            make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
+    except MTLError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(run_daemon(cfg))
+
+
+@app.command()
+def rules() -> None:
+    """List the aggregation rules."""
+    from mtl_node.aggregation import RULES
+
+    for entry in RULES:
+        typer.echo(f"{entry.name:16} {entry.description}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the tasks and their parameters."""
+    from mtl_node.tasks import TASKS
+
+    for entry in TASKS:
+        typer.echo(f"{entry.name:22} {entry.description}")
+        for pname, f in entry.factory.Params.model_fields.items():
+            typer.echo(f"    {pname:20} {f.description or ''}")
+
+
+@app.command()
+def attacks() -> None:
+    """List the attacks (Byzantine behaviours) and their parameters."""
+    from mtl_node.attack_api import ATTACKS, load_plugins
+
+    load_plugins()
+    for entry in ATTACKS:
+        typer.echo(f"{entry.name:22} {entry.description}")
+        for pname, f in entry.factory.Params.model_fields.items():
+            typer.echo(f"    {pname:20} {f.description or ''} (default {f.default!r})")
+
+
+@app.command()
+def status(
+    address: Annotated[str, typer.Argument(help="HOST:PORT of an agent")],
+    timeout: Annotated[float, typer.Option(help="deadline, s")] = 5.0,
+) -> None:
+    """Print an agent's info and status."""
+    import grpc
+    from google.protobuf import json_format
+
+    from mtl_node.channel import create_sync_channel
+    from mtl_node.proto.v1 import node_pb2 as pb
+    from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
+
+    with create_sync_channel(address) as channel:
+        stub = pb_grpc.NodeStub(channel)
+        try:
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+            st = stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _fail(ConnectionError(f"{address}: {exc.code().name}: {exc.details()}")) from None
+    typer.echo(json_format.MessageToJson(info))
+    typer.echo(json_format.MessageToJson(st))
+
+
+@app.command()
+def fetch(
+    address: Annotated[str, typer.Argument(help="HOST:PORT of an agent")],
+    out: Annotated[Path, typer.Option(help="where to write the .safetensors file")],
+    round: Annotated[int, typer.Option(help="round (0: latest)")] = 0,
+    timeout: Annotated[float, typer.Option(help="deadline, s")] = 30.0,
+) -> None:
+    """Download the model an agent published for a round, as a safetensors file."""
+    from mtl_node import messages, wire
+    from mtl_node.channel import create_channel
+    from mtl_node.client import fetch_payload
+    from mtl_node.proto.v1 import node_pb2 as pb
+    from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
+
+    async def go() -> tuple[int, bytes]:
+        async with create_channel(address) as channel:
+            stub = pb_grpc.NodeStub(channel)
+            info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+            manifest = messages.manifest_from_pb(info.manifest)
+            header, payload = await fetch_payload(stub, round, "", timeout, manifest)
+            wire.decode(payload, manifest)
+            return header.round, payload
+
+    try:
+        got_round, payload = asyncio.run(go())
+    except MTLError as exc:
+        raise _fail(exc) from None
+    except Exception as exc:  # grpc errors on GetInfo
+        raise _fail(ConnectionError(f"{address}: {exc}")) from None
+    out.write_bytes(payload)
+    typer.echo(f"round {got_round}: {len(payload)} bytes -> {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""theta_k = sum_l a_lk psi_l over state dicts (the combination step, eq. 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from mtl_node.wire import StateDict
+
+
+def weighted_sum(models: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapping[str, float]) -> StateDict:
+    """Weighted sum of the models named in ``weights`` (weights are assumed to sum to 1)."""
+    ids: Sequence[str] = [agent for agent, w in weights.items() if w != 0.0]
+    if len(ids) == 1:
+        return {name: t.clone() for name, t in models[ids[0]].items()}
+    first = models[ids[0]]
+    out: StateDict = {}
+    for name, ref in first.items():
+        if not ref.is_floating_point():
+            out[name] = ref.clone()
+            continue
+        stacked = torch.stack([models[agent][name] for agent in ids])
+        coeffs = torch.tensor([weights[agent] for agent in ids], dtype=ref.dtype, device=ref.device)
+        out[name] = torch.tensordot(coeffs, stacked, dims=1)
+    return out
+
+
+def squared_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    total = 0.0
+    for name, t in a.items():
+        if t.is_floating_point():
+            total += float(torch.sum((t - b[name]) ** 2))
+    return total

@@ -1,0 +1,143 @@
+"""Agent configuration: one validated object built from a YAML file and/or CLI flags.
+
+Every field error becomes a ``ConfigError`` naming the field and the fix; the CLI prints it on one
+line and exits 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtl_node.aggregation import RULES, RuleParams
+from mtl_node.errors import ConfigError
+from mtl_node.tasks import TASKS
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+def parse_hostport(value: str, field: str) -> tuple[str, int]:
+    m = _HOSTPORT.match(value.strip())
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ConfigError(field, f"{value!r} is not HOST:PORT", "e.g. 127.0.0.1:50051 or [::1]:50051")
+    return m.group(1), int(m.group(2))
+
+
+class NodeConfig(BaseModel):
+    """Everything one agent daemon needs. Keyword-only; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=ID_PATTERN, description="this agent's id")
+    listen: str = Field("127.0.0.1:0", description="HOST:PORT to serve on (port 0 = any free)")
+    neighbors: dict[str, str] = Field(
+        default_factory=dict, description="neighbour id -> HOST:PORT, in aggregation order"
+    )
+    task: str = "target-localization"
+    task_params: dict[str, Any] = Field(default_factory=dict)
+    rule: str = "loss-filtered"
+    rule_params: RuleParams = Field(default_factory=lambda: RuleParams())
+    rounds: int = Field(100, ge=0, le=10_000_000)
+    seed: int = Field(0, ge=0, lt=2**63)
+    device: str = "cpu"
+    attack: str | None = None
+    attack_params: dict[str, Any] = Field(default_factory=dict)
+    fetch_timeout: float = Field(30.0, gt=0, description="deadline of one model fetch, seconds")
+    startup_timeout: float = Field(
+        120.0, gt=0, description="how long round 1 waits for neighbours to come up, seconds"
+    )
+    keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
+    results_dir: Path | None = None
+    save_models_every: int = Field(0, ge=0, description="write model checkpoints every N rounds")
+    exit_when_done: bool = False
+    linger: float = Field(
+        5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_hostport(v, "listen")
+        return v
+
+    @field_validator("neighbors")
+    @classmethod
+    def _neighbors(cls, v: dict[str, str]) -> dict[str, str]:
+        for nid, addr in v.items():
+            if not re.match(ID_PATTERN, nid):
+                raise ValueError(f"neighbour id {nid!r} is not a valid id")
+            parse_hostport(addr, f"neighbors.{nid}")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        TASKS.get(v, field="task")
+        return v
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        RULES.get(v, field="rule")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
+            raise ValueError("must be cpu, cuda or cuda:N")
+        if v.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("CUDA is not available on this machine; use --device cpu")
+        return v
+
+    @model_validator(mode="after")
+    def _not_own_neighbour(self) -> NodeConfig:
+        if self.id in self.neighbors:
+            raise ValueError(f"neighbors: lists the agent itself ({self.id}); remove it")
+        return self
+
+    @property
+    def role(self) -> str:
+        return "byzantine" if self.attack else "normal"
+
+
+def _format_validation_error(exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(NodeConfig.model_fields))
+        return ConfigError(loc, "unknown field", f"valid fields: {allowed}")
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigError):
+        return cause
+    return ConfigError(loc, f"{msg} (got {err.get('input')!r})")
+
+
+def build_config(data: dict[str, Any]) -> NodeConfig:
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(exc) from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of fields")
+    return data

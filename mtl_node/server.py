@@ -1,0 +1,107 @@
+"""The gRPC face of an agent: a thin servicer over the Agent, plus health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mtl_node import messages, wire
+from mtl_node.agent import Agent
+from mtl_node.channel import SERVER_OPTIONS, SERVICE
+from mtl_node.errors import FetchError
+from mtl_node.proto.v1 import node_pb2 as pb
+from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Upper bound on how long GetModel waits for a round to be published when the caller set no
+# deadline (every caller of ours does).
+MAX_WAIT_S = 300.0
+_ABORT_CODES = {
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "expired": grpc.StatusCode.NOT_FOUND,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+        return messages.info_to_pb(self.agent)
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelChunk]:
+        remaining = context.time_remaining()
+        timeout = MAX_WAIT_S if remaining is None else min(MAX_WAIT_S, max(remaining - 0.05, 0.0))
+        try:
+            round_, payload, digest = await self.agent.payload_for(request.round, request.requester, timeout)
+        except FetchError as exc:
+            await context.abort(_ABORT_CODES.get(exc.reason, grpc.StatusCode.UNAVAILABLE), str(exc))
+            return
+        header = pb.ModelHeader(
+            round=round_,
+            format=wire.FORMAT,
+            total_bytes=len(payload),
+            digest=digest,
+            agent_id=self.agent.id,
+        )
+        for index, data in enumerate(wire.chunks(payload)):
+            yield (pb.ModelChunk(header=header, data=data) if index == 0 else pb.ModelChunk(data=data))
+
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeStatus:
+        return messages.status_to_pb(self.agent.status)
+
+    async def WatchStatus(
+        self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.NodeStatus]:
+        while True:
+            status = self.agent.status
+            yield messages.status_to_pb(status)
+            if status.state in ("done", "failed"):
+                return
+            await self.agent.wait_status_change()
+
+
+async def create_server(agent: Agent, address: str) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    """Start serving ``agent`` on ``address`` (port 0 picks a free port); returns the bound port.
+
+    Health stays NOT_SERVING until the caller marks it SERVING (once the agent is ready).
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_NodeServicer_to_server(NodeServicer(agent), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Node"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for service in ("", SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health_aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", SERVICE):
+        await health_servicer.set(service, status)
+
+
+async def stop_server(server: grpc.aio.Server, grace: float = 2.0) -> None:
+    await asyncio.shield(server.stop(grace))

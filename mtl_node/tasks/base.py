@@ -1,0 +1,84 @@
+"""The task interface every agent runs, and the task registry.
+
+A task instance belongs to one agent: it owns that agent's data (a deterministic stream keyed by
+the run seed and the agent id) and knows how to adapt a model on it and score any model on it.
+Scoring a *neighbour's* model uses this agent's data: that is the heart of the loss-based rule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from mtl_node.errors import ConfigError
+from mtl_node.registry import Registry
+from mtl_node.wire import StateDict
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Per-round metrics of the agent's combined model. None where the task has no such metric."""
+
+    loss: float
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    agent_id: str
+    seed: int
+    device: torch.device
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+
+    def __init__(self, ctx: TaskContext, params: BaseModel) -> None:
+        self.ctx = ctx
+        self.params = params
+
+    @abstractmethod
+    def init_model(self) -> StateDict:
+        """The agent's model before round 1."""
+
+    @abstractmethod
+    def adapt(self, model: StateDict, round_: int) -> StateDict:
+        """psi = local update of ``model`` on the agent's data of ``round_`` (must not mutate it)."""
+
+    @abstractmethod
+    def losses(self, models: Sequence[StateDict], round_: int) -> list[float]:
+        """Loss of each model on the agent's own data of ``round_``, as used for scoring."""
+
+    @abstractmethod
+    def evaluate(self, model: StateDict, round_: int) -> Metrics:
+        """Metrics of the agent's combined model after ``round_``."""
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def parse_params(task_cls: type[Task], params: Mapping[str, Any]) -> BaseModel:
+    """Validate task parameters, turning pydantic's report into one clear ConfigError."""
+    try:
+        return task_cls.Params.model_validate(dict(params))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "task_params"
+        allowed = ", ".join(sorted(task_cls.Params.model_fields))
+        raise ConfigError(
+            f"task_params.{where}",
+            f"{err['msg']} (got {err.get('input')!r})",
+            f"parameters of task {task_cls.name}: {allowed}",
+        ) from None
+
+
+def make_task(name: str, agent_id: str, seed: int, params: Mapping[str, Any], device: str = "cpu") -> Task:
+    cls = TASKS.get(name, field="task")
+    return cls(TaskContext(agent_id, seed, torch.device(device)), parse_params(cls, params))

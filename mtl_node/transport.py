@@ -1,0 +1,50 @@
+"""The transport seam: how an agent gets a neighbour's model for a round.
+
+``GrpcTransport`` (in mtl_node.client) crosses the network; ``InMemoryTransport`` here hands over
+the published tensors of agents living in the same process. The round loop only sees
+``Transport``, so the same agent code runs as a daemon or inside the in-process engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Protocol
+
+from mtl_node.errors import FetchError
+from mtl_node.wire import Manifest, StateDict
+
+
+class ModelSource(Protocol):
+    """Whatever answers GetModel for one agent: its store, or an attack crafting per request."""
+
+    async def model_for(self, round_: int, requester: str, timeout: float) -> StateDict: ...
+
+
+class Transport(ABC):
+    def expect(self, manifest: Manifest) -> None:  # noqa: B027 - optional hook
+        """Told once by the agent what models look like, to bound what it accepts."""
+
+    @abstractmethod
+    async def fetch(self, neighbor: str, round_: int, requester: str, timeout: float) -> StateDict:
+        """The model ``neighbor`` published for ``round_``; raises FetchError or WireError."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class InMemoryTransport(Transport):
+    """Agents in one process: fetch straight from the neighbour's model source."""
+
+    def __init__(self, sources: Mapping[str, ModelSource]) -> None:
+        self.sources = sources
+
+    async def fetch(self, neighbor: str, round_: int, requester: str, timeout: float) -> StateDict:
+        source = self.sources.get(neighbor)
+        if source is None:
+            raise FetchError(f"no agent {neighbor!r} in this process", reason="unavailable")
+        try:
+            return await asyncio.wait_for(source.model_for(round_, requester, timeout), timeout)
+        except TimeoutError:
+            raise FetchError(f"{neighbor}: timed out after {timeout}s", reason="timeout") from None
