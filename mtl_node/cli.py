@@ -138,7 +138,44 @@ def serve(
             make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
     except MTLError as exc:
         raise _fail(exc) from None
-    raise typer.Exit(run_daemon(cfg))
+    raise typer.Exit(run_daemon([cfg], cfg.exit_when_done, cfg.linger))
+
+
+@app.command("serve-many")
+def serve_many(
+    config: Annotated[Path, typer.Option(help="YAML/JSON file: {agents: [agent config, ...]}")],
+    exit_when_done: Annotated[bool, typer.Option(help="exit after every agent finished")] = False,
+    linger: Annotated[float, typer.Option(help="with --exit-when-done: keep serving N s")] = 5.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+) -> None:
+    """Host several agents in one process, each with its own gRPC server and port.
+
+    Saves the ~230 MB a torch process costs per agent when many agents share one machine.
+    """
+    from mtl_node.attack_api import make_attack
+    from mtl_node.config import build_config, load_yaml
+    from mtl_node.daemon import run_daemon
+    from mtl_node.tasks import make_task
+
+    setup_logging(log_level)
+    try:
+        data = load_yaml(config)
+        items = data.get("agents")
+        if not isinstance(items, list) or not items:
+            raise ConfigError("agents", "must be a non-empty list of agent configs", f"in {config}")
+        configs = []
+        for index, item in enumerate(items):
+            try:
+                cfg = build_config(item if isinstance(item, dict) else {})
+                make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+                if cfg.attack:
+                    make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
+            except ConfigError as exc:
+                raise ConfigError(f"agents[{index}].{exc.field}", exc.problem, exc.fix) from None
+            configs.append(cfg)
+    except MTLError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(run_daemon(configs, exit_when_done, linger))
 
 
 @app.command()

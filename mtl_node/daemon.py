@@ -1,4 +1,9 @@
-"""Running one agent as a long-lived gRPC daemon: start, serve, run the rounds, shut down cleanly."""
+"""Running agents as long-lived gRPC daemons: start, serve, run the rounds, shut down cleanly.
+
+One process may host several agents (``mtl-node serve-many``): each keeps its own gRPC server on
+its own port, so every exchange still crosses the network stack, but the process pays the torch
+import and interpreter memory once.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import _async as health_aio
 
 from mtl_node.agent import Agent
 from mtl_node.client import GrpcTransport
@@ -17,8 +28,19 @@ from mtl_node.server import create_server, set_serving, stop_server
 log = logging.getLogger(__name__)
 
 
-async def serve(config: NodeConfig) -> int:
-    """Serve until SIGTERM/SIGINT (or, with exit_when_done, the last round plus ``linger``)."""
+@dataclass
+class RunningAgent:
+    config: NodeConfig
+    agent: Agent
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    transport: GrpcTransport
+    recorder: Recorder
+
+
+async def start_agent(config: NodeConfig) -> RunningAgent:
+    """Build the agent, bind its server and mark it SERVING; rounds are not started yet."""
     recorder: Recorder = (
         FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
     )
@@ -26,47 +48,67 @@ async def serve(config: NodeConfig) -> int:
     agent = Agent(config, transport, recorder)
     server, port, health_servicer = await create_server(agent, config.listen)
     host = config.listen.rsplit(":", 1)[0]
-    # One parseable line: orchestrators and scripts read the bound port from it.
+    # One parseable line per agent: orchestrators and scripts read the bound port from it.
     print(f"mtl-node: serving {config.id} on {host}:{port}", flush=True)
     await set_serving(health_servicer, True)
+    return RunningAgent(config, agent, server, port, health_servicer, transport, recorder)
 
+
+async def stop_agent(running: RunningAgent) -> None:
+    await set_serving(running.health, False)
+    running.agent.store.close()
+    await running.transport.close()
+    await stop_server(running.server)
+
+
+async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: float) -> int:
+    """Serve every agent until SIGTERM/SIGINT, or with ``exit_when_done`` until all finished
+    their rounds and ``linger`` seconds passed (neighbours may still be fetching the last round).
+    Returns the exit code: 0, or 1 if any round loop failed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    run = asyncio.create_task(agent.run(), name=f"rounds-{config.id}")
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if run.done():
-        if run.exception() is not None:
-            log.error("%s: round loop failed", config.id, exc_info=run.exception())
-            code = 1
-        else:
-            log.info("%s: finished %d rounds", config.id, config.rounds)
-            if config.exit_when_done:
+    running: list[RunningAgent] = []
+    try:
+        for cfg in configs:
+            running.append(await start_agent(cfg))
+        runs = [asyncio.create_task(r.agent.run(), name=f"rounds-{r.config.id}") for r in running]
+        all_runs = asyncio.gather(*runs, return_exceptions=True)
+        stopper = asyncio.ensure_future(stop.wait())
+        waiters: list[asyncio.Future[Any]] = [all_runs, stopper]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if all_runs.done():
+            for r, result in zip(running, all_runs.result(), strict=True):
+                if isinstance(result, BaseException):
+                    log.error("%s: round loop failed", r.config.id, exc_info=result)
+                    code = 1
+                else:
+                    log.info("%s: finished %d rounds", r.config.id, r.config.rounds)
+            if exit_when_done:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), config.linger)
+                    await asyncio.wait_for(stop.wait(), linger)
             else:
                 await stop.wait()
-    else:
-        log.info("%s: stopping at round %d", config.id, agent.status.round)
-        run.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await run
-        recorder.close()
-    stopper.cancel()
-    await set_serving(health_servicer, False)
-    agent.store.close()
-    await transport.close()
-    await stop_server(server)
-    return code
+        else:
+            log.info("stopping: %s", ", ".join(f"{r.config.id}@{r.agent.status.round}" for r in running))
+            for task in runs:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await all_runs
+            for r in running:
+                r.recorder.close()
+        stopper.cancel()
+        return code
+    finally:
+        await asyncio.gather(*(stop_agent(r) for r in running), return_exceptions=True)
 
 
-def run_daemon(config: NodeConfig) -> int:
+def run_daemon(configs: Sequence[NodeConfig], exit_when_done: bool = False, linger: float = 5.0) -> int:
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(configs, exit_when_done, linger))
     except OSError as exc:
         print(f"mtl-node: error: listen: {exc}", file=sys.stderr)
         return 2
