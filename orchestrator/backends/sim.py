@@ -1,0 +1,96 @@
+"""``sim``: every agent in this process on the in-process engine (no sockets).
+
+The fast path for sweeps. Uses the vectorized engine when the plan is one it supports
+(mtl_node.batched, cross-checked against the per-agent engine in its tests), else the per-agent
+asyncio engine running the very same Agent code the daemons run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from orchestrator.backends.base import BACKENDS, Backend, Progress, Row, RunContext, RunOutput
+from orchestrator.plan import RunPlan
+
+IN_PROCESS = "inproc:0"
+
+
+def plan_configs(plan: RunPlan, rule: str) -> list:  # type: ignore[type-arg]
+    """NodeConfigs for the in-process engine (neighbour addresses are placeholders)."""
+    from mtl_node.config import build_config
+
+    configs = []
+    for agent in plan.agents:
+        data = plan.node_config_data(agent, rule)
+        data["neighbors"] = {n: IN_PROCESS for n in agent.neighbors}
+        configs.append(build_config(data))
+    return configs
+
+
+class _ProgressRecorder:
+    """Collects rows and reports progress once every normal agent has finished a round."""
+
+    def __init__(self, plan: RunPlan, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.plan = plan
+        self.normal = set(plan.normal_ids)
+        self.metrics: list[Row] = []
+        self.decisions: list[Row] = []
+        self._pending: dict[int, list[Row]] = defaultdict(list)
+
+    def add(self, metrics_row: Row, decision_rows: list[Row]) -> None:
+        self.metrics.append(metrics_row)
+        if self.ctx.record_decisions:
+            self.decisions.extend(decision_rows)
+        if metrics_row["agent"] not in self.normal:
+            return
+        done = self._pending[metrics_row["round"]]
+        done.append(metrics_row)
+        if len(done) == len(self.normal):
+            self.ctx.progress(summarize_round(self.ctx.rule, self.plan.rounds, done))
+            del self._pending[metrics_row["round"]]
+
+
+def summarize_round(rule: str, rounds: int, rows: list[Row]) -> Progress:
+    losses = [r["loss"] for r in rows if r["loss"] is not None and math.isfinite(r["loss"])]
+    n = max(len(rows), 1)
+    return Progress(
+        rule=rule,
+        round=rows[0]["round"],
+        rounds=rounds,
+        mean_loss=sum(losses) / len(losses) if losses else math.nan,
+        accepted=sum(r["accepted"] for r in rows) / n,
+        filtered=sum(r["filtered"] for r in rows) / n,
+        missing=sum(r["missing"] for r in rows) / n,
+    )
+
+
+@BACKENDS.register("sim", "all agents in this process, models handed over in memory")
+class SimBackend(Backend):
+    name = "sim"
+
+    def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
+        import asyncio
+
+        from mtl_node.engine import run_agents_async
+        from mtl_node.recorder import Recorder, RoundRecord
+        from mtl_node.wire import StateDict
+
+        collector = _ProgressRecorder(plan, ctx)
+        configs = plan_configs(plan, ctx.rule)
+
+        try:
+            from mtl_node import batched
+        except ImportError:  # pragma: no cover - the vectorized engine is optional
+            batched = None  # type: ignore[assignment]
+        if batched is not None and batched.supports(configs):
+            return batched.run_for_orchestrator(configs, ctx, collector)  # type: ignore[attr-defined]
+
+        class Forward(Recorder):
+            def record(self, rec: RoundRecord, model: StateDict) -> None:
+                collector.add(rec.metrics_row(), rec.decision_rows())
+
+        recorders: dict[str, Recorder] = {cfg.id: Forward() for cfg in configs}
+        asyncio.run(run_agents_async(configs, recorders))
+        return RunOutput(collector.metrics, collector.decisions)
