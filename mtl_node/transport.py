@@ -7,7 +7,6 @@ the published tensors of agents living in the same process. The round loop only 
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
@@ -44,7 +43,5 @@ class InMemoryTransport(Transport):
         source = self.sources.get(neighbor)
         if source is None:
             raise FetchError(f"no agent {neighbor!r} in this process", reason="unavailable")
-        try:
-            return await asyncio.wait_for(source.model_for(round_, requester, timeout), timeout)
-        except TimeoutError:
-            raise FetchError(f"{neighbor}: timed out after {timeout}s", reason="timeout") from None
+        # model_for bounds its own wait by ``timeout`` (no extra wait_for task on the hot path).
+        return await source.model_for(round_, requester, timeout)
