@@ -157,6 +157,8 @@ class BatchedResult:
 
     def decision_rows(self) -> Iterator[dict[str, Any]]:
         """Rows like ``RoundRecord.decision_rows`` (the agent itself first); needs record_decisions."""
+        if self.decisions is None:
+            raise RuntimeError("decisions were not recorded: run_batched(..., record_decisions=True)")
         for r in range(self.rounds):
             for k, agent in enumerate(self.agents):
                 for d in self._decisions(r, k):
@@ -427,7 +429,9 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     st.seen |= update
     worse = b.filtering & (st.ema > st.ema[:, :1])  # ties are accepted
     keep = update & ~worse
-    inverse = np.where(keep, 1.0 / np.maximum(st.ema, b.floor), 0.0)
+    # Scaled by the row's smallest kept score, as the rules do, so that no inverse overflows.
+    scale = np.maximum(np.where(keep, st.ema, np.inf).min(axis=1, keepdims=True), b.floor)
+    inverse = np.where(keep, scale / np.maximum(st.ema, b.floor), 0.0)
     weights = inverse / inverse.sum(axis=1, keepdims=True).clip(min=np.finfo(float).tiny)
     # average: equal weights over the present members; self-only rows keep their own model
     avg = b.average_rows

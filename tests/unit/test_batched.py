@@ -1,0 +1,218 @@
+"""The batched engine against the per-agent engine it replaces for sweeps.
+
+``mtl_node.engine.run_agents`` (one Agent per agent, the same code the daemons run) is the oracle:
+for the same configs both must give the same per-round metrics, counts, per-neighbour decisions and
+final models, to 1e-9.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mtl_node.aggregation import RuleParams
+from mtl_node.batched import BatchedResult, run_batched, supports, unsupported_reason
+from mtl_node.config import NodeConfig
+from mtl_node.engine import IN_PROCESS, run_agents
+from mtl_node.recorder import MemoryRecorder
+
+RULES = ["none", "average", "loss", "loss-filtered", "distance"]
+TOL = 1e-9
+
+
+def sparse_configs(
+    rule: str | list[str],
+    redraw: str,
+    ema_init: float | None = 10.0,
+    n: int = 12,
+    rounds: int = 60,
+    seed: int = 11,
+) -> list[NodeConfig]:
+    """A sparse directed graph (1-4 in-neighbours each, some listing an agent that does not run),
+    targets in two groups, and two constant attackers."""
+    rng = random.Random(seed)
+    ids = [f"a{k:02d}" for k in range(n)]
+    configs = []
+    for k, agent in enumerate(ids):
+        neighbours = rng.sample([b for b in ids if b != agent], rng.randint(1, 4))
+        if k % 5 == 0:
+            neighbours.append("ghost")  # never answers: counted as missing by cooperating rules
+        attacker = k in (3, 7)
+        configs.append(
+            NodeConfig(
+                id=agent,
+                neighbors={b: IN_PROCESS for b in neighbours},
+                rule=rule[k % len(rule)] if isinstance(rule, list) else rule,
+                rule_params=RuleParams(ema_init=ema_init, nu=0.1 + 0.05 * (k % 3)),
+                rounds=rounds,
+                seed=seed,
+                task_params={"target": (10.0, 10.0) if k % 2 else (20.0, 10.0)},
+                attack="constant" if attacker else None,
+                attack_params={"redraw": redraw} if attacker else {},
+            )
+        )
+    return configs
+
+
+def same(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= TOL * max(1.0, abs(a))
+
+
+def assert_same_runs(
+    configs: list[NodeConfig], reference: dict[str, MemoryRecorder], got: BatchedResult
+) -> None:
+    records = got.records()
+    for k, cfg in enumerate(configs):
+        ref_rows, rows = reference[cfg.id].records, records[cfg.id]
+        assert len(ref_rows) == len(rows) == cfg.rounds
+        for want, have in zip(ref_rows, rows, strict=True):
+            where = f"{cfg.id} round {want.round}"
+            assert (have.round, have.role, have.rule) == (want.round, want.role, want.rule), where
+            assert (have.accepted, have.filtered, have.missing) == (
+                want.accepted,
+                want.filtered,
+                want.missing,
+            ), where
+            assert same(have.metrics.loss, want.metrics.loss), (where, have.metrics, want.metrics)
+            assert want.metrics.test_loss is not None and have.metrics.test_loss is not None
+            assert same(have.metrics.test_loss, want.metrics.test_loss), (where, have.metrics, want.metrics)
+            assert len(have.decisions) == len(want.decisions), where
+            for dw, dh in zip(want.decisions, have.decisions, strict=True):
+                assert (dh.agent_id, dh.decision, dh.reason) == (dw.agent_id, dw.decision, dw.reason), where
+                for field in ("weight", "ema", "loss"):
+                    assert same(getattr(dh, field), getattr(dw, field)), (where, field, dw, dh)
+        final = reference[cfg.id].models[-1]["w"].numpy()
+        assert all(same(float(a), float(b)) for a, b in zip(final, got.final_models[k], strict=True)), cfg.id
+
+
+def decision_counts(reference: dict[str, MemoryRecorder]) -> Counter[str]:
+    return Counter(d.decision for rec in reference.values() for r in rec.records for d in r.decisions[1:])
+
+
+@pytest.mark.parametrize("redraw", ["never", "round", "request"])
+@pytest.mark.parametrize("rule", RULES)
+def test_same_as_per_agent_engine(rule: str, redraw: str) -> None:
+    configs = sparse_configs(rule, redraw)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+    counts = decision_counts(reference)
+    assert counts["missing" if rule != "none" else "filtered"] > 0  # the ghost / non-cooperation show
+    if rule == "loss-filtered":
+        assert counts["filtered"] > 0, "the scenario must make the filter drop someone"
+
+
+@pytest.mark.parametrize("rule", ["loss", "loss-filtered", "distance"])
+def test_ema_starting_at_first_observation(rule: str) -> None:
+    configs = sparse_configs(rule, "request", ema_init=None, rounds=40)
+    assert_same_runs(
+        configs, run_agents(configs, keep_models=True), run_batched(configs, record_decisions=True)
+    )
+
+
+def test_mixed_rules_in_one_run() -> None:
+    configs = sparse_configs(RULES, "round", rounds=40)
+    assert_same_runs(
+        configs, run_agents(configs, keep_models=True), run_batched(configs, record_decisions=True)
+    )
+
+
+def edge_configs(rule: str) -> list[NodeConfig]:
+    """Non-finite values on purpose: a model of inf (its psi is NaN: left out as non-finite), one
+    of 1e200 (its losses overflow: own score not finite, neighbours' scores not finite) and an
+    attacker serving 1e200."""
+    ids = [f"e{k}" for k in range(8)]
+    configs = []
+    for k, agent in enumerate(ids):
+        task: dict[str, Any] = {}
+        if k == 1:
+            task = {"init": (math.inf, math.inf)}
+        elif k == 2:
+            task = {"init": (1e200, 1e200)}
+        configs.append(
+            NodeConfig(
+                id=agent,
+                neighbors={ids[(k + j) % len(ids)]: IN_PROCESS for j in (1, 2, 3)},
+                rule=rule,
+                rounds=15,
+                seed=3,
+                task_params=task,
+                attack="constant" if k == 5 else None,
+                attack_params={"low": 1e200, "high": 1e200, "redraw": "request"} if k == 5 else {},
+            )
+        )
+    return configs
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_non_finite_models_and_scores(rule: str) -> None:
+    configs = edge_configs(rule)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+    reasons = {d.reason.split(":")[0] for rec in reference.values() for r in rec.records for d in r.decisions}
+    if rule in ("loss", "loss-filtered", "distance"):
+        assert {"non-finite", "score not finite", "own score not finite; keeping own model"} <= reasons
+
+
+def test_rows_for_results_files() -> None:
+    configs = sparse_configs("loss-filtered", "round", rounds=5)
+    result = run_batched(configs, record_decisions=True, keep_models=True)
+    metrics = list(result.metrics_rows())
+    assert len(metrics) == 5 * len(configs)
+    assert set(metrics[0]) == {
+        "round",
+        "agent",
+        "role",
+        "rule",
+        "loss",
+        "test_loss",
+        "test_accuracy",
+        "accepted",
+        "filtered",
+        "missing",
+    }
+    assert {row["role"] for row in metrics} == {"normal", "byzantine"}
+    records = result.records()
+    # The same rows as the daemons' metrics.jsonl (less the timing) and decision log.
+    expected_metrics = [
+        {k: v for k, v in records[cfg.id][r].metrics_row().items() if k != "seconds"}
+        for r in range(5)
+        for cfg in configs
+    ]
+    assert metrics == expected_metrics
+    expected = [row for r in range(5) for cfg in configs for row in records[cfg.id][r].decision_rows()]
+    assert list(result.decision_rows()) == expected
+    assert result.models is not None
+    np.testing.assert_array_equal(result.models[-1], result.final_models)
+
+
+def test_decisions_only_when_asked() -> None:
+    result = run_batched(sparse_configs("loss", "never", rounds=3))
+    assert result.decisions is None
+    assert all(r.decisions == () for rows in result.records().values() for r in rows)
+    with pytest.raises(RuntimeError, match="record_decisions"):
+        list(result.decision_rows())
+
+
+def test_supports_only_what_it_implements() -> None:
+    base = sparse_configs("loss-filtered", "round", rounds=3)
+    assert supports(base)
+    other_task = [c.model_copy(update={"task": "digits"}) for c in base]
+    assert not supports(other_task)
+    other_attack = [c.model_copy(update={"attack": "sign-flip"}) if c.attack else c for c in base]
+    assert not supports(other_attack)
+    assert not supports([c.model_copy(update={"device": "cuda"}) for c in base])
+    uneven = [*base[:-1], base[-1].model_copy(update={"rounds": 4})]
+    assert not supports(uneven)
+    assert "rounds" in (unsupported_reason(uneven) or "")
+    assert not supports([])
+    with pytest.raises(ValueError, match="task"):
+        run_batched(other_task)
