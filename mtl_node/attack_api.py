@@ -67,8 +67,8 @@ def make_attack(name: str, agent_id: str, seed: int, params: Mapping[str, Any]) 
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(
-            f"attack_params.{where}",
-            f"{err['msg']} (got {err.get('input')!r})",
+            f"attack_params.{where}" if where else "attack_params",
+            f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})",
             f"parameters of attack {name}: {', '.join(sorted(cls.Params.model_fields))}",
         ) from None
     return cls(AttackContext(agent_id, seed), parsed)

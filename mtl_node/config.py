@@ -101,7 +101,7 @@ class NodeConfig(BaseModel):
     @model_validator(mode="after")
     def _not_own_neighbour(self) -> NodeConfig:
         if self.id in self.neighbors:
-            raise ValueError(f"neighbors: lists the agent itself ({self.id}); remove it")
+            raise ConfigError(f"neighbors.{self.id}", "lists the agent itself", "remove it from neighbors")
         return self
 
     @property

@@ -29,7 +29,7 @@ class RuleParams(BaseModel):
     )
     floor: float = Field(
         1e-12,
-        gt=0.0,
+        ge=1e-300,  # 1/floor must stay finite: a subnormal floor made every weight inf/inf = NaN
         description="scores below this count as this when inverted, so a zero or tiny score "
         "cannot give a neighbour infinite weight",
     )

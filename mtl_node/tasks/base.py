@@ -70,11 +70,11 @@ def parse_params(task_cls: type[Task], params: Mapping[str, Any]) -> BaseModel:
         return task_cls.Params.model_validate(dict(params))
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "task_params"
+        where = ".".join(str(p) for p in err["loc"])
         allowed = ", ".join(sorted(task_cls.Params.model_fields))
         raise ConfigError(
-            f"task_params.{where}",
-            f"{err['msg']} (got {err.get('input')!r})",
+            f"task_params.{where}" if where else "task_params",
+            f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})",
             f"parameters of task {task_cls.name}: {allowed}",
         ) from None
 
