@@ -243,12 +243,12 @@ class _Attackers:
     """The ``constant`` attack for every Byzantine sender, drawn exactly as Constant.craft does.
 
     Only (receiver, slot) pairs whose receiver actually uses what it fetched are drawn: Byzantine
-    and non-cooperative receivers discard their fetches.
+    and non-cooperative receivers discard their fetches. A sender drawing once serves one fixed
+    model, one drawing per round one model per round to all, one drawing per request one per
+    receiver and round.
     """
 
     def __init__(self, configs: Sequence[NodeConfig], receivers: np.ndarray, senders: np.ndarray) -> None:
-        self.receivers = receivers  # receiver agent index per attacked pair
-        self.senders = senders  # sender agent index per attacked pair
         self.configs = configs
         self.params: dict[int, tuple[float, float, str]] = {}
         for a in sorted(set(senders.tolist())):
@@ -256,8 +256,25 @@ class _Attackers:
             assert cfg.attack is not None
             p = make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params).params
             self.params[a] = (float(p.low), float(p.high), str(p.redraw))  # type: ignore[attr-defined]
-        self._requester_keys = {k: tuple(seeding.id_key(configs[k].id)) for k in set(receivers.tolist())}
-        self._fixed: dict[int, np.ndarray] = {}
+        redraw = np.array([self.params[a][2] for a in senders.tolist()], dtype=object)
+        self.pairs = len(senders)
+        never = np.flatnonzero(redraw == "never")
+        self.fixed = never, np.array([self._draw(a) for a in senders[never].tolist()]).reshape(-1, 2)
+        per_round = np.flatnonzero(redraw == "round")
+        self.round_senders = sorted(set(senders[per_round].tolist()))
+        position = {a: j for j, a in enumerate(self.round_senders)}
+        self.per_round = (
+            per_round,
+            np.array([position[a] for a in senders[per_round].tolist()], dtype=np.intp),
+        )
+        per_request = np.flatnonzero(redraw == "request")
+        self.per_request = (
+            per_request,
+            [
+                (a, tuple(seeding.id_key(configs[k].id)))
+                for a, k in zip(senders[per_request].tolist(), receivers[per_request].tolist(), strict=True)
+            ],
+        )
 
     def _draw(self, a: int, *counters: int) -> np.ndarray:
         low, high, _ = self.params[a]
@@ -267,20 +284,16 @@ class _Attackers:
 
     def crafted(self, round_: int) -> np.ndarray:
         """(pairs, 2): the model each attacked pair's sender serves its receiver this round."""
-        out = np.empty((len(self.senders), 2))
-        per_round: dict[int, np.ndarray] = {}
-        for j, (a, k) in enumerate(zip(self.senders.tolist(), self.receivers.tolist(), strict=True)):
-            redraw = self.params[a][2]
-            if redraw == "never":
-                if a not in self._fixed:
-                    self._fixed[a] = self._draw(a)
-                out[j] = self._fixed[a]
-            elif redraw == "round":
-                if a not in per_round:
-                    per_round[a] = self._draw(a, round_)
-                out[j] = per_round[a]
-            else:
-                out[j] = self._draw(a, round_, *self._requester_keys[k])
+        out = np.empty((self.pairs, 2))
+        where, values = self.fixed
+        out[where] = values
+        where, position = self.per_round
+        if len(where):
+            draws = np.array([self._draw(a, round_) for a in self.round_senders])
+            out[where] = draws[position]
+        where, pairs = self.per_request
+        for j, (a, key) in zip(where.tolist(), pairs, strict=True):
+            out[j] = self._draw(a, round_, *key)
         return out
 
 
@@ -493,7 +506,6 @@ def run_batched(
         else None
     )
     st = _State(b.init.copy(), np.zeros((n, width)), np.zeros((n, width), dtype=bool))
-    filtered_codes = np.array([FILTERED, NOT_FINITE, LEFT_OUT], dtype=np.int8)
 
     # Overflow and NaN are legitimate inputs (a crafted 1e200 model): the rules handle them.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -505,7 +517,7 @@ def run_batched(
             if models is not None:
                 models[r] = st.theta
             counts[0, r] = ((out.code == ACCEPTED) & b.neighbours).sum(axis=1)
-            counts[1, r] = (np.isin(out.code, filtered_codes) & b.neighbours).sum(axis=1)
+            counts[1, r] = ((out.code != ACCEPTED) & (out.code != MISSING) & b.neighbours).sum(axis=1)
             counts[2, r] = ((out.code == MISSING) & b.neighbours).sum(axis=1)
             if dec is not None:
                 dec.code[r] = out.code
