@@ -58,8 +58,13 @@ class HostProcess:
             f.close()
 
 
+AGENTS_PER_PROCESS = 25
+
+
 def default_processes(n_agents: int) -> int:
-    return max(1, min(n_agents, 4))
+    """About 25 agents per process (each process imports torch: ~230 MB, a few seconds), but at
+    least two so that a fetch's client and server sides can use both cores of a small machine."""
+    return max(1, min(n_agents, max(2, min(8, math.ceil(n_agents / AGENTS_PER_PROCESS)))))
 
 
 def split(ids: list[str], groups: int) -> list[list[str]]:

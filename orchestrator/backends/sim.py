@@ -80,12 +80,10 @@ class SimBackend(Backend):
         collector = _ProgressRecorder(plan, ctx)
         configs = plan_configs(plan, ctx.rule)
 
-        try:
-            from mtl_node import batched
-        except ImportError:  # pragma: no cover - the vectorized engine is optional
-            batched = None  # type: ignore[assignment]
-        if batched is not None and batched.supports(configs):
-            return batched.run_for_orchestrator(configs, ctx, collector)  # type: ignore[attr-defined]
+        from mtl_node import batched
+
+        if batched.supports(configs):
+            return _run_batched(plan, ctx, configs)
 
         class Forward(Recorder):
             def record(self, rec: RoundRecord, model: StateDict) -> None:
@@ -94,3 +92,22 @@ class SimBackend(Backend):
         recorders: dict[str, Recorder] = {cfg.id: Forward() for cfg in configs}
         asyncio.run(run_agents_async(configs, recorders))
         return RunOutput(collector.metrics, collector.decisions)
+
+
+def _run_batched(plan: RunPlan, ctx: RunContext, configs: list) -> RunOutput:  # type: ignore[type-arg]
+    """The vectorized engine: all rounds at once, then progress replayed per round."""
+    from mtl_node import batched
+
+    result = batched.run_batched(configs, record_decisions=ctx.record_decisions)
+    per_agent_seconds = (result.round_seconds / max(len(result.agents), 1)).tolist()
+    metrics = []
+    for row in result.metrics_rows():
+        row["seconds"] = per_agent_seconds[row["round"] - 1]
+        metrics.append(row)
+    decisions = list(result.decision_rows()) if ctx.record_decisions else []
+    normal = [k for k, role in enumerate(result.roles) if role == "normal"]
+    for r in range(result.rounds):
+        rows = [metrics[r * len(result.agents) + k] for k in normal]
+        if rows:
+            ctx.progress(summarize_round(ctx.rule, plan.rounds, rows))
+    return RunOutput(metrics, decisions)
