@@ -1,0 +1,30 @@
+"""Integration tests: real daemons in subprocesses and real gRPC, loopback only."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+# The helpers (daemons.py, fake_peer.py) live next to the tests; make them importable however
+# pytest was invoked.
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> Iterator[None]:
+    """Whatever a test started, it must have stopped: no child process outlives the test."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    described = [f"{p.pid}: {' '.join(p.cmdline())}" for p in left]
+    for p in left:
+        p.kill()
+    assert not left, f"processes left behind: {described}"
