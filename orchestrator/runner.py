@@ -93,6 +93,9 @@ def run_plan(
                 output = backend_impl.run(plan, ctx)
                 writer.add_metrics(output.metrics)
                 writer.add_decisions(output.decisions)
+    except KeyboardInterrupt:
+        progress_file.finish("stopped")
+        raise
     except BaseException:
         progress_file.finish("failed")
         raise
