@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from mtl_node import wire
 from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
 from mtl_node.attack_api import Attack, make_attack
-from mtl_node.combine import squared_distance, weighted_sum
+from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
 from mtl_node.errors import FetchError, WireError
 from mtl_node.recorder import MemoryRecorder, Recorder, RoundRecord
@@ -152,7 +152,10 @@ class Agent:
             candidates = [Candidate(a) for a in [self.id, *self.neighbors]]
             models = {self.id: psi}
         agg: Aggregation = self.rule.aggregate(candidates)
-        self.theta = await self._compute(weighted_sum, models, agg.weights)
+        if agg.combined is not None:
+            self.theta = await self._compute(unflatten, agg.combined, psi)
+        else:
+            self.theta = await self._compute(weighted_sum, models, agg.weights)
         metrics = await self._compute(self.task.evaluate, self.theta, i)
 
         record = RoundRecord(
@@ -231,8 +234,9 @@ class Agent:
         distances: dict[str, float] = {}
         if self.rule.needs_distance:
             distances = {a: squared_distance(theta_prev, models[a]) for a in present}
+        vectors = {a: flatten(models[a]) for a in present} if self.rule.needs_models else {}
         candidates = [
-            Candidate(a, losses.get(a), distances.get(a))
+            Candidate(a, losses.get(a), distances.get(a), model=vectors.get(a))
             if a in models
             else Candidate(a, missing_reason=missing[a])
             for a in [self.id, *self.neighbors]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl_node.registry import Registry
@@ -40,14 +41,16 @@ class Candidate:
     """One member of the neighbourhood this round, as the round loop saw it.
 
     ``loss`` is the loss of the member's model on *our* data; ``sq_distance`` is
-    ||theta_self(i-1) - psi_member||^2. Both are None when the member's model did not arrive or was
-    rejected, in which case ``missing_reason`` says why.
+    ||theta_self(i-1) - psi_member||^2; ``model`` is the member's model flattened to one float64
+    vector (only for rules with ``needs_models``, e.g. coordinate-wise median). All are None when
+    the member's model did not arrive or was rejected, in which case ``missing_reason`` says why.
     """
 
     agent_id: str
     loss: float | None = None
     sq_distance: float | None = None
     missing_reason: str | None = None
+    model: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def present(self) -> bool:
@@ -66,10 +69,16 @@ class NeighborDecision:
 
 @dataclass(frozen=True)
 class Aggregation:
-    """Weights (summing to 1 over present members, the agent itself included) and decisions."""
+    """Weights (summing to 1 over present members, the agent itself included) and decisions.
+
+    Rules that do not combine linearly (median, geometric median, clipping) set ``combined``, the
+    new model as a flattened vector; the round loop then uses it instead of the weighted sum, and
+    ``weights`` describes who contributed (for the decision log).
+    """
 
     weights: dict[str, float]
     decisions: list[NeighborDecision] = field(default_factory=list)
+    combined: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def count(self, decision: Decision) -> int:
         return sum(1 for d in self.decisions[1:] if d.decision == decision)
@@ -81,6 +90,7 @@ class Rule(ABC):
     name: ClassVar[str]
     needs_loss: ClassVar[bool] = False
     needs_distance: ClassVar[bool] = False
+    needs_models: ClassVar[bool] = False
 
     def __init__(self, params: RuleParams | None = None) -> None:
         self.params = params or RuleParams()
