@@ -68,7 +68,7 @@ class GrpcTransport(Transport):
         self.manifest: Manifest | None = None
         self.device = device
         self._stubs: dict[str, pb_grpc.NodeStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._seen: set[str] = set()
 
     def _stub(self, neighbor: str) -> pb_grpc.NodeStub:
@@ -77,8 +77,7 @@ class GrpcTransport(Transport):
             address = self.addresses.get(neighbor)
             if address is None:
                 raise FetchError(f"no address for neighbour {neighbor!r}", reason="unavailable")
-            channel = create_channel(address)
-            self._channels.append(channel)
+            channel = self._channels[neighbor] = create_channel(address)
             stub = self._stubs[neighbor] = pb_grpc.NodeStub(channel)
         return stub
 
@@ -88,9 +87,17 @@ class GrpcTransport(Transport):
     async def fetch(self, neighbor: str, round_: int, requester: str, timeout: float) -> StateDict:
         if self.manifest is None:
             raise RuntimeError("GrpcTransport.expect(manifest) must be called before fetch")
+        stub = self._stub(neighbor)
+        channel = self._channels[neighbor]
+        if neighbor in self._seen and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            # A neighbour that went away: fail now instead of paying the retry policy's backoff
+            # every round. The channel keeps reconnecting in the background (capped at 2 s), so a
+            # restarted neighbour is back within a round or two.
+            channel.get_state(try_to_connect=True)
+            raise FetchError(f"{neighbor}: connection failing", reason="unavailable")
         # Until a neighbour has answered once, wait for it to start instead of failing fast.
         _, payload = await fetch_payload(
-            self._stub(neighbor),
+            stub,
             round_,
             requester,
             timeout,
@@ -102,5 +109,5 @@ class GrpcTransport(Transport):
         return wire.parse(payload, self.manifest, self.device)
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close(grace=None)
