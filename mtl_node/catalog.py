@@ -5,5 +5,34 @@ torch); tests/unit/test_catalog.py checks they equal the real registries.
 """
 
 TASK_NAMES = ("target-localization",)
-RULE_NAMES = ("average", "distance", "loss", "loss-filtered", "none")
-ATTACK_NAMES = ("constant",)
+RULE_NAMES = (
+    "average",
+    "distance",
+    "geometric-median",
+    "krum",
+    "loss",
+    "loss-filtered",
+    "median",
+    "none",
+    "self-clipping",
+    "trimmed-mean",
+)
+ATTACK_NAMES = (
+    "alie",
+    "constant",
+    "distance-capture",
+    "echo",
+    "gaussian",
+    "ipm",
+    "label-flip",
+    "loss-budget",
+    "low-loss",
+    "mimic",
+    "nan",
+    "omission",
+    "on-off",
+    "scaled",
+    "sign-flip",
+    "small-perturbation",
+    "stale",
+)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mtl_node.aggregation.base import RuleParams
+from mtl_node.aggregation.robust import check_topology
 from mtl_node.errors import ConfigError
 from orchestrator import graphs
 from orchestrator.plan import AgentPlan, RunPlan
@@ -149,7 +150,15 @@ def plan_topology(spec: Spec) -> RunPlan:
             )
         )
 
-    rule_params = RuleParams(nu=spec.nu, ema_init=spec.ema_init).model_dump()
+    knobs = RuleParams(nu=spec.nu, ema_init=spec.ema_init)
+    # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood.
+    check_topology(
+        spec.rule_names,
+        knobs,
+        {a.id: len(a.neighbors) for a in agents if a.role == "normal"},
+        field="rules" if spec.rules is not None else "rule",
+    )
+    rule_params = knobs.model_dump()
     plan = RunPlan(
         name=spec.name,
         task=spec.task,

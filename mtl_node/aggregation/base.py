@@ -34,6 +34,36 @@ class RuleParams(BaseModel):
         description="scores below this count as this when inverted, so a zero or tiny score "
         "cannot give a neighbour infinite weight",
     )
+    # Robust baselines (mtl_node/aggregation/robust.py) and hardened rules (hardened.py).
+    f: int = Field(
+        1,
+        ge=0,
+        le=100_000,
+        description="robust rules: Byzantine neighbours assumed at most (median, trimmed-mean and "
+        "geometric-median need 2f+1 members, krum 2f+3; trimmed-mean drops f values per side)",
+    )
+    clip_tau: float = Field(
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="self-clipping: radius around the agent's own model each neighbour's pull is clipped to",
+    )
+    weiszfeld_iters: int = Field(
+        50, ge=1, le=10_000, description="geometric-median: Weiszfeld iterations (a fixed number)"
+    )
+    weiszfeld_eps: float = Field(
+        1e-8,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="geometric-median: distances below this count as this (no division by zero)",
+    )
+    weight_cap: float = Field(
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="loss-filtered-capped: no neighbour's weight may exceed weight_cap times the "
+        "agent's own weight",
+    )
 
 
 @dataclass(frozen=True)

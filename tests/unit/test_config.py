@@ -85,9 +85,9 @@ def test_unknown_task_lists_valid_tasks() -> None:
 
 
 def test_unknown_rule_lists_valid_rules() -> None:
-    err = config_error({"id": "a", "rule": "median"})
+    err = config_error({"id": "a", "rule": "medain"})
     assert err.field == "rule"
-    assert "'median'" in str(err)
+    assert "'medain'" in str(err)
     for name in RULES.names():
         assert name in str(err)
 
@@ -203,7 +203,7 @@ def mtl_node_exe() -> str:
 
 
 CLI_CASES = {
-    "unknown rule": (["--id", "a", "--rule", "median"], "rule"),
+    "unknown rule": (["--id", "a", "--rule", "medain"], "rule"),
     "bad neighbours item": (["--id", "a", "--neighbors", "b=127.0.0.1:5002,c127.0.0.1:5003"], "--neighbors"),
     "bad task param": (["--id", "a", "--task-param", "mu"], "--task-param"),
 }
