@@ -99,7 +99,11 @@ ctx="$CACHE/context"
 rm -rf "$ctx" "$CACHE/wheelhouse"
 mkdir -p "$ctx/wheels/deps" "$ctx/wheels/app" "$CACHE/wheelhouse"
 say "wheelhouse: pip wheel the project and its runtime dependencies"
-"$PYTHON" -m pip wheel -q --wheel-dir "$CACHE/wheelhouse" . >"$CACHE/pip-wheel.log" 2>&1 \
+# Build from a copy of exactly the hashed sources, so setuptools' build/ and *.egg-info stay out of
+# the work tree.
+rm -rf "$CACHE/src"; mkdir -p "$CACHE/src"
+tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md mtl_node orchestrator attacks | tar -x -C "$CACHE/src"
+"$PYTHON" -m pip wheel -q --wheel-dir "$CACHE/wheelhouse" "$CACHE/src" >"$CACHE/pip-wheel.log" 2>&1 \
     || { tail -n 30 "$CACHE/pip-wheel.log" >&2; die "pip wheel failed (log: $CACHE/pip-wheel.log)"; }
 for whl in "$CACHE"/wheelhouse/*.whl; do
     case "$(basename "$whl")" in

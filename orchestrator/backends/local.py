@@ -17,31 +17,29 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from mtl_node.channel import create_sync_channel
-from mtl_node.errors import MTLError
 from mtl_node.ports import reserved_ports
-from mtl_node.proto.v1 import node_pb2 as pb
-from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
-from orchestrator.backends.base import BACKENDS, Backend, Progress, Row, RunContext, RunOutput
+from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
+from orchestrator.backends.common import (  # noqa: F401  (collect, DeploymentError: used from here too)
+    POLL_INTERVAL_S,
+    RPC_TIMEOUT_S,
+    DeploymentError,
+    collect,
+    follow,
+    progress_of,
+    wait_healthy,
+)
 from orchestrator.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0
-POLL_INTERVAL_S = 0.5
-RPC_TIMEOUT_S = 5.0
-
-
-class DeploymentError(MTLError):
-    """The deployment could not start or lost every agent."""
+_progress = progress_of  # the old private name
 
 
 @dataclass
@@ -112,8 +110,9 @@ class LocalBackend(Backend):
                     hosts.append(self._start_host(plan, ctx, index, group, addresses))
                 write_pids(ctx.workdir, hosts)
                 self._wait_serving(hosts)
-            self._wait_healthy(addresses)
-            self._follow(plan, ctx, hosts, addresses)
+            alive = _alive_agents(hosts)
+            wait_healthy(addresses, START_TIMEOUT_S, alive)
+            follow(plan, ctx, addresses, alive)
         finally:
             stop_hosts(hosts)
         return collect(plan, ctx)
@@ -168,100 +167,9 @@ class LocalBackend(Backend):
                 raise DeploymentError(f"agents did not start within {START_TIMEOUT_S:.0f}s")
             time.sleep(0.1)
 
-    def _wait_healthy(self, addresses: dict[str, str]) -> None:
-        for agent_id, address in addresses.items():
-            with create_sync_channel(address) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                try:
-                    reply = stub.Check(
-                        health_pb2.HealthCheckRequest(service="mtl.v1.Node"),
-                        timeout=RPC_TIMEOUT_S,
-                        wait_for_ready=True,
-                    )
-                except grpc.RpcError as exc:
-                    raise DeploymentError(f"{agent_id} at {address}: health check failed: {exc}") from None
-                if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                    raise DeploymentError(f"{agent_id} at {address}: not SERVING")
 
-    # -- follow -----------------------------------------------------------------------------------
+def _alive_agents(hosts: list[HostProcess]) -> Callable[[], set[str]]:
+    def alive() -> set[str]:
+        return {a for h in hosts if h.popen.poll() is None for a in h.agents}
 
-    def _follow(
-        self, plan: RunPlan, ctx: RunContext, hosts: list[HostProcess], addresses: dict[str, str]
-    ) -> None:
-        """Poll every agent's status until all finished (or their process died)."""
-        channels = {a: create_sync_channel(addr) for a, addr in addresses.items()}
-        stubs = {a: pb_grpc.NodeStub(ch) for a, ch in channels.items()}
-        normal = set(plan.normal_ids)
-        host_of = {agent_id: h for h in hosts for agent_id in h.agents}
-        finished: set[str] = set()
-        last_round = -1
-        try:
-            while len(finished) < len(stubs):
-                statuses: list[pb.NodeStatus] = []
-                for agent_id, stub in stubs.items():
-                    if agent_id in finished:
-                        continue
-                    if host_of[agent_id].popen.poll() is not None:
-                        log.warning("%s: its process exited; giving up on it", agent_id)
-                        finished.add(agent_id)
-                        continue
-                    try:
-                        st = stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
-                    except grpc.RpcError as exc:
-                        log.debug("%s: status: %s", agent_id, exc)
-                        continue
-                    if st.state in ("done", "failed"):
-                        finished.add(agent_id)
-                    if agent_id in normal:
-                        statuses.append(st)
-                if all(host.popen.poll() is not None for host in hosts) and len(finished) < len(stubs):
-                    raise DeploymentError("every agent process exited before the run finished")
-                if statuses:
-                    progress = _progress(ctx.rule, plan.rounds, statuses)
-                    if progress.round != last_round:
-                        ctx.progress(progress)
-                        last_round = progress.round
-                if len(finished) < len(stubs):
-                    time.sleep(POLL_INTERVAL_S)
-        finally:
-            for ch in channels.values():
-                ch.close()
-        ctx.progress(Progress(ctx.rule, plan.rounds, plan.rounds, math.nan, 0, 0, 0))
-
-
-def _progress(rule: str, rounds: int, statuses: list[pb.NodeStatus]) -> Progress:
-    losses = [s.loss for s in statuses if math.isfinite(s.loss)]
-    n = len(statuses)
-    return Progress(
-        rule=rule,
-        round=min(s.round for s in statuses),
-        rounds=rounds,
-        mean_loss=sum(losses) / len(losses) if losses else math.nan,
-        accepted=sum(s.accepted for s in statuses) / n,
-        filtered=sum(s.filtered for s in statuses) / n,
-        missing=sum(s.missing for s in statuses) / n,
-    )
-
-
-def collect(plan: RunPlan, ctx: RunContext) -> RunOutput:
-    """Read every agent's metrics.jsonl / decisions.jsonl (what survived, even after a crash)."""
-    metrics: list[Row] = []
-    decisions: list[Row] = []
-    for agent in plan.agents:
-        directory = ctx.workdir / "agents" / agent.id
-        metrics.extend(_read_jsonl(directory / "metrics.jsonl"))
-        if ctx.record_decisions:
-            decisions.extend(_read_jsonl(directory / "decisions.jsonl"))
-    return RunOutput(metrics, decisions)
-
-
-def _read_jsonl(path: Path) -> list[Row]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a crash: keep everything before it
-    return rows
+    return alive

@@ -1,0 +1,163 @@
+"""What every backend that runs real daemons shares: wait until healthy, follow, collect.
+
+The local, docker and ssh backends differ only in how they start and stop agents and how they
+tell whether an agent's process (or container) is still there; reaching the agents is the same
+gRPC everywhere: health, then ``GetStatus`` polling, then each agent's metrics.jsonl /
+decisions.jsonl read back from a results directory on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mtl_node.channel import SERVICE, create_sync_channel
+from mtl_node.errors import MTLError
+from mtl_node.proto.v1 import node_pb2 as pb
+from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
+from orchestrator.backends.base import Progress, Row, RunContext, RunOutput
+from orchestrator.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5
+RPC_TIMEOUT_S = 5.0
+
+AliveAgents = Callable[[], set[str]]
+"""Returns the agents whose process/container still runs (called once per poll)."""
+
+
+class DeploymentError(MTLError):
+    """The deployment could not start or lost every agent."""
+
+
+def wait_healthy(
+    addresses: Mapping[str, str], timeout: float, alive: AliveAgents | None = None, what: str = "agent"
+) -> None:
+    """Until every agent's grpc.health.v1 says SERVING for ``mtl.v1.Node``.
+
+    Retries within ``timeout`` (containers and remote hosts import torch before they bind); gives up
+    at once on an agent whose process is gone, with ``what`` naming where it ran.
+    """
+    deadline = time.monotonic() + timeout
+    pending = dict(addresses)
+    last_error: dict[str, str] = {}
+    while pending:
+        running = alive() if alive else set(pending)
+        for agent_id, address in list(pending.items()):
+            if agent_id not in running:
+                raise DeploymentError(f"{agent_id}: its {what} exited before serving")
+            with create_sync_channel(address) as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=SERVICE), timeout=min(RPC_TIMEOUT_S, 2.0)
+                    )
+                except grpc.RpcError as exc:
+                    last_error[agent_id] = f"{exc.code().name}: {exc.details()}"
+                    continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                del pending[agent_id]
+            else:
+                last_error[agent_id] = "NOT_SERVING"
+        if pending and time.monotonic() > deadline:
+            first = next(iter(pending))
+            raise DeploymentError(
+                f"{len(pending)} agents not healthy within {timeout:.0f}s "
+                f"(e.g. {first} at {pending[first]}: {last_error.get(first, 'no answer')})"
+            )
+        if pending:
+            time.sleep(POLL_INTERVAL_S)
+
+
+def follow(plan: RunPlan, ctx: RunContext, addresses: Mapping[str, str], alive: AliveAgents) -> None:
+    """Poll every agent's status until all finished, reporting the normal agents' progress.
+
+    An agent whose process/container is gone counts as finished (its neighbours carry on without
+    it); only losing every agent is an error.
+    """
+    channels = {a: create_sync_channel(addr) for a, addr in addresses.items()}
+    stubs = {a: pb_grpc.NodeStub(ch) for a, ch in channels.items()}
+    normal = set(plan.normal_ids)
+    finished: set[str] = set()
+    completed: set[str] = set()  # reported done/failed (not merely gone)
+    last_round = -1
+    try:
+        while len(finished) < len(stubs):
+            running = alive()
+            statuses: list[pb.NodeStatus] = []
+            for agent_id, stub in stubs.items():
+                if agent_id in finished:
+                    continue
+                if agent_id not in running:
+                    log.warning("%s: its process exited; giving up on it", agent_id)
+                    finished.add(agent_id)
+                    continue
+                try:
+                    st = stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    log.debug("%s: status: %s", agent_id, exc)
+                    continue
+                if st.state in ("done", "failed"):
+                    finished.add(agent_id)
+                    completed.add(agent_id)
+                if agent_id in normal:
+                    statuses.append(st)
+            if not running and len(completed) < len(stubs):
+                raise DeploymentError("every agent process exited before the run finished")
+            if statuses:
+                p = progress_of(ctx.rule, plan.rounds, statuses)
+                if p.round != last_round:
+                    ctx.progress(p)
+                    last_round = p.round
+            if len(finished) < len(stubs):
+                time.sleep(POLL_INTERVAL_S)
+    finally:
+        for ch in channels.values():
+            ch.close()
+    ctx.progress(Progress(ctx.rule, plan.rounds, plan.rounds, math.nan, 0, 0, 0))
+
+
+def progress_of(rule: str, rounds: int, statuses: list[pb.NodeStatus]) -> Progress:
+    losses = [s.loss for s in statuses if math.isfinite(s.loss)]
+    n = len(statuses)
+    return Progress(
+        rule=rule,
+        round=min(s.round for s in statuses),
+        rounds=rounds,
+        mean_loss=sum(losses) / len(losses) if losses else math.nan,
+        accepted=sum(s.accepted for s in statuses) / n,
+        filtered=sum(s.filtered for s in statuses) / n,
+        missing=sum(s.missing for s in statuses) / n,
+    )
+
+
+def collect(plan: RunPlan, ctx: RunContext) -> RunOutput:
+    """Read every agent's metrics.jsonl / decisions.jsonl under ``workdir/agents/<id>/`` (what
+    survived, even after a crash)."""
+    metrics: list[Row] = []
+    decisions: list[Row] = []
+    for agent in plan.agents:
+        directory = ctx.workdir / "agents" / agent.id
+        metrics.extend(read_jsonl(directory / "metrics.jsonl"))
+        if ctx.record_decisions:
+            decisions.extend(read_jsonl(directory / "decisions.jsonl"))
+    return RunOutput(metrics, decisions)
+
+
+def read_jsonl(path: Path) -> list[Row]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by a crash: keep everything before it
+    return rows
