@@ -1,5 +1,6 @@
 """Deployment backends: where a plan's agents run. Registered by name; torch-free to import."""
 
+from orchestrator.backends import docker as _docker  # noqa: F401  (registers "docker")
 from orchestrator.backends import local as _local  # noqa: F401  (registers "local")
 from orchestrator.backends import sim as _sim  # noqa: F401  (registers "sim")
 from orchestrator.backends.base import BACKENDS, Backend, Progress, ProgressSink, RunContext
