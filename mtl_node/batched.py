@@ -16,7 +16,9 @@ order, padded to the largest neighbourhood D. In slot form
 
 It implements exactly the semantics of ``mtl_node.agent.Agent`` with ``mtl_node.aggregation.rules``
 (RuleParams nu / ema_init / floor, ties accepted, self always kept, NaN/inf scores excluded without
-touching the EMA, a non-finite own score keeps the own model, missing neighbours left out) and of
+touching the EMA, a non-finite own score keeps the own model, missing neighbours left out), of the
+robust baselines of ``mtl_node.aggregation.robust`` (whose kernels it calls on every row of a rule
+at once: the rows are the neighbourhoods, the slots the members, absent ones masked) and of
 the ``constant`` attack, and draws its data from ``mtl_node.tasks.target_localization`` with the same
 seeds. It is cross-checked against the per-agent engine by ``tests/unit/test_batched.py``: per-round
 metrics, decisions and final models agree to 1e-9. Anything it does not cover (other tasks, other
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from mtl_node import seeding
-from mtl_node.aggregation import NeighborDecision, RuleParams
+from mtl_node.aggregation import NeighborDecision, RuleParams, robust
 from mtl_node.aggregation.base import Decision
 from mtl_node.attack_api import make_attack
 from mtl_node.config import NodeConfig
@@ -54,20 +56,39 @@ from mtl_node.tasks.target_localization import (
 log = logging.getLogger(__name__)
 
 TASK = "target-localization"
-RULES = ("none", "average", "loss", "loss-filtered", "distance")
+RULES = ("none", "average", "loss", "loss-filtered", "distance", *robust.ROBUST_RULES)
 ATTACKS = ("constant",)
 
 # What a slot's decision was, finer than the three public decisions so that reasons can be
 # reconstructed exactly: FILTERED = worse than self, NOT_FINITE = score NaN/inf (filtered),
-# LEFT_OUT = the row kept only its own model (non-cooperative or own score not finite).
-ACCEPTED, FILTERED, MISSING, NOT_FINITE, LEFT_OUT = 0, 1, 2, 3, 4
-DECISION_NAMES: tuple[Decision, ...] = ("accepted", "filtered", "missing", "filtered", "filtered")
+# LEFT_OUT = the row kept only its own model (non-cooperative, own score not finite, too few
+# members for a robust rule, combined model not finite), KRUM_OTHER = not the member Krum selected,
+# CLIPPED = accepted with its pull clipped (self-clipping), UNBOUNDED = pull not finite (filtered).
+ACCEPTED, FILTERED, MISSING, NOT_FINITE, LEFT_OUT, KRUM_OTHER, CLIPPED, UNBOUNDED = range(8)
+DECISION_NAMES: tuple[Decision, ...] = (
+    "accepted",
+    "filtered",
+    "missing",
+    "filtered",
+    "filtered",
+    "filtered",
+    "accepted",
+    "filtered",
+)
+_ACCEPTED_CODES = (ACCEPTED, CLIPPED)
+_MISSING_CODES = (MISSING,)
 # Why a whole row kept only its own model (per round and agent).
-ROW_COOPERATED, ROW_NON_COOPERATIVE, ROW_OWN_NOT_FINITE = 0, 1, 2
-_ROW_REASONS = ("", "non-cooperative", "own score not finite; keeping own model")
+ROW_COOPERATED, ROW_NON_COOPERATIVE, ROW_OWN_NOT_FINITE, ROW_TOO_FEW, ROW_COMBINED_NOT_FINITE = range(5)
+_ROW_REASONS = (
+    "",
+    "non-cooperative",
+    "own score not finite; keeping own model",
+    "",  # built from the row: robust.too_few_reason
+    robust.NOT_FINITE_REASON,
+)
 
 # Row kinds: how an agent aggregates (Byzantine agents learn alone, like Agent does).
-_NONE, _AVERAGE, _EMA = 0, 1, 2
+_NONE, _AVERAGE, _EMA, _ROBUST = 0, 1, 2, 3
 
 
 def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
@@ -106,6 +127,7 @@ class Decisions:
     ema: np.ndarray
     loss: np.ndarray
     row_reason: np.ndarray  # (rounds, agents) int8: ROW_*
+    chosen: np.ndarray  # (rounds, agents) int: the slot Krum selected (-1: not a Krum row)
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,7 @@ class BatchedResult:
     decisions: Decisions | None  # when run with record_decisions
     round_seconds: np.ndarray  # (rounds,) wall time of each batched round (all agents)
     seconds: float  # total wall time including setup
+    rule_params: tuple[RuleParams, ...] = ()  # per agent, for reasons that quote a parameter
 
     @property
     def rounds(self) -> int:
@@ -202,10 +225,16 @@ class BatchedResult:
         d = self.decisions
         if d is None:
             return []
-        row_reason = _ROW_REASONS[int(d.row_reason[r, k])]
+        row = int(d.row_reason[r, k])
+        codes = d.code[r, k]
+        if row == ROW_TOO_FEW:
+            present = int(sum(1 for c in codes[: len(self.slots[k])] if c not in _MISSING_CODES))
+            row_reason = robust.too_few_reason(self.rules[k], self.rule_params[k].f, present) or ""
+        else:
+            row_reason = _ROW_REASONS[row]
         out = []
         for s, neighbor in enumerate(self.slots[k]):
-            code = int(d.code[r, k, s])
+            code = int(codes[s])
             ema = float(d.ema[r, k, s])
             if code == MISSING:
                 reason = self._missing_reason(k, s)
@@ -213,6 +242,12 @@ class BatchedResult:
                 reason = f"ema {ema:.4g} > own {float(d.ema[r, k, 0]):.4g}"
             elif code == NOT_FINITE:
                 reason = "score not finite"
+            elif code == KRUM_OTHER:
+                reason = f"krum selected {self.slots[k][int(d.chosen[r, k])]}"
+            elif code == CLIPPED:
+                reason = robust.clip_reason(self.rule_params[k].clip_tau)
+            elif code == UNBOUNDED:
+                reason = robust.UNBOUNDED
             else:
                 reason = row_reason
             out.append(
@@ -297,6 +332,16 @@ class _Attackers:
         return out
 
 
+def _kind(c: NodeConfig) -> int:
+    if c.attack or c.rule == "none":
+        return _NONE
+    if c.rule == "average":
+        return _AVERAGE
+    if c.rule in robust.ROBUST_RULES:
+        return _ROBUST
+    return _EMA
+
+
 class _Batch:
     """What does not change during a run: the network in slot form, per-row rules, task data."""
 
@@ -323,16 +368,18 @@ class _Batch:
 
         # Roles and rules, per row. Byzantine agents learn alone, as Agent makes them.
         self.byzantine = np.array([c.attack is not None for c in configs])
-        kind = np.array(
-            [
-                _NONE if c.attack or c.rule == "none" else _AVERAGE if c.rule == "average" else _EMA
-                for c in configs
-            ]
-        )
+        kind = np.array([_kind(c) for c in configs])
         self.ema_rows = kind == _EMA
         self.average_rows = kind == _AVERAGE
         self.self_only_rows = kind == _NONE
-        self.uses_fetched = self.ema_rows | self.average_rows
+        self.robust_rows = kind == _ROBUST
+        self.uses_fetched = self.ema_rows | self.average_rows | self.robust_rows
+        # Robust rules: the rows of each, and their parameters per row.
+        self.robust_index = {
+            rule: np.flatnonzero(self.robust_rows & np.array([c.rule == rule for c in configs]))
+            for rule in robust.ROBUST_RULES
+        }
+        self.robust_index = {rule: rows for rule, rows in self.robust_index.items() if len(rows)}
         by_distance = np.array([c.rule == "distance" for c in configs])
         self.by_distance = by_distance[:, None]
         self.filtering = np.array([c.rule == "loss-filtered" for c in configs])[:, None]
@@ -342,6 +389,14 @@ class _Batch:
         self.ema_init = np.array([math.nan if p.ema_init is None else p.ema_init for p in params])[:, None]
         self.init_is_first = np.array([p.ema_init is None for p in params])[:, None]
         self.floor = np.array([p.floor for p in params])[:, None]
+        self.params = params
+        self.f = np.array([p.f for p in params], dtype=np.int64)
+        self.need = np.array(
+            [robust.required_members(c.rule, p.f) or 0 for c, p in zip(configs, params, strict=True)]
+        )
+        self.tau = np.array([p.clip_tau for p in params])
+        self.iters = np.array([p.weiszfeld_iters for p in params])
+        self.eps = np.array([p.weiszfeld_eps for p in params])
         self.need_loss = bool((self.ema_rows & ~by_distance).any())
         self.need_distance = bool((self.ema_rows & by_distance).any())
 
@@ -403,6 +458,8 @@ class _Round:
     present: np.ndarray
     cooperating: np.ndarray
     self_only: np.ndarray
+    row_reason: np.ndarray
+    chosen: np.ndarray
 
 
 def _step(b: _Batch, st: _State, i: int) -> _Round:
@@ -450,11 +507,58 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     avg = b.average_rows
     weights[avg] = present[avg] / present[avg].sum(axis=1, keepdims=True)
     self_only = b.self_only_rows | (b.ema_rows & ~own_ok)
+    row_reason = np.where(
+        b.self_only_rows, ROW_NON_COOPERATIVE, np.where(self_only, ROW_OWN_NOT_FINITE, ROW_COOPERATED)
+    ).astype(np.int8)
+
+    # robust rules: a statistic of the present members' models (mtl_node.aggregation.robust)
+    combined: list[tuple[np.ndarray, np.ndarray]] = []
+    chosen = np.full(b.n, -1, dtype=np.intp)
+    scales: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for rule, rows in b.robust_index.items():
+        mask = present[rows]
+        few = mask.sum(axis=1) < b.need[rows]
+        row_reason[rows[few]] = ROW_TOO_FEW
+        rows, mask = rows[~few], mask[~few]
+        if not len(rows):
+            continue
+        X = received[rows]
+        if rule == "krum":
+            pick = robust.krum_select(X, mask, b.f[rows])
+            weights[rows] = 0.0
+            weights[rows, pick] = 1.0
+            chosen[rows] = pick
+            continue
+        if rule == "median":
+            z = robust.coordinate_median(X, mask)
+        elif rule == "trimmed-mean":
+            z = robust.trimmed_mean(X, mask, b.f[rows])
+        elif rule == "geometric-median":
+            z = robust.geometric_median(X, mask, b.iters[rows], b.eps[rows])
+        else:
+            z, scale = robust.self_clip(X, mask, b.tau[rows])
+        bad = ~np.isfinite(z).all(axis=1)
+        row_reason[rows[bad]] = ROW_COMBINED_NOT_FINITE
+        rows, mask, z = rows[~bad], mask[~bad], z[~bad]
+        n = mask.sum(axis=1, keepdims=True)
+        if rule == "self-clipping":
+            scale = scale[~bad]
+            w = scale / n
+            w[:, 0] = 1.0 - w[:, 1:].sum(axis=1)
+            weights[rows] = w
+            scales[rule] = (rows, scale)
+        else:
+            weights[rows] = mask / n
+        combined.append((rows, z))
+    robust_fallback = b.robust_rows & ((row_reason == ROW_TOO_FEW) | (row_reason == ROW_COMBINED_NOT_FINITE))
+    self_only |= robust_fallback
     weights[self_only] = 0.0
     weights[self_only, 0] = 1.0
 
     # combine, then evaluate the combined model on this round's sample and the held-out set
     st.theta = np.einsum("ks,ksj->kj", weights, received)
+    for rows, z in combined:
+        st.theta[rows] = z
     offset = st.theta - b.x
     loss = (d - np.einsum("kj,kj->k", offset, u)) ** 2
     residual = b.test_d - np.einsum("ktj,kj->kt", b.test_u, offset)
@@ -471,8 +575,16 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     code[self_only[:, None] & present] = LEFT_OUT
     code[b.self_only_rows[:, None] & b.listed] = LEFT_OUT  # they use no fetch: nobody is missing
     code[:, 0] = ACCEPTED
+    krum = chosen >= 0
+    if krum.any():
+        other = present[krum] & (np.arange(b.width)[None, :] != chosen[krum][:, None])
+        code[krum] = np.where(other, KRUM_OTHER, code[krum])
+    for rows, scale in scales.values():
+        clip = present[rows] & (scale < 1.0)
+        clip[:, 0] = False
+        code[rows] = np.where(clip, np.where(scale > 0.0, CLIPPED, UNBOUNDED), code[rows])
     code[~b.listed] = -1
-    return _Round(loss, test_loss, code, weights, losses, present, cooperating, self_only)
+    return _Round(loss, test_loss, code, weights, losses, present, cooperating, self_only, row_reason, chosen)
 
 
 def run_batched(
@@ -501,6 +613,7 @@ def run_batched(
             ema=np.empty((rounds, n, width)),
             loss=np.empty((rounds, n, width)),
             row_reason=np.empty((rounds, n), dtype=np.int8),
+            chosen=np.empty((rounds, n), dtype=np.intp),
         )
         if record_decisions
         else None
@@ -516,9 +629,11 @@ def run_batched(
             loss[r], test_loss[r] = out.loss, out.test_loss
             if models is not None:
                 models[r] = st.theta
-            counts[0, r] = ((out.code == ACCEPTED) & b.neighbours).sum(axis=1)
-            counts[1, r] = ((out.code != ACCEPTED) & (out.code != MISSING) & b.neighbours).sum(axis=1)
-            counts[2, r] = ((out.code == MISSING) & b.neighbours).sum(axis=1)
+            accepted = np.isin(out.code, _ACCEPTED_CODES) & b.neighbours
+            missing = np.isin(out.code, _MISSING_CODES) & b.neighbours
+            counts[0, r] = accepted.sum(axis=1)
+            counts[1, r] = (b.neighbours & ~accepted & ~missing).sum(axis=1)
+            counts[2, r] = missing.sum(axis=1)
             if dec is not None:
                 dec.code[r] = out.code
                 dec.weight[r] = out.weights
@@ -526,11 +641,8 @@ def run_batched(
                 dec.loss[r] = math.nan
                 if out.losses is not None:
                     dec.loss[r] = np.where(b.reports_loss[:, None] & out.present, out.losses, math.nan)
-                dec.row_reason[r] = np.where(
-                    b.self_only_rows,
-                    ROW_NON_COOPERATIVE,
-                    np.where(out.self_only, ROW_OWN_NOT_FINITE, ROW_COOPERATED),
-                )
+                dec.row_reason[r] = out.row_reason
+                dec.chosen[r] = out.chosen
             round_seconds[r] = time.perf_counter() - t0
 
     return BatchedResult(
@@ -548,4 +660,5 @@ def run_batched(
         decisions=dec,
         round_seconds=round_seconds,
         seconds=time.perf_counter() - started,
+        rule_params=tuple(b.params),
     )

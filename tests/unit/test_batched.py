@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 
 from mtl_node.aggregation import RuleParams
+from mtl_node.aggregation.robust import ROBUST_RULES
 from mtl_node.batched import BatchedResult, run_batched, supports, unsupported_reason
 from mtl_node.config import NodeConfig
 from mtl_node.engine import IN_PROCESS, run_agents
 from mtl_node.recorder import MemoryRecorder
 
 RULES = ["none", "average", "loss", "loss-filtered", "distance"]
+ROBUST = list(ROBUST_RULES)
 TOL = 1e-9
 
 
@@ -160,6 +162,71 @@ def test_non_finite_models_and_scores(rule: str) -> None:
     reasons = {d.reason.split(":")[0] for rec in reference.values() for r in rec.records for d in r.decisions}
     if rule in ("loss", "loss-filtered", "distance"):
         assert {"non-finite", "score not finite", "own score not finite; keeping own model"} <= reasons
+
+
+def dense_configs(rule: str, n: int = 12, rounds: int = 40, seed: int = 5) -> list[NodeConfig]:
+    """Neighbourhoods of 2 to 8 (some listing a ghost), f of 0, 1 or 2 per agent (so some agents
+    have too few members for their rule), three two-faced constant attackers, clipping radii and
+    Weiszfeld iterations varying per agent."""
+    rng = random.Random(seed)
+    ids = [f"d{k:02d}" for k in range(n)]
+    configs = []
+    for k, agent in enumerate(ids):
+        neighbours = rng.sample([b for b in ids if b != agent], rng.randint(2, 8))
+        if k % 4 == 0:
+            neighbours.append("ghost")
+        attacker = k in (2, 5, 9)
+        configs.append(
+            NodeConfig(
+                id=agent,
+                neighbors={b: IN_PROCESS for b in neighbours},
+                rule=rule,
+                rule_params=RuleParams(f=k % 3, clip_tau=(0.3, 2.0, 20.0)[k % 3], weiszfeld_iters=5 + k),
+                rounds=rounds,
+                seed=seed,
+                task_params={"target": (10.0, 10.0) if k % 2 else (20.0, 10.0)},
+                attack="constant" if attacker else None,
+                attack_params={"redraw": "request"} if attacker else {},
+            )
+        )
+    return configs
+
+
+def reasons(reference: dict[str, MemoryRecorder]) -> Counter[str]:
+    return Counter(d.reason for rec in reference.values() for r in rec.records for d in r.decisions)
+
+
+@pytest.mark.parametrize("rule", ROBUST)
+def test_robust_rules_same_as_per_agent_engine(rule: str) -> None:
+    configs = dense_configs(rule)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+    seen = reasons(reference)
+    if rule != "self-clipping":  # it has no size assumption
+        assert any("needs" in r and "keeping own model" in r for r in seen), "some agent must have too few"
+    counts = decision_counts(reference)
+    assert counts["accepted"] > 0 and counts["missing"] > 0
+    if rule == "krum":
+        assert any(r.startswith("krum selected") for r in seen)
+    if rule == "self-clipping":
+        assert any(r.startswith("pull clipped") for r in seen)
+
+
+@pytest.mark.parametrize("rule", ROBUST)
+def test_robust_rules_on_non_finite_and_huge_models(rule: str) -> None:
+    configs = [c.model_copy(update={"rule_params": RuleParams(f=0)}) for c in edge_configs(rule)]
+    if rule == "self-clipping":
+        # e4 starts at -1e308 and e5 serves +1e308: e4's pull towards e5 overflows (left out)
+        configs[4] = configs[4].model_copy(update={"task_params": {"init": (-1e308, -1e308)}})
+        configs[5] = configs[5].model_copy(update={"attack_params": {"low": 1e308, "high": 1e308}})
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+    seen = reasons(reference)
+    assert "non-finite: w: contains NaN or Inf" in seen
+    if rule in ("trimmed-mean", "geometric-median", "self-clipping"):
+        assert "combined model not finite; keeping own model" in seen
+    if rule == "self-clipping":
+        assert "pull not finite" in seen
 
 
 def test_rows_for_results_files() -> None:
