@@ -39,6 +39,28 @@ def ring(n: int, k: int) -> Neighbourhoods:
     return _finish(sets)
 
 
+def two_cluster(n: int, bridges: int = 2) -> Neighbourhoods:
+    """Two complete clusters (agents 0..n//2-1 and n//2..n-1) joined by ``bridges`` undirected links.
+
+    Bridge b links agent b * a // bridges of the first cluster (a = n//2 agents) to agent
+    a + b * (n - a) // bridges of the second, so bridges are spread over both clusters and every
+    agent has at most one. The sparse cut between two dense groups is where a robust rule's
+    neighbourhood statistics are dominated by whichever side an agent sits on.
+    """
+    a = n // 2
+    if n < 2 or not 0 <= bridges <= min(a, n - a):
+        raise ValueError(f"two clusters of {a} and {n - a} agents cannot have {bridges} bridges")
+    sets: list[set[int]] = [set() for _ in range(n)]
+    for lo, hi in ((0, a), (a, n)):
+        for i in range(lo, hi):
+            sets[i].update(j for j in range(lo, hi) if j != i)
+    for b in range(bridges):
+        i, j = b * a // bridges, a + b * (n - a) // bridges
+        sets[i].add(j)
+        sets[j].add(i)
+    return _finish(sets)
+
+
 def geometric(
     positions: np.ndarray, radius: float, max_degree: int | None, rng: np.random.Generator
 ) -> Neighbourhoods:

@@ -138,3 +138,16 @@ def test_adjacency_as_given_or_symmetrised() -> None:
     adj = {0: [2, 1], 2: [1]}
     assert graphs.from_adjacency(3, adj, directed=True) == [(1, 2), (), (1,)]
     assert graphs.from_adjacency(3, adj, directed=False) == [(1, 2), (0, 2), (0, 1)]
+
+
+def test_two_cluster() -> None:
+    nbrs = graphs.two_cluster(10, bridges=2)
+    assert_well_formed(nbrs, 10)
+    assert graphs.is_symmetric(nbrs)
+    # clusters 0..4 and 5..9, complete inside; bridges 0-5 and 2-7 (b * 5 // 2 = 0, 2)
+    cross = sorted((k, j) for k, row in enumerate(nbrs) for j in row if (k < 5) != (j < 5) and k < j)
+    assert cross == [(0, 5), (2, 7)]
+    assert [len(row) for row in nbrs] == [5, 4, 5, 4, 4, 5, 4, 5, 4, 4]
+    assert graphs.two_cluster(7, bridges=0)[6] == (3, 4, 5)  # odd n: the second cluster is larger
+    with pytest.raises(ValueError, match="bridges"):
+        graphs.two_cluster(6, bridges=4)
