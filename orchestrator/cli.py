@@ -53,12 +53,21 @@ def load_plan(topology: Path, seed: int | None, rounds: int | None, rules: list[
 @app.command()
 def up(
     topology: Annotated[Path, typer.Argument(help="topology YAML file")],
-    backend: Annotated[str, typer.Option(help="sim or local")] = "local",
+    backend: Annotated[str, typer.Option(help="sim, local, docker, ssh or k8s")] = "local",
     out: Annotated[Path | None, typer.Option(help="results directory")] = None,
     seed: Annotated[int | None, typer.Option(help="override the topology's seed")] = None,
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
     rule: Annotated[list[str] | None, typer.Option(help="rule(s) to run instead of the file's")] = None,
     processes: Annotated[int | None, typer.Option(help="local: agent processes to spread over")] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-o",
+            help="backend option KEY=VALUE (docker: image, agents_per_container; "
+            "ssh: ssh_config, remote_command, remote_dir; k8s: image, namespace, kubectl)",
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="run in the background; see status/logs/down")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     report: Annotated[bool, typer.Option(help="write plots and report.md at the end")] = True,
@@ -71,6 +80,7 @@ def up(
     try:
         BACKENDS.get(backend, field="--backend")
         plan = load_plan(topology, seed, rounds, rule)
+        backend_options = _parse_options(option or [])
     except MTLError as exc:
         raise _fail(exc) from None
     if out is None:
@@ -90,7 +100,7 @@ def up(
         f"{plan.name}: {len(plan.agents)} agents ({len(plan.agents) - len(plan.normal_ids)} Byzantine), "
         f"{plan.rounds} rounds, rules {', '.join(plan.rules)}, backend {backend} -> {out}"
     )
-    options = {"processes": processes} if processes else None
+    options = {**backend_options, **({"processes": processes} if processes else {})} or None
     try:
         summary = run_plan(plan, backend=backend, out=out, show_progress=progress, backend_options=options)
     except KeyboardInterrupt:
@@ -104,6 +114,47 @@ def up(
 
         written = write_report(out)
         typer.echo(f"report: {', '.join(str(p) for p in written)}")
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """``-o KEY=VALUE`` items; values stay strings (each backend converts what it reads)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                "--option", f"{item!r} is not KEY=VALUE", "e.g. -o image=resilient-mtl-node:latest"
+            )
+        out[key.strip()] = value
+    return out
+
+
+@app.command()
+def render(
+    topology: Annotated[Path, typer.Argument(help="topology YAML file")],
+    format: Annotated[str, typer.Option("--format", help="compose or k8s")],
+    out: Annotated[Path, typer.Option(help="directory to write the manifests to")],
+    image: Annotated[str, typer.Option(help="agent image (push it where the cluster can pull it)")] = (
+        "resilient-mtl-node:latest"
+    ),
+    rule: Annotated[str | None, typer.Option(help="the rule to deploy (default: the file's first)")] = None,
+    namespace: Annotated[str, typer.Option(help="k8s: namespace of every object")] = "resilient-mtl",
+    seed: Annotated[int | None, typer.Option(help="override the topology's seed")] = None,
+    rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
+) -> None:
+    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects."""
+    from orchestrator.render import render as render_plan
+
+    try:
+        plan = load_plan(topology, seed, rounds, None)
+        rendered = render_plan(plan, format, out, image=image, rule=rule, namespace=namespace)
+    except MTLError as exc:
+        raise _fail(exc) from None
+    for warning in plan.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    for path in rendered.files:
+        typer.echo(str(path))
+    typer.echo(f"deploy with: {rendered.next_step}")
 
 
 def _detach(argv: list[str], out: Path) -> None:

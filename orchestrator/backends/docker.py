@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,39 +31,18 @@ from typing import Any
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import DeploymentError, collect, follow, wait_healthy
 from orchestrator.plan import RunPlan
+from orchestrator.render import IMAGE_UID, agent_hostnames
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = "resilient-mtl-node:latest"
 IMAGE_ENV = "MTL_IMAGE"
 AGENT_PORT = 50051  # inside the container; the n-th agent of a serve-many container uses 50051 + n
-IMAGE_UID = 10001  # the image's non-root user (deploy/Dockerfile)
 RUN_LABEL = "org.resilient-mtl.run"
 AGENTS_LABEL = "org.resilient-mtl.agents"
 START_TIMEOUT_S = 300.0  # containers import torch concurrently; a small machine needs a while
 DOCKER_TIMEOUT_S = 120.0  # any single docker CLI call
 STOP_GRACE_S = 10
-
-
-def dns_label(agent_id: str) -> str:
-    """A DNS-safe name for an agent id (ids may hold '_' and '.', which resolvers treat badly)."""
-    label = re.sub(r"[^a-z0-9-]", "-", agent_id.lower()).strip("-")
-    return label or "agent"
-
-
-def agent_hostnames(ids: Sequence[str]) -> dict[str, str]:
-    """Distinct DNS labels for every agent (suffixed where two ids map to the same label)."""
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for agent_id in ids:
-        base = dns_label(agent_id)
-        name, n = base, 1
-        while name in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name)
-        out[agent_id] = name
-    return out
 
 
 def image_name(options: dict[str, Any]) -> str:
@@ -160,9 +137,7 @@ class DockerBackend(Backend):
 
             def alive() -> set[str]:
                 running = set(
-                    docker(
-                        "ps", "--filter", f"label={RUN_LABEL}={run_id}", "--format", "{{.Names}}"
-                    ).split()
+                    docker("ps", "--filter", f"label={RUN_LABEL}={run_id}", "--format", "{{.Names}}").split()
                 )
                 return {a for c in containers if _cname(run_id, c) in running for a in c.agents}
 

@@ -1,0 +1,327 @@
+"""Deployment manifests from a run plan: a Docker Compose project, or Kubernetes objects.
+
+``mtl-orchestrate render TOPOLOGY --format compose|k8s --out DIR`` writes files a user applies
+with their own tools (``docker compose up -d``, ``kubectl apply -f``); the docker and k8s backends
+use the same agent configs. Torch-free: rendering happens on machines that never run an agent.
+
+Every agent gets the config the daemons already understand (mtl_node.config.NodeConfig fields):
+it listens on 0.0.0.0:50051 in its own container/Pod and reaches each neighbour by a DNS name
+(compose service / Kubernetes Service) on that port. Results go to ``/results/<agent>`` inside
+the container: a named volume with compose, an emptyDir per Pod with Kubernetes (copied out with
+``kubectl cp`` by the k8s backend, or by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtl_node.errors import ConfigError
+from orchestrator.plan import AgentPlan, RunPlan
+
+AGENT_PORT = 50051
+IMAGE_UID = 10001  # the image's non-root user (deploy/Dockerfile)
+DEFAULT_IMAGE = "resilient-mtl-node:latest"
+DEFAULT_NAMESPACE = "resilient-mtl"
+FORMATS = ("compose", "k8s")
+CONFIGMAP_LIMIT = 1_000_000  # Kubernetes refuses ConfigMaps over 1 MiB
+APP_LABEL = "app.kubernetes.io/name"
+AGENT_LABEL = "resilient-mtl.io/agent"
+RUN_LABEL = "resilient-mtl.io/run"
+HEALTH_SERVICE = "mtl.v1.Node"
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+# --------------------------------------------------------------------------------------- naming
+
+
+def dns_label(agent_id: str, prefix: str = "") -> str:
+    """A DNS-safe name for an agent id: ids may hold '_', '.' and capitals, which resolvers and
+    Kubernetes names do not take."""
+    label = re.sub(r"[^a-z0-9-]", "-", agent_id.lower()).strip("-") or "agent"
+    return (prefix + label)[:60].rstrip("-")
+
+
+def agent_hostnames(ids: Sequence[str], prefix: str = "") -> dict[str, str]:
+    """Distinct DNS labels for every agent (suffixed where two ids map to the same label)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for agent_id in ids:
+        base = dns_label(agent_id, prefix)
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name)
+        out[agent_id] = name
+    return out
+
+
+# -------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a format wrote, and the command that deploys it."""
+
+    files: list[Path]
+    next_step: str
+
+
+def pick_rule(plan: RunPlan, rule: str | None) -> str:
+    """A deployment runs one rule: by default the paper's (loss-filtered) if the plan compares it,
+    else the plan's first."""
+    if rule is None:
+        return "loss-filtered" if "loss-filtered" in plan.rules else plan.rules[0]
+    if rule not in plan.rules:
+        raise ConfigError(
+            "--rule", f"{rule!r} is not one of the topology's rules", f"use one of: {', '.join(plan.rules)}"
+        )
+    return rule
+
+
+def agent_configs(plan: RunPlan, rule: str, hostnames: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each agent's daemon config (NodeConfig fields) for a one-agent-per-container deployment."""
+    configs = {}
+    for agent in plan.agents:
+        data = plan.node_config_data(agent, rule)
+        data["listen"] = f"0.0.0.0:{AGENT_PORT}"
+        data["neighbors"] = {n: f"{hostnames[n]}:{AGENT_PORT}" for n in agent.neighbors}
+        data["results_dir"] = f"/results/{agent.id}"
+        configs[agent.id] = data
+    return configs
+
+
+def _dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=110)
+
+
+def _dump_all(docs: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=110)
+
+
+# -------------------------------------------------------------------------------------- compose
+
+
+def render_compose(
+    plan: RunPlan, out: Path, *, image: str = DEFAULT_IMAGE, rule: str | None = None
+) -> Rendered:
+    """``compose.yaml`` (one service per agent on one network, ports published on 127.0.0.1 only)
+    plus ``agents/<id>.yaml`` mounted into each service."""
+    rule = pick_rule(plan, rule)
+    hostnames = agent_hostnames([a.id for a in plan.agents])
+    configs = agent_configs(plan, rule, hostnames)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "agents").mkdir(exist_ok=True)
+    files: list[Path] = []
+    services: dict[str, Any] = {}
+    for agent in plan.agents:
+        path = out / "agents" / f"{agent.id}.yaml"
+        path.write_text(_dump(configs[agent.id]))
+        files.append(path)
+        services[hostnames[agent.id]] = {
+            "image": image,
+            "command": ["serve", "--config", "/etc/mtl/agent.yaml"],
+            "labels": {
+                "org.resilient-mtl.run": plan.name,
+                "org.resilient-mtl.agent": agent.id,
+                "org.resilient-mtl.role": agent.role,
+            },
+            "networks": ["mtl"],
+            # Published on loopback only: `docker compose port <service> 50051` tells which port.
+            "ports": [f"127.0.0.1::{AGENT_PORT}"],
+            "volumes": [
+                f"./agents/{agent.id}.yaml:/etc/mtl/agent.yaml:ro",
+                "results:/results",
+            ],
+            "stop_grace_period": "10s",
+            "init": False,  # the image's entrypoint is tini already
+        }
+    compose = {
+        # "3.8" keeps docker-compose v1 happy; Compose v2 ignores the version.
+        "version": "3.8",
+        "services": services,
+        "networks": {"mtl": {"driver": "bridge"}},
+        # A named volume starts with the image's /results (owned by the non-root user).
+        "volumes": {"results": {}},
+    }
+    path = out / "compose.yaml"
+    path.write_text(
+        f"# {plan.name}: {len(plan.agents)} agents, rule {rule}, {plan.rounds} rounds "
+        f"(rendered by mtl-orchestrate render)\n" + _dump(compose)
+    )
+    files.insert(0, path)
+    return Rendered(files, f"docker compose -f {path} up -d")
+
+
+# ----------------------------------------------------------------------------------- kubernetes
+
+
+def render_k8s(
+    plan: RunPlan,
+    out: Path,
+    *,
+    image: str = DEFAULT_IMAGE,
+    rule: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    pull_policy: str = "IfNotPresent",
+) -> Rendered:
+    """A Namespace, one ConfigMap (the plan and every agent's config), one Service + Pod per agent.
+
+    Pods, not a Deployment or StatefulSet: every agent has its own config, and an agent that
+    dies stays dead (restartPolicy Never), as a failed device would; a restarted agent would
+    start again at round 1 while its neighbours are far ahead.
+    """
+    rule = pick_rule(plan, rule)
+    if not _NAMESPACE.match(namespace):
+        raise ConfigError(
+            "--namespace", f"{namespace!r} is not a valid namespace", "lowercase letters, digits, '-'"
+        )
+    hostnames = agent_hostnames([a.id for a in plan.agents], prefix="mtl-")
+    configs = agent_configs(plan, rule, hostnames)
+    run = dns_label(plan.name)
+    labels = {APP_LABEL: "resilient-mtl", RUN_LABEL: run}
+    data = {f"{a}.yaml": _dump(c) for a, c in configs.items()}
+    data["plan.json"] = json.dumps(plan.to_json(), indent=1)
+    size = sum(len(v) for v in data.values())
+    if size > CONFIGMAP_LIMIT:
+        raise ConfigError(
+            "agents", f"the agents' configs take {size} bytes, over a ConfigMap's 1 MiB", "split the topology"
+        )
+    configmap_name = f"mtl-{run}"[:63].rstrip("-")
+    configmap: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": configmap_name, "namespace": namespace, "labels": labels},
+        "data": data,
+    }
+    services = [_service(agent, hostnames[agent.id], namespace, labels) for agent in plan.agents]
+    pods = [
+        _pod(agent, hostnames[agent.id], namespace, labels, image, pull_policy, configmap_name)
+        for agent in plan.agents
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    written = {
+        "00-namespace.yaml": _dump(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}}
+        ),
+        "10-configmap.yaml": _dump(configmap),
+        "20-services.yaml": _dump_all(services),
+        "30-pods.yaml": _dump_all(pods),
+    }
+    files = []
+    for name, text in written.items():
+        path = out / name
+        path.write_text(text)
+        files.append(path)
+    return Rendered(files, f"kubectl apply -f {out}")
+
+
+def _service(agent: AgentPlan, name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": {**labels, AGENT_LABEL: name}},
+        "spec": {
+            "selector": {**labels, AGENT_LABEL: name},
+            "ports": [{"name": "grpc", "port": AGENT_PORT, "targetPort": "grpc", "protocol": "TCP"}],
+            # Neighbours must be reachable before they are Ready: round 1 waits for them itself.
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def _pod(
+    agent: AgentPlan,
+    name: str,
+    namespace: str,
+    labels: dict[str, str],
+    image: str,
+    pull_policy: str,
+    configmap: str,
+) -> dict[str, Any]:
+    probe = {"grpc": {"port": AGENT_PORT, "service": HEALTH_SERVICE}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**labels, AGENT_LABEL: name, "resilient-mtl.io/role": agent.role},
+            "annotations": {"resilient-mtl.io/agent-id": agent.id},
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "enableServiceLinks": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": IMAGE_UID,
+                "runAsGroup": IMAGE_UID,
+                "fsGroup": IMAGE_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": image,
+                    "imagePullPolicy": pull_policy,
+                    "args": ["serve", "--config", "/etc/mtl/agent.yaml"],
+                    "ports": [{"name": "grpc", "containerPort": AGENT_PORT, "protocol": "TCP"}],
+                    "env": [{"name": "MTL_HEALTH_ADDRESSES", "value": f"127.0.0.1:{AGENT_PORT}"}],
+                    # torch's import takes a while on small devices: the startup probe covers it.
+                    "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},
+                    "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
+                    "livenessProbe": {
+                        **probe,
+                        "periodSeconds": 20,
+                        "timeoutSeconds": 5,
+                        "failureThreshold": 3,
+                    },
+                    "resources": {
+                        "requests": {"cpu": "250m", "memory": "512Mi"},
+                        "limits": {"memory": "2Gi"},
+                    },
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [
+                        {"name": "config", "mountPath": "/etc/mtl", "readOnly": True},
+                        {"name": "results", "mountPath": "/results"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {
+                    "name": "config",
+                    "configMap": {
+                        "name": configmap,
+                        "items": [{"key": f"{agent.id}.yaml", "path": "agent.yaml"}],
+                    },
+                },
+                {"name": "results", "emptyDir": {}},
+            ],
+        },
+    }
+
+
+def render(
+    plan: RunPlan,
+    fmt: str,
+    out: Path,
+    *,
+    image: str = DEFAULT_IMAGE,
+    rule: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> Rendered:
+    if fmt == "compose":
+        return render_compose(plan, out, image=image, rule=rule)
+    if fmt == "k8s":
+        return render_k8s(plan, out, image=image, rule=rule, namespace=namespace)
+    raise ConfigError("--format", f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
