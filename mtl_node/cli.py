@@ -248,7 +248,7 @@ def fetch(
     from mtl_node.proto.v1 import node_pb2 as pb
     from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
-    async def go() -> tuple[int, bytes]:
+    async def go() -> tuple[int, bytearray]:
         async with create_channel(address) as channel:
             stub = pb_grpc.NodeStub(channel)
             info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mtl_node import wire
 from mtl_node.channel import create_channel
@@ -17,16 +18,53 @@ from mtl_node.wire import Manifest, StateDict
 
 log = logging.getLogger(__name__)
 
+GET_MODEL = f"/{pb.DESCRIPTOR.services_by_name['Node'].full_name}/GetModel"
+
+
+class ModelStub:
+    """GetModel with every response left as the serialized ModelChunk.
+
+    ``fetch_payload`` then reads each chunk's data in place in the received message
+    (wire.split_chunk), where protobuf would copy it twice: for large models those copies, not the
+    network, set the pace of a fetch (benchmarks/bench_fetch.py).
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.GetModel = channel.unary_stream(
+            GET_MODEL,
+            request_serializer=pb.GetModelRequest.SerializeToString,
+            response_deserializer=None,
+        )
+
+
+def _chunk_parts(
+    message: bytes | pb.ModelChunk, want_header: bool
+) -> tuple[pb.ModelHeader | None, wire.Buffer]:
+    """(header if wanted and present, data) of one GetModel response, raw or parsed."""
+    if isinstance(message, pb.ModelChunk):
+        return (message.header if want_header and message.HasField("header") else None), message.data
+    raw_header, data = wire.split_chunk(message)
+    if not want_header or raw_header is None:
+        return None, data
+    try:
+        return pb.ModelHeader.FromString(raw_header), data
+    except DecodeError:
+        raise wire.BadPayload("chunk header is not a ModelHeader") from None
+
 
 async def fetch_payload(
-    stub: pb_grpc.NodeStub,
+    stub: pb_grpc.NodeStub | ModelStub,
     round_: int,
     requester: str,
     timeout: float,
     manifest: Manifest,
     wait_for_ready: bool = False,
-) -> tuple[pb.ModelHeader, bytes]:
-    """Stream one model, checking the header against ``manifest`` before reading the rest."""
+) -> tuple[pb.ModelHeader, bytearray]:
+    """Stream one model, checking the header against ``manifest`` before reading the rest.
+
+    Returns the header and the payload, complete and matching its digest; a ``ModelStub`` makes
+    this cheaper than a generated ``NodeStub`` for large models.
+    """
     call = stub.GetModel(
         pb.GetModelRequest(round=round_, requester=requester),
         timeout=timeout,
@@ -35,15 +73,16 @@ async def fetch_payload(
     header: pb.ModelHeader | None = None
     assembler: wire.PayloadAssembler | None = None
     try:
-        async for chunk in call:
+        async for message in call:
+            chunk_header, data = _chunk_parts(message, want_header=assembler is None)
             if assembler is None:
-                if not chunk.HasField("header"):
+                if chunk_header is None:
                     raise wire.BadPayload("first chunk carries no header")
-                header = chunk.header
+                header = chunk_header
                 if round_ and header.round != round_:
                     raise wire.BadPayload(f"asked for round {round_}, got round {header.round}")
                 assembler = wire.PayloadAssembler(header.total_bytes, header.digest, header.format, manifest)
-            assembler.add(chunk.data)
+            assembler.add(data)
     except WireError:
         call.cancel()
         raise
@@ -67,18 +106,18 @@ class GrpcTransport(Transport):
         self.addresses = dict(addresses)
         self.manifest: Manifest | None = None
         self.device = device
-        self._stubs: dict[str, pb_grpc.NodeStub] = {}
+        self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seen: set[str] = set()
 
-    def _stub(self, neighbor: str) -> pb_grpc.NodeStub:
+    def _stub(self, neighbor: str) -> ModelStub:
         stub = self._stubs.get(neighbor)
         if stub is None:
             address = self.addresses.get(neighbor)
             if address is None:
                 raise FetchError(f"no address for neighbour {neighbor!r}", reason="unavailable")
             channel = self._channels[neighbor] = create_channel(address)
-            stub = self._stubs[neighbor] = pb_grpc.NodeStub(channel)
+            stub = self._stubs[neighbor] = ModelStub(channel)
         return stub
 
     def expect(self, manifest: Manifest) -> None:

@@ -39,7 +39,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk]:
+    ) -> AsyncIterator[bytes]:
         remaining = context.time_remaining()
         timeout = MAX_WAIT_S if remaining is None else min(MAX_WAIT_S, max(remaining - 0.05, 0.0))
         try:
@@ -54,8 +54,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             digest=digest,
             agent_id=self.agent.id,
         )
-        for index, data in enumerate(wire.chunks(payload)):
-            yield (pb.ModelChunk(header=header, data=data) if index == 0 else pb.ModelChunk(data=data))
+        # Already serialized ModelChunk messages (see _handlers): a large model is not copied
+        # three times per request by protobuf.
+        for frame in wire.frames(payload, header):
+            yield frame
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -73,13 +75,48 @@ class NodeServicer(pb_grpc.NodeServicer):
             await self.agent.wait_status_change()
 
 
+class _Collect:
+    """Stands in for a server to capture what the generated code registers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _handlers(servicer: NodeServicer) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """The generated method handlers, GetModel's with an identity response serializer.
+
+    GetModel yields ModelChunk messages it serialized itself (wire.frames); every other method,
+    including any added to the proto later, is registered exactly as the generated code does.
+    """
+    collect = _Collect()
+    pb_grpc.add_NodeServicer_to_server(servicer, collect)
+    handlers = collect.handlers
+    handlers["GetModel"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetModel,
+        request_deserializer=pb.GetModelRequest.FromString,
+        response_serializer=None,
+    )
+    return collect.service, handlers
+
+
 async def create_server(agent: Agent, address: str) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Start serving ``agent`` on ``address`` (port 0 picks a free port); returns the bound port.
 
     Health stays NOT_SERVING until the caller marks it SERVING (once the agent is ready).
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_NodeServicer_to_server(NodeServicer(agent), server)
+    service, handlers = _handlers(NodeServicer(agent))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]  # not in the stubs
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
