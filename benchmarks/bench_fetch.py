@@ -1,19 +1,25 @@
-"""Model fetch over gRPC on loopback against a raw TCP transfer of the same bytes.
+"""Model fetch over gRPC on loopback, next to a raw TCP transfer of the same bytes.
 
-For each model size (float32 parameters; default 1M, 10M, 50M) and in one run:
+For each model size (float32 parameters; default 1M, 10M, 50M), in one run, each transfer between
+two processes on 127.0.0.1:
 
-  grpc  a real agent server (mtl_node.agent.Agent + mtl_node.server.create_server: ModelStore, cached
-        safetensors payload, ~1 MiB server-streaming chunks) in its own process, fetched from a
-        second process with mtl_node.client.fetch_payload, the path a daemon's neighbour fetch takes
-        (header check, size bound, chunk assembly, sha256 digest check). GetInfo gives the client
-        the manifest, as a daemon knows it from its own model. The first fetch (which also makes the
-        server encode and hash the payload once, cached per round) is a warm-up and not timed.
-  tcp   the same number of bytes between two processes over a plain TCP socket on 127.0.0.1: the
-        server sendall()s a prepared bytes object, the client recv_into()s a preallocated buffer.
+  grpc        a real agent server (mtl_node.agent.Agent + mtl_node.server.create_server: ModelStore,
+              the safetensors payload encoded and hashed once per round, ~1 MiB chunks) fetched with
+              mtl_node.client.fetch_payload through a ModelStub, as GrpcTransport fetches: header and
+              size checks, chunk assembly, sha256 digest check. GetInfo gives the client the
+              manifest, as a daemon knows it from its own model.
+  grpc-plain  the same bytes as 1 MiB messages of a bare gRPC server-streaming method (no protobuf,
+              no assembly, no digest: the client only counts them): what Python gRPC itself costs.
+  tcp         the goal's baseline: the server sendall()s a prepared bytes object, the client
+              recv_into()s one preallocated buffer it reuses for every transfer.
+  tcp-fresh   the same into a new buffer per transfer, as any receiver that keeps the bytes must.
 
-Reported per size: GB/s (best and median of ``--repeat`` timed transfers; 1 GB = 1e9 bytes), the
-ratio grpc/tcp, the time wire.decode takes on top (not part of the ratio), and the peak RSS
-(ru_maxrss) of each of the four processes, plus how much of it came after start-up.
+Every method makes one untimed warm-up transfer (for grpc it also makes the server encode and hash
+the payload once), then ``--repeat`` timed ones; reported are GB/s (best and median; 1 GB = 1e9
+bytes), CPU seconds per GB of each side, and the peak RSS (ru_maxrss) of each process with the part
+that came after start-up. For grpc also the time wire.decode takes on top (not part of the ratio).
+The run also measures, in this process, two costs every fetch pays: sha256 over 1 MiB chunks, and
+writing into freshly allocated memory (first-touch page faults).
 
     python benchmarks/bench_fetch.py [--sizes 1000000,10000000,50000000] [--repeat 5]
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import resource
@@ -39,22 +46,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "fetch.json"
-GOAL = 0.55  # the issue's target for grpc / raw TCP
+GOAL = 0.55  # the issue's target for grpc / tcp
+METHODS = ("grpc", "grpc-plain", "tcp", "tcp-fresh")
+CHUNK = 1 << 20
 
 
 def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
-# -- gRPC: a real agent server and the real client path --------------------------------------------
+async def _until_stdin_closes() -> None:
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+# -- servers: print {port, startup_rss}; on stdin EOF print {peak_rss, cpu_s} ---------------------
 
 
 def serve_grpc(params: int) -> None:
-    """Serve an Agent whose published model is ``params`` float32 values until stdin closes."""
+    """An Agent whose published model is ``params`` float32 values; only round 0 is ever served."""
     import torch
     from pydantic import BaseModel
 
@@ -69,8 +87,6 @@ def serve_grpc(params: int) -> None:
         pass
 
     class BigModel(Task):
-        """A model of the wanted size; the rounds are never run, only round 0 is served."""
-
         name = "bench-big-model"
         Params = NoParams
 
@@ -95,11 +111,61 @@ def serve_grpc(params: int) -> None:
         server, port, health = await create_server(agent, "127.0.0.1:0")
         await set_serving(health, True)
         emit(port=port, startup_rss=startup_rss)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        emit(peak_rss=max_rss_bytes())
+        cpu = cpu_seconds()
+        await _until_stdin_closes()
+        emit(peak_rss=max_rss_bytes(), cpu_s=cpu_seconds() - cpu)
         await stop_server(server, grace=0.1)
 
     asyncio.run(main())
+
+
+def serve_plain(nbytes: int) -> None:
+    """A bare gRPC server streaming ``nbytes`` as 1 MiB messages (identity serializers)."""
+    import grpc
+
+    from mtl_node.channel import SERVER_OPTIONS
+
+    async def main() -> None:
+        startup_rss = max_rss_bytes()
+        payload = os.urandom(nbytes)
+
+        async def stream(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+            view = memoryview(payload)
+            for start in range(0, nbytes, CHUNK):
+                yield bytes(view[start : start + CHUNK])
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Plain", {"Get": grpc.unary_stream_rpc_method_handler(stream)}
+        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        emit(port=port, startup_rss=startup_rss)
+        cpu = cpu_seconds()
+        await _until_stdin_closes()
+        emit(peak_rss=max_rss_bytes(), cpu_s=cpu_seconds() - cpu)
+        await server.stop(0.1)
+
+    asyncio.run(main())
+
+
+def serve_tcp(nbytes: int) -> None:
+    """Send ``nbytes`` on every one-byte request of one client, until it hangs up."""
+    startup_rss = max_rss_bytes()
+    payload = os.urandom(nbytes)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        emit(port=listener.getsockname()[1], startup_rss=startup_rss)
+        cpu = cpu_seconds()
+        conn, _ = listener.accept()
+        with conn:
+            while conn.recv(1):
+                conn.sendall(payload)
+    sys.stdin.read()
+    emit(peak_rss=max_rss_bytes(), cpu_s=cpu_seconds() - cpu)
+
+
+# -- clients: print {bytes, seconds, cpu_s, startup_rss, peak_rss, ...} ---------------------------
 
 
 def fetch_grpc(port: int, repeat: int) -> None:
@@ -111,19 +177,21 @@ def fetch_grpc(port: int, repeat: int) -> None:
 
     async def main() -> None:
         async with create_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.NodeStub(channel)
-            models = ModelStub(channel)  # what GrpcTransport fetches with
-            info = await stub.GetInfo(pb.GetInfoRequest(), timeout=60, wait_for_ready=True)
+            info = await pb_grpc.NodeStub(channel).GetInfo(
+                pb.GetInfoRequest(), timeout=60, wait_for_ready=True
+            )
             manifest = messages.manifest_from_pb(info.manifest)
+            models = ModelStub(channel)  # what GrpcTransport fetches with
             startup_rss = max_rss_bytes()
-            seconds = []
+            seconds, cpu = [], 0.0
             payload = bytearray()
             for attempt in range(repeat + 1):
-                payload = bytearray()  # let the previous payload go before the next one arrives
-                started = time.perf_counter()
+                payload = bytearray()  # the previous model is gone before the next arrives
+                started, cpu_started = time.perf_counter(), cpu_seconds()
                 header, payload = await fetch_payload(models, 0, "bench-client", 120.0, manifest)
                 if attempt:  # the first fetch is the warm-up
                     seconds.append(time.perf_counter() - started)
+                    cpu += cpu_seconds() - cpu_started
             started = time.perf_counter()
             wire.decode(payload, manifest)
             decode_s = time.perf_counter() - started
@@ -131,6 +199,7 @@ def fetch_grpc(port: int, repeat: int) -> None:
                 bytes=len(payload),
                 digest=header.digest,
                 seconds=seconds,
+                cpu_s=cpu,
                 decode_s=decode_s,
                 startup_rss=startup_rss,
                 peak_rss=max_rss_bytes(),
@@ -139,30 +208,38 @@ def fetch_grpc(port: int, repeat: int) -> None:
     asyncio.run(main())
 
 
-# -- raw TCP: the same bytes with nothing on top ---------------------------------------------------
+def fetch_plain(port: int, repeat: int) -> None:
+    from mtl_node.channel import create_channel
+
+    async def main() -> None:
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            get = channel.unary_stream("/bench.Plain/Get")
+            startup_rss = max_rss_bytes()
+            seconds, cpu, got = [], 0.0, 0
+            for attempt in range(repeat + 1):
+                started, cpu_started = time.perf_counter(), cpu_seconds()
+                got = 0
+                async for message in get(b"", timeout=120, wait_for_ready=True):
+                    got += len(message)
+                if attempt:
+                    seconds.append(time.perf_counter() - started)
+                    cpu += cpu_seconds() - cpu_started
+            emit(bytes=got, seconds=seconds, cpu_s=cpu, startup_rss=startup_rss, peak_rss=max_rss_bytes())
+
+    asyncio.run(main())
 
 
-def serve_tcp(nbytes: int) -> None:
-    """Send ``nbytes`` on every one-byte request of one client, until it hangs up."""
-    startup_rss = max_rss_bytes()
-    payload = os.urandom(nbytes)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        emit(port=listener.getsockname()[1], startup_rss=startup_rss)
-        conn, _ = listener.accept()
-        with conn:
-            while conn.recv(1):
-                conn.sendall(payload)
-    emit(peak_rss=max_rss_bytes())
-
-
-def fetch_tcp(port: int, nbytes: int, repeat: int) -> None:
+def fetch_tcp(port: int, nbytes: int, repeat: int, fresh: bool) -> None:
     startup_rss = max_rss_bytes()
     buffer = bytearray(nbytes)
-    view = memoryview(buffer)
-    seconds = []
+    seconds, cpu = [], 0.0
     with socket.create_connection(("127.0.0.1", port), timeout=120) as conn:
         for attempt in range(repeat + 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds()
+            if fresh:
+                buffer = bytearray()
+                buffer = bytearray(nbytes)
+            view = memoryview(buffer)
             conn.sendall(b"g")
             got = 0
             while got < nbytes:
@@ -170,9 +247,11 @@ def fetch_tcp(port: int, nbytes: int, repeat: int) -> None:
                 if not n:
                     raise ConnectionError(f"server closed after {got} of {nbytes} bytes")
                 got += n
+            view.release()
             if attempt:
                 seconds.append(time.perf_counter() - started)
-    emit(bytes=nbytes, seconds=seconds, startup_rss=startup_rss, peak_rss=max_rss_bytes())
+                cpu += cpu_seconds() - cpu_started
+    emit(bytes=nbytes, seconds=seconds, cpu_s=cpu, startup_rss=startup_rss, peak_rss=max_rss_bytes())
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -180,11 +259,7 @@ def fetch_tcp(port: int, nbytes: int, repeat: int) -> None:
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, __file__, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
 
 
@@ -197,81 +272,134 @@ def _read(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return dict(json.loads(line))
 
 
-def _run_client(*args: str) -> dict[str, Any]:
-    proc = _spawn(*args)
+def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Close the process's stdin, read its last report, wait for it."""
+    assert proc.stdin is not None
     try:
+        proc.stdin.close()
         result = _read(proc)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     if proc.returncode:
-        raise RuntimeError(f"client {args} failed with {proc.returncode}")
+        raise RuntimeError(f"{proc.args} failed with {proc.returncode}")
     return result
 
 
-def _stop_server(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdin is not None
-    proc.stdin.close()
+def transfer(method: str, params: int, nbytes: int, repeat: int) -> dict[str, Any]:
+    server_role, server_arg = {
+        "grpc": ("_serve-grpc", params),
+        "grpc-plain": ("_serve-plain", nbytes),
+    }.get(method, ("_serve-tcp", nbytes))
+    server = _spawn(server_role, str(server_arg))
     try:
-        result = _read(proc)
-        proc.wait(timeout=30)
+        ready = _read(server)
+        port = str(ready["port"])
+        client_args = {
+            "grpc": ("_fetch-grpc", port, str(repeat)),
+            "grpc-plain": ("_fetch-plain", port, str(repeat)),
+            "tcp": ("_fetch-tcp", port, str(nbytes), str(repeat), "reuse"),
+            "tcp-fresh": ("_fetch-tcp", port, str(nbytes), str(repeat), "fresh"),
+        }[method]
+        client = _finish(_spawn(*client_args))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    return result
+        stopped = _finish(server)
+    moved = client["bytes"]
+    row = {
+        "bytes": moved,
+        "seconds": client["seconds"],
+        "gbps_best": moved / min(client["seconds"]) / 1e9,
+        "gbps_median": moved / statistics.median(client["seconds"]) / 1e9,
+        "client_cpu_s_per_gb": client["cpu_s"] / (moved * repeat / 1e9),
+        "server_cpu_s_per_gb": stopped["cpu_s"] / (moved * (repeat + 1) / 1e9),
+        "client_peak_rss": client["peak_rss"],
+        "client_rss_after_startup": client["peak_rss"] - client["startup_rss"],
+        "server_peak_rss": stopped["peak_rss"],
+        "server_rss_after_startup": stopped["peak_rss"] - ready["startup_rss"],
+    }
+    if "decode_s" in client:
+        row["decode_s"] = client["decode_s"]
+    return row
 
 
 def measure(params: int, repeat: int) -> dict[str, Any]:
-    server = _spawn("_serve-grpc", str(params))
-    try:
-        ready = _read(server)
-        client = _run_client("_fetch-grpc", str(ready["port"]), str(repeat))
-    finally:
-        stopped = _stop_server(server)
-    grpc_row = _summary(client["bytes"], client["seconds"])
-    grpc_row |= {
-        "decode_s": client["decode_s"],
-        "client_peak_rss": client["peak_rss"],
-        "client_rss_after_startup": client["peak_rss"] - client["startup_rss"],
-        "server_peak_rss": stopped["peak_rss"],
-        "server_rss_after_startup": stopped["peak_rss"] - ready["startup_rss"],
-    }
-
-    nbytes = client["bytes"]
-    server = _spawn("_serve-tcp", str(nbytes))
-    try:
-        ready = _read(server)
-        client = _run_client("_fetch-tcp", str(ready["port"]), str(nbytes), str(repeat))
-    finally:
-        stopped = _stop_server(server)
-    tcp_row = _summary(nbytes, client["seconds"])
-    tcp_row |= {
-        "client_peak_rss": client["peak_rss"],
-        "client_rss_after_startup": client["peak_rss"] - client["startup_rss"],
-        "server_peak_rss": stopped["peak_rss"],
-        "server_rss_after_startup": stopped["peak_rss"] - ready["startup_rss"],
-    }
+    rows: dict[str, Any] = {"grpc": transfer("grpc", params, 0, repeat)}
+    nbytes = rows["grpc"]["bytes"]  # the safetensors payload: the tensor bytes plus its header
+    for method in METHODS[1:]:
+        rows[method] = transfer(method, params, nbytes, repeat)
+    tcp = rows["tcp"]
     return {
         "params": params,
         "payload_bytes": nbytes,
-        "grpc": grpc_row,
-        "tcp": tcp_row,
-        "ratio_best": grpc_row["gbps_best"] / tcp_row["gbps_best"],
-        "ratio_median": grpc_row["gbps_median"] / tcp_row["gbps_median"],
+        **rows,
+        "ratio_best": rows["grpc"]["gbps_best"] / tcp["gbps_best"],
+        "ratio_median": rows["grpc"]["gbps_median"] / tcp["gbps_median"],
+        "plain_ratio_best": rows["grpc-plain"]["gbps_best"] / tcp["gbps_best"],
     }
 
 
-def _summary(nbytes: int, seconds: list[float]) -> dict[str, Any]:
-    return {
-        "seconds": seconds,
-        "gbps_best": nbytes / min(seconds) / 1e9,
-        "gbps_median": nbytes / statistics.median(seconds) / 1e9,
-    }
+def unit_costs(nbytes: int, repeat: int) -> dict[str, float]:
+    """GB/s of sha256 over 1 MiB chunks, and of writing 1 MiB chunks into fresh memory."""
+    chunk = os.urandom(CHUNK)
+    pieces = max(1, nbytes // CHUNK)
+    best_hash = best_fill = float("inf")
+    for _ in range(repeat):
+        h = hashlib.sha256()
+        started = time.perf_counter()
+        for _ in range(pieces):
+            h.update(chunk)
+        best_hash = min(best_hash, time.perf_counter() - started)
+        started = time.perf_counter()
+        buffer = bytearray(pieces * CHUNK)
+        view = memoryview(buffer)
+        for j in range(pieces):
+            view[j * CHUNK : (j + 1) * CHUNK] = chunk
+        best_fill = min(best_fill, time.perf_counter() - started)
+        view.release()
+        del buffer
+    moved = pieces * CHUNK
+    return {"sha256_gbps": moved / best_hash / 1e9, "fresh_memory_fill_gbps": moved / best_fill / 1e9}
 
 
-def _mib(n: int) -> str:
+def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
+
+
+def report(rows: list[dict[str, Any]], costs: dict[str, float], repeat: int) -> None:
+    print(f"best (median) GB/s of {repeat} transfers, 1 GB = 1e9 B; ratio = grpc / tcp")
+    print(
+        f"{'params':>10} {'MiB':>4}"
+        + "".join(f" {m:>14}" for m in METHODS)
+        + f" {'ratio':>11} {'decode s':>8}"
+    )
+    for r in rows:
+        line = f"{r['params']:>10} {_mib(r['payload_bytes']):>4}"
+        line += "".join(f" {r[m]['gbps_best']:>6.2f} ({r[m]['gbps_median']:>5.2f})" for m in METHODS)
+        line += f" {r['ratio_best']:>4.0%} ({r['ratio_median']:>3.0%}) {r['grpc']['decode_s']:>8.3f}"
+        print(line)
+    print("\nCPU s per GB moved, client / server")
+    for r in rows:
+        cells = "".join(
+            f" {r[m]['client_cpu_s_per_gb']:>6.2f}/{r[m]['server_cpu_s_per_gb']:<6.2f}" for m in METHODS
+        )
+        print(f"{r['params']:>10} {_mib(r['payload_bytes']):>4}{cells}")
+    print("\npeak RSS MiB (after start-up)")
+    sides = [(m, side) for m in ("grpc", "tcp") for side in ("client", "server")]
+    print(f"{'params':>10} {'MiB':>4}" + "".join(f" {m + ' ' + side:>16}" for m, side in sides))
+    for r in rows:
+        cells = "".join(
+            f" {_mib(r[m][side + '_peak_rss']):>9} ({_mib(r[m][side + '_rss_after_startup']):>4})"
+            for m, side in sides
+        )
+        print(f"{r['params']:>10} {_mib(r['payload_bytes']):>4}{cells}")
+    print(
+        f"\nthis machine: sha256 {costs['sha256_gbps']:.2f} GB/s, "
+        f"writing fresh memory {costs['fresh_memory_fill_gbps']:.2f} GB/s"
+    )
+    worst = min(r["ratio_best"] for r in rows)
+    print(f"goal grpc/tcp >= {GOAL:.0%}: {'met' if worst >= GOAL else 'NOT met'} (worst size {worst:.0%})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,56 +413,34 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.machine import describe
 
     rows = [measure(params, args.repeat) for params in sizes]
+    costs = unit_costs(rows[-1]["payload_bytes"], args.repeat)
     result = {
         "benchmark": "fetch",
         "command": "python benchmarks/bench_fetch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": describe(),
         "repeat": args.repeat,
         "goal_ratio": GOAL,
+        "unit_costs": costs,
         "sizes": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-
-    print(f"best (median) of {args.repeat} transfers; GB/s = 1e9 bytes/s; RSS in MiB: peak (after start-up)")
-    head = f"{'params':>10} {'MiB':>5} {'grpc GB/s':>15} {'tcp GB/s':>15} {'grpc/tcp':>13} {'decode s':>9}"
-    print(head + f" {'grpc client':>13} {'grpc server':>13} {'tcp client':>12} {'tcp server':>12}")
-    for r in rows:
-        g, t = r["grpc"], r["tcp"]
-        print(
-            f"{r['params']:>10} {_mib(r['payload_bytes']):>5}"
-            f" {g['gbps_best']:>6.2f} ({g['gbps_median']:>5.2f})"
-            f" {t['gbps_best']:>6.2f} ({t['gbps_median']:>5.2f})"
-            f" {r['ratio_best']:>5.0%} ({r['ratio_median']:>4.0%})"
-            f" {g['decode_s']:>9.3f}"
-            + "".join(
-                f" {_mib(row['peak_rss']):>6} ({_mib(row['after']):>4})"
-                for row in (
-                    {"peak_rss": g["client_peak_rss"], "after": g["client_rss_after_startup"]},
-                    {"peak_rss": g["server_peak_rss"], "after": g["server_rss_after_startup"]},
-                    {"peak_rss": t["client_peak_rss"], "after": t["client_rss_after_startup"]},
-                    {"peak_rss": t["server_peak_rss"], "after": t["server_rss_after_startup"]},
-                )
-            )
-        )
-    worst = min(r["ratio_best"] for r in rows)
-    print(f"goal grpc/tcp >= {GOAL:.0%}: {'met' if worst >= GOAL else 'NOT met'} (worst size {worst:.0%})")
+    report(rows, costs, args.repeat)
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 
 
+ROLES = {
+    "_serve-grpc": lambda a: serve_grpc(int(a[0])),
+    "_serve-plain": lambda a: serve_plain(int(a[0])),
+    "_serve-tcp": lambda a: serve_tcp(int(a[0])),
+    "_fetch-grpc": lambda a: fetch_grpc(int(a[0]), int(a[1])),
+    "_fetch-plain": lambda a: fetch_plain(int(a[0]), int(a[1])),
+    "_fetch-tcp": lambda a: fetch_tcp(int(a[0]), int(a[1]), int(a[2]), a[3] == "fresh"),
+}
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        role, rest = sys.argv[1], sys.argv[2:]
-        if role == "_serve-grpc":
-            serve_grpc(int(rest[0]))
-        elif role == "_fetch-grpc":
-            fetch_grpc(int(rest[0]), int(rest[1]))
-        elif role == "_serve-tcp":
-            serve_tcp(int(rest[0]))
-        elif role == "_fetch-tcp":
-            fetch_tcp(int(rest[0]), int(rest[1]), int(rest[2]))
-        else:
-            sys.exit(f"unknown role {role}")
+    if len(sys.argv) > 1 and sys.argv[1] in ROLES:
+        ROLES[sys.argv[1]](sys.argv[2:])
         raise SystemExit(0)
     raise SystemExit(main())
