@@ -1,4 +1,9 @@
-"""The paper's attack: every coordinate of the model replaced by a value drawn from [low, high].
+"""The paper's attacks: random constants per coordinate, and parameters scaled down.
+
+Section 7 of the paper: Byzantine agents "send random values (for each dimension) from the
+interval [15, 16] for target localization, and [0, 0.1] for the other two case studies" (constant);
+the issue's second reading of the classification attack scales the honest parameters by U[0, 0.1]
+per coordinate (scaled).
 
 Draws are keyed by (seed, attacker id, round[, requester]) so the model served does not depend on
 the order requests arrive in: a run over gRPC and in one process see the same attack.
@@ -11,9 +16,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from attacks._common import PARAMS_CONFIG, draw, per_tensor
 from mtl_node import seeding
-from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.attack_api import ATTACKS, Attack, Redraw
 from mtl_node.wire import StateDict
+
+REDRAW_HELP = (
+    "never: one draw for the whole run; round: a fresh draw every round; "
+    "request: a fresh draw per requester and round (two-faced)"
+)
 
 
 class ConstantParams(BaseModel):
@@ -36,6 +47,13 @@ class ConstantParams(BaseModel):
 
 @ATTACKS.register("constant", "per-coordinate values drawn from [low, high] (paper: [15,16])")
 class Constant(Attack):
+    """x_j ~ U[low, high] for every coordinate j of every tensor (integer tensors: cast).
+
+    Generator: ``seeding.generator(seed, attacker, ATTACK, *c)`` with c = () for redraw=never,
+    (i,) for round, (i, *id_key(requester)) for request; one ``uniform(low, high, shape)`` per tensor
+    in sorted name order. (No name salt: the batched engine reproduces this stream.)
+    """
+
     name = "constant"
     Params = ConstantParams
 
@@ -54,3 +72,35 @@ class Constant(Attack):
             values = rng.uniform(p.low, p.high, size=tuple(t.shape))
             out[name] = torch.as_tensor(values, dtype=t.dtype).to(t.device)
         return out
+
+
+class ScaledParams(BaseModel):
+    model_config = PARAMS_CONFIG
+
+    low: float = Field(0.0, description="lower end of the per-coordinate scale factor")
+    high: float = Field(0.1, description="upper end of the per-coordinate scale factor")
+    redraw: Redraw = Field("round", description=REDRAW_HELP)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScaledParams:
+        if self.high < self.low:
+            raise ValueError("high must be >= low")
+        return self
+
+
+@ATTACKS.register("scaled", "honest parameters times U[low, high] per coordinate (paper: U[0,0.1])")
+class Scaled(Attack):
+    """x_j = h_j * s_j, s_j ~ U[low, high], h the attacker's honest model of round i.
+
+    Generator: ``attack_generator(seed, attacker, "scaled", *draw_counters(redraw, i, requester))``,
+    one ``uniform(low, high, shape)`` per floating tensor in sorted name order.
+    """
+
+    name = "scaled"
+    Params = ScaledParams
+
+    def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
+        p = self.params
+        assert isinstance(p, ScaledParams)
+        rng = self.generator(round_, requester, p.redraw)
+        return per_tensor(honest, lambda _, t: t * draw(rng, t, "uniform", p.low, p.high))

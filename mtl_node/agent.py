@@ -13,13 +13,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mtl_node import wire
 from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
-from mtl_node.attack_api import Attack, make_attack
+from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
 from mtl_node.errors import FetchError, WireError
@@ -34,6 +35,8 @@ T = TypeVar("T")
 
 # Models above this size are adapted/scored in a worker thread so the event loop keeps serving.
 OFFLOAD_BYTES = 1 << 20
+# Attack nodes: rounds of fetched neighbour models (and on-demand requester models) kept for crafting.
+KEEP_FETCHED_ROUNDS = 4
 
 
 @dataclass
@@ -70,7 +73,7 @@ class Agent:
         # A Byzantine agent learns alone to keep an honest-looking model to craft from.
         self.rule: Rule = make_rule("none" if config.attack else config.rule, config.rule_params)
         self.attack: Attack | None = (
-            make_attack(config.attack, config.id, config.seed, config.attack_params)
+            make_attack(config.attack, config.id, config.seed, config.attack_params, task=config.task)
             if config.attack
             else None
         )
@@ -82,6 +85,11 @@ class Agent:
         self._status_changed = asyncio.Event()
         self._seen: set[str] = set()  # neighbours that answered at least once
         self.last_fetched: dict[str, StateDict | Exception] = {}
+        # Attack nodes: valid neighbour models by round, requester models fetched while serving.
+        self.fetched_rounds: OrderedDict[int, dict[str, StateDict]] = OrderedDict()
+        self._requester_models: dict[tuple[str, int], StateDict] = {}
+        self._requester_fetching: set[tuple[str, int]] = set()
+        self._craft_failed = False
         self._offload = self.manifest.data_bytes > OFFLOAD_BYTES
         # Byzantine agents fetch too (and discard): it keeps them in step with their victims and
         # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
@@ -89,25 +97,88 @@ class Agent:
         self._last_failure: dict[str, str] = {}
         self.done = asyncio.Event()
         self.store.publish(0, self.theta)
+        if self.attack is not None:
+            self.attack.bind(_AgentView(self))
 
     # -- what the server side asks --------------------------------------------------------------
 
     async def model_for(self, round_: int, requester: str, timeout: float) -> StateDict:
         """The model served for ``round_`` to ``requester``: published, or crafted if Byzantine."""
+        deadline = asyncio.get_running_loop().time() + timeout
         published = await self.store.wait_for(round_, timeout)
         if self.attack is None:
             return published.state
-        return self.attack.craft(published.round, requester, published.state)
+        return await self._craft(published.round, requester, published.state, deadline)
 
     async def payload_for(self, round_: int, requester: str, timeout: float) -> tuple[int, bytes, str]:
         """(round, safetensors bytes, digest) served for ``round_``; honest payloads are cached."""
+        deadline = asyncio.get_running_loop().time() + timeout
         published = await self.store.wait_for(round_, timeout)
         if self.attack is None:
             payload, digest = await self._compute(published.payload)
             return published.round, payload, digest
-        crafted = self.attack.craft(published.round, requester, published.state)
+        crafted = await self._craft(published.round, requester, published.state, deadline)
         payload = await self._compute(wire.encode, crafted)
         return published.round, payload, wire.digest(payload)
+
+    # -- Byzantine: what the attack sees and how its answer is served ----------------------------
+
+    async def _craft(self, round_: int, requester: str, honest: StateDict, deadline: float) -> StateDict:
+        """The attack's model for this request; Withhold becomes a FetchError (missing neighbour).
+
+        Any other failure of the attack serves the honest model: an attack node must keep serving.
+        """
+        attack = self.attack
+        assert attack is not None
+        loop = asyncio.get_running_loop()
+        if attack.needs_requester_model:
+            await self._fetch_requester(requester, round_, deadline)
+        try:
+            return await self._compute(attack.craft, round_, requester, honest)
+        except Withhold as withhold:
+            if withhold.hang:
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                raise FetchError(f"{self.id}: round {round_}: no answer (omission)", "timeout") from None
+            raise FetchError(f"{self.id}: round {round_}: refused (omission)", "unavailable") from None
+        except Exception:
+            if not self._craft_failed:
+                log.exception("%s: attack %s failed; serving the honest model", self.id, attack.name)
+                self._craft_failed = True
+            return honest
+
+    async def _fetch_requester(self, requester: str, round_: int, deadline: float) -> None:
+        """Fetch the requester's own round model for the attack (view.model_of), if it is a neighbour.
+
+        A normal requester published the round before asking us, so this returns at once. Two attack
+        nodes needing each other's model would fetch from each other for ever: a request from an
+        agent we are already fetching that round from is served without its model.
+        """
+        key = (requester, round_)
+        if key in self._requester_models or key in self._requester_fetching:
+            return
+        if requester not in self.neighbors:
+            return  # no route to it over gRPC; in one process too, so both paths agree
+        timeout = min(self.config.fetch_timeout, deadline - asyncio.get_running_loop().time() - 0.05)
+        if timeout <= 0:
+            return
+        self._requester_fetching.add(key)
+        try:
+            state = await self.transport.fetch(requester, round_, self.id, timeout)
+            wire.validate_state(state, self.manifest)
+        except (FetchError, WireError) as exc:
+            log.debug("%s: round %d: no model of requester %s: %s", self.id, round_, requester, exc)
+            return
+        finally:
+            self._requester_fetching.discard(key)
+        self._requester_models[key] = state
+        oldest = round_ - KEEP_FETCHED_ROUNDS
+        for old in [k for k in self._requester_models if k[1] <= oldest]:
+            del self._requester_models[old]
+
+    def _keep_fetched(self, i: int, fetched: Mapping[str, StateDict | Exception]) -> None:
+        self.fetched_rounds[i] = {n: m for n, m in fetched.items() if isinstance(m, dict)}
+        while len(self.fetched_rounds) > KEEP_FETCHED_ROUNDS:
+            self.fetched_rounds.popitem(last=False)
 
     async def wait_status_change(self) -> None:
         await self._status_changed.wait()
@@ -149,6 +220,8 @@ class Agent:
         else:
             # Non-cooperative (or Byzantine): nothing to score; neighbours show as filtered.
             self.last_fetched = fetched
+            if self.attack is not None:
+                self._keep_fetched(i, fetched)
             candidates = [Candidate(a) for a in [self.id, *self.neighbors]]
             models = {self.id: psi}
         agg: Aggregation = self.rule.aggregate(candidates)
@@ -242,6 +315,33 @@ class Agent:
             for a in [self.id, *self.neighbors]
         ]
         return candidates, models
+
+
+class _AgentView(AttackView):
+    """What an attack node shows its attack (mtl_node.attack_api): its own task and models, the
+    neighbour models of its complete fetches, and requester models fetched while serving."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @property
+    def task(self) -> Task:
+        return self.agent.task
+
+    def neighbors(self, round_: int) -> Mapping[str, StateDict]:
+        return self.agent.fetched_rounds.get(round_, {})
+
+    def model_of(self, agent_id: str, round_: int) -> StateDict | None:
+        return self.agent._requester_models.get((agent_id, round_))
+
+    def own(self, round_: int) -> StateDict | None:
+        store = self.agent.store
+        latest = store.latest_round
+        for r in range(max(round_, 1, latest - store.keep + 1), latest + 1):
+            published = store.get(r)
+            if published is not None:
+                return published.state
+        return None
 
 
 def _reason(exc: Exception) -> str:

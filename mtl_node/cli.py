@@ -135,7 +135,7 @@ def serve(
 
         make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
         if cfg.attack:
-            make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
+            make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
     except MTLError as exc:
         raise _fail(exc) from None
     raise typer.Exit(run_daemon([cfg], cfg.exit_when_done, cfg.linger))
@@ -169,7 +169,7 @@ def serve_many(
                 cfg = build_config(item if isinstance(item, dict) else {})
                 make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
                 if cfg.attack:
-                    make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
+                    make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
             except ConfigError as exc:
                 raise ConfigError(f"agents[{index}].{exc.field}", exc.problem, exc.fix) from None
             configs.append(cfg)

@@ -52,6 +52,12 @@ PAPER_AREA = 3.0
 PAPER_ATTACK_PARAMS: dict[str, dict[str, Any]] = {TARGET_LOCALIZATION: {"low": 15.0, "high": 16.0}}
 
 
+def default_attack_params(task: str, attack: str) -> dict[str, Any]:
+    """What an attacker given no attack_params runs with: the paper's interval for ``constant``
+    (PAPER_ATTACK_PARAMS), the attack's own defaults for every other attack."""
+    return dict(PAPER_ATTACK_PARAMS.get(task, {})) if attack == "constant" else {}
+
+
 def stream(seed: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, purpose]))
 
@@ -123,17 +129,17 @@ def plan_topology(spec: Spec) -> RunPlan:
     neighbourhoods = _graph(spec, ids, positions)
 
     byz = _byzantine(spec, ids)
-    attack_params: dict[str, Any] = {}
+    attacks: dict[str, tuple[str, dict[str, Any]]] = {}
     if spec.byzantine is not None:
-        given_attack = spec.byzantine.attack_params
-        attack_params = dict(
-            given_attack if given_attack is not None else PAPER_ATTACK_PARAMS.get(spec.task, {})
-        )
+        for a in byz:
+            name, given = spec.byzantine.attack_of(a)
+            attacks[a] = (name, dict(given) if given is not None else default_attack_params(spec.task, name))
 
     agents = []
     for i, a in enumerate(ids):
         o = spec.overrides.get(a)
         bad = a in byz
+        attack, attack_params = attacks.get(a, (None, {}))
         agents.append(
             AgentPlan(
                 id=a,
@@ -141,8 +147,8 @@ def plan_topology(spec: Spec) -> RunPlan:
                 neighbors=tuple(ids[j] for j in neighbourhoods[i]),
                 task=spec.task,
                 task_params=params[i],
-                attack=spec.byzantine.attack if bad and spec.byzantine else None,
-                attack_params=dict(attack_params) if bad else {},
+                attack=attack,
+                attack_params=attack_params,
                 device=(o.device if o and o.device else spec.device),
                 host=o.host if o else None,
                 group=group_of[i],

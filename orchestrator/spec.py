@@ -181,14 +181,37 @@ class GroupSpec(_Model):
         return v
 
 
+def _check_attack(v: str, field: str) -> str:
+    if v not in catalog.ATTACK_NAMES:
+        raise UnknownNameError("attack", v, catalog.ATTACK_NAMES, field=field)
+    return v
+
+
+class AttackChoice(_Model):
+    """One Byzantine agent's own attack, in ``byzantine.attacks.<id>``."""
+
+    attack: str = Field(description="attack name (mtl-node attacks)")
+    attack_params: dict[str, Any] | None = Field(
+        None, description="default: the attack's defaults (constant: the task's usual interval)"
+    )
+
+
 class ByzantineSpec(_Model):
-    """Which agents are Byzantine and how they behave."""
+    """Which agents are Byzantine and how they behave.
+
+    Every Byzantine agent runs ``attack`` with ``attack_params``, except those listed in ``attacks``
+    (id -> {attack, attack_params}), which needs explicit ``ids``: a drawn ``count`` cannot name
+    agents in advance. Attack parameters are checked by the agents against ``mtl-node attacks``.
+    """
 
     count: int | None = Field(None, ge=0, description="how many, chosen at random from seed")
     seed: int | None = Field(None, ge=0, description="seed of the choice; default: the run's")
     ids: list[str] | None = Field(None, description="explicit Byzantine agent ids (instead of count)")
     attack: str = Field("constant", description="attack name (mtl-node attacks)")
     attack_params: dict[str, Any] | None = Field(None, description="default: the task's usual attack")
+    attacks: dict[str, AttackChoice] = Field(
+        default_factory=dict, description="per-agent attacks: Byzantine id -> {attack, attack_params}"
+    )
 
     @field_validator("ids", mode="before")
     @classmethod
@@ -198,15 +221,34 @@ class ByzantineSpec(_Model):
     @field_validator("attack")
     @classmethod
     def _attack(cls, v: str) -> str:
-        if v not in catalog.ATTACK_NAMES:
-            raise UnknownNameError("attack", v, catalog.ATTACK_NAMES, field="byzantine.attack")
-        return v
+        return _check_attack(v, "byzantine.attack")
 
     @model_validator(mode="after")
     def _count_or_ids(self) -> ByzantineSpec:
         if (self.count is None) == (self.ids is None):
             raise ConfigError("byzantine", "give exactly one of count or ids", "e.g. count: 20, seed: 1")
+        if self.attacks and self.ids is None:
+            raise ConfigError(
+                "byzantine.attacks",
+                "per-agent attacks need the Byzantine agents named",
+                "give byzantine.ids instead of byzantine.count",
+            )
+        for agent, choice in self.attacks.items():
+            if agent not in (self.ids or []):
+                raise ConfigError(
+                    f"byzantine.attacks.{agent}",
+                    f"{agent!r} is not in byzantine.ids",
+                    "list it in byzantine.ids, or remove it here",
+                )
+            _check_attack(choice.attack, f"byzantine.attacks.{agent}.attack")
         return self
+
+    def attack_of(self, agent: str) -> tuple[str, dict[str, Any] | None]:
+        """(attack, attack_params or None for the defaults) of Byzantine ``agent``."""
+        choice = self.attacks.get(agent)
+        if choice is not None:
+            return choice.attack, choice.attack_params
+        return self.attack, self.attack_params
 
 
 class OverrideSpec(_Model):
@@ -479,6 +521,11 @@ def _model_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[str]]:
                 i += 1
         elif part == "byzantine" and model is Spec:
             model = ByzantineSpec
+        elif part == "attacks" and model is ByzantineSpec:
+            model = AttackChoice
+            if i < len(loc):
+                path.append(str(loc[i]))
+                i += 1
         elif part == "overrides" and model is Spec:
             model = OverrideSpec
             if i < len(loc):

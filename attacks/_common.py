@@ -1,0 +1,84 @@
+"""Small tensor helpers shared by the attacks.
+
+Attacks change floating-point tensors only; integer tensors (counters such as BatchNorm's
+``num_batches_tracked``) are served as they are, since no finite-valued integer attack on them
+would say anything about a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from pydantic import ConfigDict
+
+from mtl_node.attack_api import AttackView
+from mtl_node.wire import StateDict
+
+PARAMS_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def per_tensor(state: StateDict, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+    """``fn`` applied to every floating tensor, in sorted name order (the order random draws use)."""
+    out: StateDict = {}
+    for name in sorted(state):
+        t = state[name]
+        out[name] = fn(name, t) if torch.is_floating_point(t) else t
+    return out
+
+
+def draw(rng: np.random.Generator, t: torch.Tensor, kind: str, a: float, b: float) -> torch.Tensor:
+    """One numpy draw of ``t``'s shape (uniform [a, b] or normal(mean a, std b)), cast like ``t``."""
+    shape = tuple(t.shape)
+    values = rng.uniform(a, b, size=shape) if kind == "uniform" else rng.normal(a, b, size=shape)
+    return torch.as_tensor(values, dtype=t.dtype).to(t.device)
+
+
+def honest_pool(view: AttackView, round_: int, honest: StateDict) -> list[StateDict]:
+    """H_i = [psi_self(i)] + [psi_l(i-1) for the neighbours l fetched validly in round i-1, by id].
+
+    The attacker's own honest model is always in it, so statistics over H are always defined.
+    """
+    neighbors = view.neighbors(round_ - 1)
+    return [honest, *(neighbors[a] for a in sorted(neighbors))]
+
+
+def stack(models: Sequence[StateDict], name: str) -> torch.Tensor:
+    """(len(models), *shape) float64 stack of one tensor of every model."""
+    return torch.stack([m[name].to(torch.float64) for m in models])
+
+
+def victim_model(view: AttackView, round_: int, requester: str) -> StateDict | None:
+    """The requester's model: its round-i model fetched on demand, else its round i-1 model from
+    the node's last complete fetch, else None (the requester is not our neighbour)."""
+    got = view.model_of(requester, round_)
+    if got is not None:
+        return got
+    return view.neighbors(round_ - 1).get(requester)
+
+
+def goal_like(state: StateDict, value: float | Sequence[float]) -> StateDict:
+    """The goal model: every floating coordinate equal to ``value``, or ``value`` laid out over the
+    floating tensors in sorted name order (then it must have exactly one value per coordinate)."""
+    if isinstance(value, int | float):
+        v = float(value)
+        return per_tensor(state, lambda _, t: torch.full_like(t, v))
+    size = sum(t.numel() for t in state.values() if torch.is_floating_point(t))
+    if len(value) != size:
+        raise ValueError(f"goal has {len(value)} values, the model {size} coordinates")
+    flat = torch.as_tensor(list(value), dtype=torch.float64)
+    offset = 0
+
+    def take(_: str, t: torch.Tensor) -> torch.Tensor:
+        nonlocal offset
+        part = flat[offset : offset + t.numel()]
+        offset += t.numel()
+        return part.reshape(t.shape).to(dtype=t.dtype, device=t.device)
+
+    return per_tensor(state, take)
+
+
+def towards(base: StateDict, goal: StateDict, step: float) -> StateDict:
+    """base + step * (goal - base), tensor by tensor."""
+    return per_tensor(base, lambda name, t: t + step * (goal[name] - t))

@@ -1,0 +1,66 @@
+"""Label flipping: an honest-looking model trained on flipped labels (classification tasks only).
+
+The task does the flipping: a classification task offers ``adapt_flipped(model, round_)``, the same
+local update as ``adapt`` on the round's batch with every label y replaced by a wrong one (the
+task's documented map, e.g. C - 1 - y). Tasks without it (regression) cannot run this attack;
+``make_attack(..., task=NAME)`` says so before anything starts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from pydantic import BaseModel
+
+from attacks._common import PARAMS_CONFIG
+from mtl_node.attack_api import ATTACKS, Attack, AttackContext
+from mtl_node.tasks.base import Task
+from mtl_node.wire import StateDict
+
+KEEP = 4
+
+
+class LabelFlipParams(BaseModel):
+    model_config = PARAMS_CONFIG
+
+
+@ATTACKS.register("label-flip", "a model trained alone on flipped labels (classification tasks)")
+class LabelFlip(Attack):
+    """x(i) = f(i), f(0) = the task's init_model(), f(r) = task.adapt_flipped(f(r - 1), r): the
+    attacker's own learning-alone trajectory with flipped labels, served to every requester.
+
+    The flipped trajectory is kept for the last few rounds and advanced lazily; a request for an
+    older round restarts it from the start (deterministic either way). Without a task: h.
+    """
+
+    name = "label-flip"
+    Params = LabelFlipParams
+
+    def __init__(self, ctx: AttackContext, params: BaseModel) -> None:
+        super().__init__(ctx, params)
+        self._trajectory: OrderedDict[int, StateDict] = OrderedDict()
+
+    @classmethod
+    def check_task(cls, task_cls: type[Task]) -> str | None:
+        if callable(getattr(task_cls, "adapt_flipped", None)):
+            return None
+        return (
+            f"label-flip needs a classification task (one with adapt_flipped); "
+            f"task {getattr(task_cls, 'name', task_cls.__name__)} has none"
+        )
+
+    def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
+        task: Any = self.view.task
+        if task is None or not callable(getattr(task, "adapt_flipped", None)):
+            return honest
+        if round_ in self._trajectory:
+            return self._trajectory[round_]
+        earlier = [r for r in self._trajectory if r < round_]
+        start = max(earlier, default=0)
+        model = self._trajectory[start] if start else task.init_model()
+        for r in range(start + 1, round_ + 1):
+            model = task.adapt_flipped(model, r)
+        self._trajectory[round_] = model
+        self._trajectory = OrderedDict(sorted(self._trajectory.items())[-KEEP:])
+        return model
