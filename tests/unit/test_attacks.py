@@ -18,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from attacks.timing import OnOff
 from mtl_node import catalog
 from mtl_node.attack_api import ATTACKS, Attack, StaticView, Withhold, load_plugins, make_attack
 from mtl_node.config import NodeConfig, build_config
@@ -201,9 +202,11 @@ def test_exact_maths_of_the_deterministic_attacks() -> None:
     assert torch.equal(craft(attack("stale", {"lag": 5}))["w"], honest_at(ROUND - 5))
     assert torch.equal(craft(attack("stale", {"lag": 100}))["w"], honest_at(1))
     on_off = attack("on-off", {"honest_rounds": 3, "attack_rounds": 2, "then": "sign-flip"})
+    assert isinstance(on_off, OnOff)
     phases = [on_off.attacking(r) for r in range(1, 11)]
     assert phases == [False, False, False, True, True, False, False, False, True, True]
-    assert not attack("on-off", {"honest_rounds": ROUND}).attacking(ROUND)
+    late = attack("on-off", {"honest_rounds": ROUND})
+    assert isinstance(late, OnOff) and not late.attacking(ROUND) and late.attacking(ROUND + 1)
     assert same(craft(attack("on-off", {"honest_rounds": ROUND})), honest())
 
 
