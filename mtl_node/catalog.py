@@ -4,7 +4,7 @@ The orchestrator validates topologies with these (it must plan and render deploy
 torch); tests/unit/test_catalog.py checks they equal the real registries.
 """
 
-TASK_NAMES = ("target-localization",)
+TASK_NAMES = ("digits", "har", "target-localization")
 RULE_NAMES = (
     "average",
     "distance",

@@ -6,7 +6,10 @@ same file twice gives the same plan, and changing e.g. the Byzantine count does 
 
 Task parameters are layered, later wins: what the planner draws (target localization: ``position``
 and ``target``), ``learning_rate``, ``task_params``, the agent's group's ``task_params``, the agent's
-override. Torch-free, like the spec.
+override. Classification defaults, filled only where none of those set them: ``har`` gives agent i
+(id order) subject i+1 (one agent per subject, cycling past 30); ``digits`` without ``groups`` puts
+the first half of the agents in group 1 (``dataset: mnist``) and the rest in group 2
+(``dataset: synthetic``), as the paper. Torch-free, like the spec.
 """
 
 from __future__ import annotations
@@ -49,7 +52,17 @@ TARGET_LOCALIZATION = "target-localization"
 # The paper's four targets; each is jittered by U[0,1] per coordinate (reference code: 10 + U).
 PAPER_TARGETS = ((10.0, 10.0), (10.0, 20.0), (20.0, 10.0), (20.0, 20.0))
 PAPER_AREA = 3.0
-PAPER_ATTACK_PARAMS: dict[str, dict[str, Any]] = {TARGET_LOCALIZATION: {"low": 15.0, "high": 16.0}}
+HAR = "har"
+DIGITS = "digits"
+HAR_SUBJECTS = 30
+# Digit classification: group 1 learns handwritten digits (MNIST), group 2 synthetic ones.
+DIGIT_GROUPS = ("mnist", "synthetic")
+# The paper's attack: values from [15, 16] for target localization, [0, 0.1] for classification.
+PAPER_ATTACK_PARAMS: dict[str, dict[str, Any]] = {
+    TARGET_LOCALIZATION: {"low": 15.0, "high": 16.0},
+    HAR: {"low": 0.0, "high": 0.1},
+    DIGITS: {"low": 0.0, "high": 0.1},
+}
 
 
 def default_attack_params(task: str, attack: str) -> dict[str, Any]:
@@ -73,7 +86,7 @@ def plan_topology(spec: Spec) -> RunPlan:
     index = {a: i for i, a in enumerate(ids)}
     tl = spec.task == TARGET_LOCALIZATION
 
-    # Groups: the spec's, or for target localization the paper's 4 equal index groups.
+    # Groups: the spec's, or the paper's (target localization: 4 equal index groups; digits: 2).
     group_of: list[int | None] = [None] * n
     members = spec.group_members() if spec.groups is not None else None
     if members is not None:
@@ -82,6 +95,9 @@ def plan_topology(spec: Spec) -> RunPlan:
                 group_of[index[a]] = number
     elif tl:
         group_of = [i * len(PAPER_TARGETS) // n for i in range(n)]
+    elif spec.task == DIGITS and "dataset" not in spec.task_params:
+        # The paper's split: the first half of the agents (id order) group 1, the rest group 2.
+        group_of = [i * len(DIGIT_GROUPS) // n for i in range(n)]
 
     # Task parameters, layered (see the module docstring); positions/targets filled in below.
     step = step_param(spec.task)
@@ -96,6 +112,10 @@ def plan_topology(spec: Spec) -> RunPlan:
             p.update(spec.groups[g].task_params)
         if a in spec.overrides:
             p.update(spec.overrides[a].task_params)
+        if spec.task == HAR and "subject" not in p:
+            p["subject"] = i % HAR_SUBJECTS + 1  # one agent per subject, in id order
+        if spec.task == DIGITS and spec.groups is None and g is not None and "dataset" not in p:
+            p["dataset"] = DIGIT_GROUPS[g]
         params.append(p)
 
     # Positions: drawn for every agent (so giving one agent a position moves nobody else), used by

@@ -61,7 +61,22 @@ class Task(ABC):
         """Metrics of the agent's combined model after ``round_``."""
 
 
-TASKS: Registry[type[Task]] = Registry("task")
+class TaskRegistry(Registry[type[Task]]):
+    """The built-in tasks by name, plus custom tasks by import path (``package.module:factory``).
+
+    Resolving ``module:factory`` here, rather than in each caller, means every place that checks a
+    task name (agent config, CLI, daemon) accepts a custom task and reports a broken one the same way.
+    """
+
+    def get(self, name: str, field: str | None = None) -> type[Task]:
+        if ":" in name:
+            from mtl_node.tasks.plugin import load_task
+
+            return load_task(name, field or "task")
+        return super().get(name, field)
+
+
+TASKS: Registry[type[Task]] = TaskRegistry("task")
 
 
 def parse_params(task_cls: type[Task], params: Mapping[str, Any]) -> BaseModel:
