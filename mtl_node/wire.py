@@ -116,9 +116,26 @@ def manifest_of(state: Mapping[str, torch.Tensor]) -> Manifest:
 
 
 def encode(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize a state dict to safetensors bytes (tensors moved to CPU, made contiguous)."""
+    """Serialize a state dict to safetensors bytes (tensors moved to CPU, made contiguous).
+
+    Written out here instead of with ``safetensors.torch.save``, which holds two more copies of a
+    large model while it works; this makes the one it returns. As in the library, tensors are laid
+    out by decreasing element size, then name, after a header padded to 8 bytes, so every tensor
+    is aligned for ``parse`` to view in place.
+    """
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
-    return safetensors.torch.save(cpu)
+    order = sorted(cpu, key=lambda name: (-cpu[name].element_size(), name))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name in order:
+        t = cpu[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    data = [cpu[name].reshape(-1).view(torch.uint8).numpy().data for name in order]
+    return b"".join([len(text).to_bytes(_LENGTH_PREFIX, "little"), text, *data])
 
 
 Buffer = bytes | bytearray | memoryview

@@ -174,6 +174,20 @@ def bitwise(a: torch.Tensor) -> bytes:
     return a.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def test_encode_writes_what_the_safetensors_library_reads() -> None:
+    state = {**MIXED, "ünïcode.name": torch.ones(2, 2), "t": torch.arange(12.0).reshape(3, 4).t()}
+    payload = wire.encode(state)
+    header_length = struct.unpack("<Q", payload[:8])[0]
+    assert (8 + header_length) % 8 == 0  # tensor data starts aligned
+    got = safetensors.torch.load(payload)
+    assert set(got) == set(state)
+    for name, tensor in state.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert bitwise(got[name]) == bitwise(tensor), name
+        start = wire.parse(bytearray(payload), wire.manifest_of(state))[name]
+        assert start.numel() == 0 or start.data_ptr() % tensor.element_size() == 0, name
+
+
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
 def test_parse_equals_the_safetensors_library(kind: type) -> None:
     payload = wire.encode(MIXED)
