@@ -122,4 +122,6 @@ DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build -q \
     --label "org.opencontainers.image.title=resilient-mtl-node" \
     --label "org.opencontainers.image.source=resilient-mtl" \
     -t "$IMAGE" "$ctx" >/dev/null
+# Earlier builds of this image, now untagged (the dependency stage's cache is kept: no such label).
+docker image prune -f --filter "label=$LABEL" >/dev/null || true
 say "built $IMAGE ($(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"

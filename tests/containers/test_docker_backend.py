@@ -1,0 +1,104 @@
+"""The docker backend end to end through the CLI: same numbers as the in-process simulation, and
+nothing left behind (containers, network)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The first test's setup may build the image (deploy/build-image.sh: minutes when cold).
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
+
+BIN = Path(sys.executable).parent
+TOPOLOGY = """
+name: docker-e2e
+task: target-localization
+agents: 5
+graph: {kind: ring, k: 2}
+byzantine: {ids: [a4], attack: constant}
+rules: [average, loss-filtered]
+rounds: 20
+seed: 7
+"""
+
+
+def orchestrate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "mtl-orchestrate"), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_labels(docker_client: Any, run_id: str) -> tuple[list[Any], list[Any]]:
+    label = f"org.resilient-mtl.run={run_id}"
+    containers = docker_client.containers.list(all=True, filters={"label": label})
+    networks = docker_client.networks.list(filters={"label": label})
+    return containers, networks
+
+
+def test_docker_summary_equals_sim(node_image: str, docker_client: Any, tmp_path: Path) -> None:
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(TOPOLOGY)
+    out = tmp_path / "docker"
+    done = orchestrate(
+        "up", str(topology), "--backend", "docker", "-o", f"image={node_image}",
+        "--out", str(out), "--no-progress", "--no-report",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    # Every agent's rows came back from its container, for both rules.
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5 * 20 * 2
+    # Containers and networks of both rules' runs are gone.
+    for rule in ("average", "loss-filtered"):
+        info = json.loads((out / "work" / rule / "containers.json").read_text())
+        assert len(info["containers"]) == 5
+        assert run_labels(docker_client, info["run"]) == ([], [])
+        assert "serving a0 on 0.0.0.0:50051" in (out / "work" / rule / "host-a0.log").read_text()
+
+    sim_out = tmp_path / "sim"
+    sim = orchestrate(
+        "up", str(topology), "--backend", "sim", "--out", str(sim_out), "--no-progress", "--no-report"
+    )
+    assert sim.returncode == 0, sim.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    sim_summary = json.loads((sim_out / "summary.json").read_text())
+    assert summary.pop("backend") == "docker" and sim_summary.pop("backend") == "sim"
+    summary.pop("wall_seconds")
+    sim_summary.pop("wall_seconds")
+    assert_same(summary, sim_summary)
+
+
+def assert_same(a: Any, b: Any, where: str = "summary") -> None:
+    """Equal structure, keys, strings and integers; floats equal to 1e-9 relative (the sim
+    backend's vectorized engine sums in another order than the per-agent daemons: last-bit
+    differences, as tests/integration/test_orchestrator.py allows for the local backend)."""
+    assert type(a) is type(b), (where, a, b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), where
+    else:
+        assert a == b, where
+
+
+def test_missing_image_is_a_clear_error(docker_client: Any, tmp_path: Path) -> None:
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(TOPOLOGY)
+    done = orchestrate(
+        "up", str(topology), "--backend", "docker", "-o", "image=resilient-mtl-node:no-such-tag",
+        "--out", str(tmp_path / "out"), "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "no-such-tag not found" in done.stderr and "deploy/build-image.sh" in done.stderr
+    assert "Traceback" not in done.stderr
