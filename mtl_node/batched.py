@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from mtl_node import seeding
-from mtl_node.aggregation import NeighborDecision, RuleParams, robust
+from mtl_node.aggregation import NeighborDecision, RuleParams, hardened, robust
 from mtl_node.aggregation.base import Decision
-from mtl_node.attack_api import make_attack
+from mtl_node.attack_api import make_attack, name_salt
 from mtl_node.config import NodeConfig
 from mtl_node.recorder import RoundRecord
 from mtl_node.tasks import Metrics, TaskContext
@@ -56,15 +56,25 @@ from mtl_node.tasks.target_localization import (
 log = logging.getLogger(__name__)
 
 TASK = "target-localization"
-RULES = ("none", "average", "loss", "loss-filtered", "distance", *robust.ROBUST_RULES)
-ATTACKS = ("constant",)
+RULES = (
+    "none",
+    "average",
+    "loss",
+    "loss-filtered",
+    "distance",
+    *hardened.HARDENED_RULES,
+    *robust.ROBUST_RULES,
+)
 
 # What a slot's decision was, finer than the three public decisions so that reasons can be
 # reconstructed exactly: FILTERED = worse than self, NOT_FINITE = score NaN/inf (filtered),
 # LEFT_OUT = the row kept only its own model (non-cooperative, own score not finite, too few
 # members for a robust rule, combined model not finite), KRUM_OTHER = not the member Krum selected,
 # CLIPPED = accepted with its pull clipped (self-clipping), UNBOUNDED = pull not finite (filtered).
-ACCEPTED, FILTERED, MISSING, NOT_FINITE, LEFT_OUT, KRUM_OTHER, CLIPPED, UNBOUNDED = range(8)
+# CAPPED = accepted with its weight capped, RADIUS_CLIPPED = accepted with its pull clipped to the
+# row's adaptive radius (loss-filtered-capped / -clipped).
+ACCEPTED, FILTERED, MISSING, NOT_FINITE, LEFT_OUT, KRUM_OTHER, CLIPPED, UNBOUNDED, REFUSED = range(9)
+CAPPED, RADIUS_CLIPPED = 9, 10
 DECISION_NAMES: tuple[Decision, ...] = (
     "accepted",
     "filtered",
@@ -74,9 +84,12 @@ DECISION_NAMES: tuple[Decision, ...] = (
     "filtered",
     "accepted",
     "filtered",
+    "missing",
+    "accepted",
+    "accepted",
 )
-_ACCEPTED_CODES = (ACCEPTED, CLIPPED)
-_MISSING_CODES = (MISSING,)
+_ACCEPTED_CODES = (ACCEPTED, CLIPPED, CAPPED, RADIUS_CLIPPED)
+_MISSING_CODES = (MISSING, REFUSED)
 # Why a whole row kept only its own model (per round and agent).
 ROW_COOPERATED, ROW_NON_COOPERATIVE, ROW_OWN_NOT_FINITE, ROW_TOO_FEW, ROW_COMBINED_NOT_FINITE = range(5)
 _ROW_REASONS = (
@@ -108,9 +121,7 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
             return f"{c.id}: device {c.device!r} (only cpu)"
         if c.rule not in RULES:
             return f"{c.id}: rule {c.rule!r} (only {', '.join(RULES)})"
-        if c.attack is not None and c.attack not in ATTACKS:
-            return f"{c.id}: attack {c.attack!r} (only {', '.join(ATTACKS)})"
-    return None
+    return attack_unsupported(configs)
 
 
 def supports(configs: Sequence[NodeConfig]) -> bool:
@@ -128,6 +139,7 @@ class Decisions:
     loss: np.ndarray
     row_reason: np.ndarray  # (rounds, agents) int8: ROW_*
     chosen: np.ndarray  # (rounds, agents) int: the slot Krum selected (-1: not a Krum row)
+    radius: np.ndarray  # (rounds, agents): loss-filtered-clipped's clipping radius
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,12 @@ class BatchedResult:
                 reason = robust.clip_reason(self.rule_params[k].clip_tau)
             elif code == UNBOUNDED:
                 reason = robust.UNBOUNDED
+            elif code == CAPPED:
+                reason = hardened.cap_reason(self.rule_params[k].weight_cap)
+            elif code == RADIUS_CLIPPED:
+                reason = robust.clip_reason(float(d.radius[r, k]))
+            elif code == REFUSED:
+                reason = f"unavailable: {neighbor}: round {r + 1}: refused (omission)"
             else:
                 reason = row_reason
             out.append(
@@ -274,62 +292,344 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class _Attackers:
-    """The ``constant`` attack for every Byzantine sender, drawn exactly as Constant.craft does.
+# Attacks the batched engine reproduces, by what they need each round.
+_DRAWN = {  # name -> (distribution, first parameter, second parameter, name salt in the generator)
+    "constant": ("uniform", "low", "high", False),
+    "gaussian": ("normal", "mean", "std", True),
+    "small-perturbation": ("normal", None, "std", True),
+    "scaled": ("uniform", "low", "high", True),
+}
+POOL_ATTACKS = ("ipm", "alie", "mimic")  # built from the models the attacker fetched last round
+REQUESTER_ATTACKS = ("echo", "distance-capture", "loss-budget")  # built from the requester's model
+ATTACKS = (
+    *_DRAWN,
+    "nan",
+    "omission",
+    "sign-flip",
+    *POOL_ATTACKS,
+    *REQUESTER_ATTACKS,
+    "low-loss",
+    "stale",
+    "on-off",
+)
+HONEST = "honest"  # what an on-off attacker serves outside its attack rounds
 
-    Only (receiver, slot) pairs whose receiver actually uses what it fetched are drawn: Byzantine
-    and non-cooperative receivers discard their fetches. A sender drawing once serves one fixed
-    model, one drawing per round one model per round to all, one drawing per request one per
-    receiver and round.
+
+@dataclass(frozen=True)
+class _Sender:
+    """One Byzantine agent's attack: ``kind`` and ``params`` of what it serves in attack rounds,
+    ``on_off`` = (honest_rounds, attack_rounds) when it only attacks in some rounds."""
+
+    kind: str
+    params: Any
+    on_off: tuple[int, int] | None
+
+    def attacking(self, round_: int) -> bool:
+        if self.on_off is None:
+            return True
+        honest, attack = self.on_off
+        if attack == 0:
+            return round_ > honest
+        return (round_ - 1) % (honest + attack) >= honest
+
+
+def _sender(cfg: NodeConfig) -> _Sender:
+    assert cfg.attack is not None
+    attack = make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
+    if cfg.attack == "on-off":
+        p = attack.params
+        inner = attack.inner  # type: ignore[attr-defined]
+        return _Sender(inner.name, inner.params, (int(p.honest_rounds), int(p.attack_rounds)))  # type: ignore[attr-defined]
+    return _Sender(cfg.attack, attack.params, None)
+
+
+def attack_unsupported(configs: Sequence[NodeConfig]) -> str | None:
+    """Why the batched engine cannot reproduce these configs' attacks, or None."""
+    byzantine = {c.id: c for c in configs if c.attack is not None}
+    kinds: dict[str, str] = {}
+    for c in byzantine.values():
+        if c.attack not in ATTACKS:
+            return f"{c.id}: attack {c.attack!r} (only {', '.join(ATTACKS)})"
+        try:
+            sender = _sender(c)
+        except Exception as exc:  # an invalid attack is the per-agent engine's to report
+            return f"{c.id}: attack {c.attack!r}: {exc}"
+        if sender.kind not in ATTACKS or sender.kind == "on-off":
+            return f"{c.id}: on-off around {sender.kind!r} (only {', '.join(ATTACKS[:-1])})"
+        if sender.kind == "omission" and sender.params.mode != "refuse":
+            return f"{c.id}: omission mode {sender.params.mode!r} (only refuse)"
+        goal = getattr(sender.params, "goal", 0.0)
+        if not isinstance(goal, int | float) and len(goal) != 2:
+            return f"{c.id}: goal of {len(goal)} values (the model has 2)"
+        kinds[c.id] = sender.kind
+    # What an attacker crafting from the requester's model serves another attacker depends on
+    # which of the two asks first; only attackers that use what they fetch would see it.
+    for c in byzantine.values():
+        if kinds[c.id] in POOL_ATTACKS:
+            for n in c.neighbors:
+                if kinds.get(n) in REQUESTER_ATTACKS:
+                    return f"{c.id} ({kinds[c.id]}) fetches from {n} ({kinds[n]})"
+    return None
+
+
+class _Attackers:
+    """Every Byzantine sender's model for every (receiver, slot) pair that uses it, per round.
+
+    Pairs are the slots of receivers that use what they fetch (cooperating normal agents) and of
+    Byzantine receivers whose attack is built from what they fetched (ipm, alie, mimic). Each
+    attack follows its docstring in ``attacks/``; random draws come from the same generators
+    (``seeding.generator`` keyed by seed, attacker id, purpose, name salt and counters), made once
+    per distinct key and round, so stacked runs with the same agent ids share them.
     """
 
-    def __init__(self, configs: Sequence[NodeConfig], receivers: np.ndarray, senders: np.ndarray) -> None:
-        self.configs = configs
-        self.params: dict[int, tuple[float, float, str]] = {}
-        for a in sorted(set(senders.tolist())):
-            cfg = configs[a]
-            assert cfg.attack is not None
-            p = make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params).params
-            self.params[a] = (float(p.low), float(p.high), str(p.redraw))  # type: ignore[attr-defined]
-        redraw = np.array([self.params[a][2] for a in senders.tolist()], dtype=object)
+    def __init__(self, b: _Batch, receivers: np.ndarray, slots: np.ndarray) -> None:
+        configs = b.configs
+        self.rows, self.slots = receivers, slots
+        senders = b.nbr[receivers, slots]
+        self.senders = senders
         self.pairs = len(senders)
-        never = np.flatnonzero(redraw == "never")
-        self.fixed = never, np.array([self._draw(a) for a in senders[never].tolist()]).reshape(-1, 2)
-        per_round = np.flatnonzero(redraw == "round")
-        self.round_senders = sorted(set(senders[per_round].tolist()))
-        position = {a: j for j, a in enumerate(self.round_senders)}
-        self.per_round = (
-            per_round,
-            np.array([position[a] for a in senders[per_round].tolist()], dtype=np.intp),
-        )
-        per_request = np.flatnonzero(redraw == "request")
-        self.per_request = (
-            per_request,
-            [
-                (a, tuple(seeding.id_key(configs[k].id)))
-                for a, k in zip(senders[per_request].tolist(), receivers[per_request].tolist(), strict=True)
-            ],
-        )
+        spec: dict[int, _Sender] = {a: _sender(configs[a]) for a in sorted(set(senders.tolist()))}
+        self.spec = spec
+        kind = np.array([spec[a].kind for a in senders.tolist()], dtype=object)
+        self.by_kind = {k: np.flatnonzero(kind == k) for k in sorted(set(kind.tolist()))}
+        on_off = sorted(a for a, sp in spec.items() if sp.on_off is not None)
+        self.on_off_senders = np.array(on_off, dtype=np.intp)
+        self.on_off_pairs = np.flatnonzero(np.isin(senders, self.on_off_senders))
 
-    def _draw(self, a: int, *counters: int) -> np.ndarray:
-        low, high, _ = self.params[a]
-        cfg = self.configs[a]
-        rng = seeding.generator(cfg.seed, cfg.id, seeding.ATTACK, *counters)
-        return rng.uniform(low, high, size=(2,))
+        # Random draws: one generator per distinct (seed, attacker id, salt, counters) and round.
+        self.draw_keys: dict[str, tuple[np.ndarray, list[tuple[Any, ...]], str]] = {}
+        for k in _DRAWN:
+            idx = self.by_kind.get(k)
+            if idx is None or not len(idx):
+                continue
+            keys: dict[tuple[Any, ...], int] = {}
+            where = np.empty(len(idx), dtype=np.intp)
+            for j, (a, r) in enumerate(zip(senders[idx].tolist(), receivers[idx].tolist(), strict=True)):
+                cfg, p = configs[a], spec[a].params
+                requester = configs[r].id if p.redraw == "request" else None
+                key = (cfg.seed, cfg.id, p.redraw, requester, *_draw_args(k, p))
+                where[j] = keys.setdefault(key, len(keys))
+            self.draw_keys[k] = (where, list(keys), k)
+        self._never: dict[tuple[Any, ...], np.ndarray] = {}
 
-    def crafted(self, round_: int) -> np.ndarray:
-        """(pairs, 2): the model each attacked pair's sender serves its receiver this round."""
+        # Requester-model attacks: the attacker can fetch the requester's model iff it lists it.
+        listed = {(a, n) for a in spec for n in configs[a].neighbors}
+        self.route = np.array(
+            [(a, configs[r].id) in listed for a, r in zip(senders.tolist(), receivers.tolist(), strict=True)]
+        )
+        # Pool attacks: which rows' pools, and for mimic each row's neighbour slots by id.
+        self.pool_rows = np.array(
+            sorted(a for a, sp in spec.items() if sp.kind in ("ipm", "alie")), dtype=np.intp
+        )
+        self.mimic_rows = np.array(sorted(a for a, sp in spec.items() if sp.kind == "mimic"), dtype=np.intp)
+        self.mimic_order = np.zeros((len(self.mimic_rows), b.width), dtype=np.intp)
+        self.mimic_valid = np.zeros((len(self.mimic_rows), b.width), dtype=bool)
+        for j, a in enumerate(self.mimic_rows.tolist()):
+            ids = b.slot_ids[a]
+            target = spec[a].params.target
+            order = [s for s in sorted(range(1, len(ids)), key=lambda s: ids[s]) if target in (None, ids[s])]
+            self.mimic_order[j, : len(order)] = order
+            self.mimic_valid[j, : len(order)] = True
+        # Stale: the senders' own honest models of every round so far.
+        self.stale_rows = np.array(sorted(a for a, sp in spec.items() if sp.kind == "stale"), dtype=np.intp)
+        self.history: list[np.ndarray] = []
+        self.window = max(
+            [int(sp.params.window) for sp in spec.values() if sp.kind == "loss-budget"], default=1
+        )
+        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.b = b
+
+    def _draws(self, kind: str, round_: int) -> np.ndarray:
+        """(pairs of ``kind``, 2): each pair's draw this round."""
+        where, keys, _ = self.draw_keys[kind]
+        dist, _, _, salted = _DRAWN[kind]
+        values = np.empty((len(keys), 2))
+        for j, key in enumerate(keys):
+            seed, agent, redraw, requester, first, second = key
+            if redraw == "never" and key in self._never:
+                values[j] = self._never[key]
+                continue
+            counters: tuple[int, ...] = ()
+            if redraw in ("round", "request"):
+                counters = (round_,)
+            if redraw == "request":
+                counters += tuple(seeding.id_key(requester))
+            salt = (name_salt(kind),) if salted else ()
+            rng = seeding.generator(seed, agent, seeding.ATTACK, *salt, *counters)
+            values[j] = rng.uniform(first, second, 2) if dist == "uniform" else rng.normal(first, second, 2)
+            if redraw == "never":
+                self._never[key] = values[j]
+        return values[where]
+
+    def crafted(
+        self, round_: int, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """((pairs, 2) models served, (pairs,) withheld): what each pair's sender serves this round.
+
+        ``psi`` is every agent's honest model of this round; ``prev`` what every row received and
+        which slots were present in the previous round (None in round 1)."""
+        b = self.b
+        if len(self.stale_rows):
+            self.history.append(psi[self.stale_rows].copy())
+        self.samples.append(b.sample(round_))
+        self.samples = self.samples[-self.window :]
         out = np.empty((self.pairs, 2))
-        where, values = self.fixed
-        out[where] = values
-        where, position = self.per_round
-        if len(where):
-            draws = np.array([self._draw(a, round_) for a in self.round_senders])
-            out[where] = draws[position]
-        where, pairs = self.per_request
-        for j, (a, key) in zip(where.tolist(), pairs, strict=True):
-            out[j] = self._draw(a, round_, *key)
+        withheld = np.zeros(self.pairs, dtype=bool)
+        senders, receivers = self.senders, self.rows
+        h = psi[senders]
+        for kind, idx in self.by_kind.items():
+            a, own = senders[idx], h[idx]
+            if kind in _DRAWN:
+                draws = self._draws(kind, round_)
+                if kind == "constant" or kind == "gaussian":
+                    out[idx] = draws
+                elif kind == "small-perturbation":
+                    out[idx] = own + draws
+                else:
+                    out[idx] = own * draws
+            elif kind == "nan":
+                out[idx] = math.nan
+            elif kind == "omission":
+                out[idx] = 0.0
+                withheld[idx] = True
+            elif kind == "sign-flip":
+                out[idx] = self._param(a, "scale", neg=True)[:, None] * own
+            elif kind in ("ipm", "alie"):
+                mean, std = self._pool(psi, prev)
+                pos = np.searchsorted(self.pool_rows, a)
+                if kind == "ipm":
+                    out[idx] = self._param(a, "epsilon", neg=True)[:, None] * mean[pos]
+                else:
+                    sz = np.array([self.spec[x].params.sign * self.spec[x].params.z for x in a.tolist()])
+                    out[idx] = mean[pos] + sz[:, None] * std[pos]
+            elif kind == "mimic":
+                copied = self._mimic(psi, prev)
+                out[idx] = copied[np.searchsorted(self.mimic_rows, a)]
+            elif kind == "low-loss":
+                out[idx] = self._low_loss(a, own)
+            elif kind == "stale":
+                lag = self._param(a, "lag").astype(np.intp)
+                back = np.maximum(1, round_ - lag)
+                pos = np.searchsorted(self.stale_rows, a)
+                hist = np.stack(self.history)  # (rounds so far, stale senders, 2)
+                out[idx] = hist[back - 1, pos]
+            else:  # requester-model attacks
+                base = np.where(self.route[idx][:, None], psi[receivers[idx]], own)
+                if kind == "echo":
+                    out[idx] = base
+                elif kind == "distance-capture":
+                    out[idx] = base + self._param(a, "r")[:, None] * (self._goal(a) - base)
+                else:
+                    out[idx] = self._loss_budget(a, base, round_)
+        if len(self.on_off_pairs):
+            quiet = np.array(
+                [not self.spec[a].attacking(round_) for a in senders[self.on_off_pairs].tolist()], dtype=bool
+            )
+            idx = self.on_off_pairs[quiet]
+            out[idx] = h[idx]
+            withheld[idx] = False
+        return out, withheld
+
+    def _goal(self, senders: np.ndarray) -> np.ndarray:
+        """(senders, 2): each sender's goal model (one value for both coordinates, or both)."""
+        return np.array(
+            [np.broadcast_to(np.asarray(self.spec[a].params.goal, float), (2,)) for a in senders.tolist()]
+        )
+
+    def _param(self, senders: np.ndarray, name: str, neg: bool = False) -> np.ndarray:
+        values = np.array([float(getattr(self.spec[a].params, name)) for a in senders.tolist()])
+        return -values if neg else values
+
+    def _pool(
+        self, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and population std of H = [h] + [models fetched last round], per pool row."""
+        rows = self.pool_rows
+        own = psi[rows]
+        if prev is None:
+            return own, np.zeros_like(own)
+        received, present = prev
+        m = present[rows] & self.b.neighbours[rows]
+        X = np.where(m[:, :, None], received[rows], 0.0)
+        count = 1 + m.sum(axis=1, keepdims=True)
+        mean = (own + X.sum(axis=1)) / count
+        dev = np.where(m[:, :, None], received[rows] - mean[:, None, :], 0.0)
+        var = ((own - mean) ** 2 + (dev**2).sum(axis=1)) / count
+        return mean, np.sqrt(var)
+
+    def _mimic(self, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Per mimic row: the model fetched last round from its target (the smallest id present)."""
+        rows = self.mimic_rows
+        out = psi[rows].copy()
+        if prev is None:
+            return out
+        received, present = prev
+        ok = self.mimic_valid & np.take_along_axis(present[rows], self.mimic_order, axis=1)
+        has = ok.any(axis=1)
+        first = np.take_along_axis(self.mimic_order, ok.argmax(axis=1)[:, None], axis=1)[:, 0]
+        out[has] = received[rows[has], first[has]]
         return out
+
+    def _low_loss(self, senders: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """``steps`` more LMS steps of the attacker's task on its own sample of the round."""
+        b = self.b
+        u, d = self.samples[-1]
+        q = b.x[senders] + d[senders][:, None] * u[senders]
+        mu = b.mu[senders]
+        steps = self._param(senders, "steps").astype(np.intp)
+        w = own.copy()
+        for step in range(int(steps.max(initial=0))):
+            w = np.where((step < steps)[:, None], w + mu * (q - w), w)
+        return w
+
+    def _loss_budget(self, senders: np.ndarray, base: np.ndarray, round_: int) -> np.ndarray:
+        """Bisection on the step towards the goal within the proxy-loss budget (attacks/capture.py)."""
+        b = self.b
+        goal = self._goal(senders)
+        slack = self._param(senders, "slack")
+        iters = self._param(senders, "iters").astype(np.intp)
+        window = self._param(senders, "window").astype(np.intp)
+        x = b.x[senders]
+
+        def proxy(w: np.ndarray) -> np.ndarray:
+            total = np.zeros(len(w))
+            count = np.zeros(len(w))
+            for back in range(len(self.samples) - 1, -1, -1):  # oldest first, as the attack sums
+                r = round_ - back
+                use = (r >= max(1, 0)) & (back < window) & (r >= 1)
+                u, d = self.samples[len(self.samples) - 1 - back]
+                res = d[senders] - ((w - x) * u[senders]).sum(axis=1)
+                total = np.where(use, total + res**2, total)
+                count = count + use
+            return total / count
+
+        def towards(step: np.ndarray) -> np.ndarray:
+            return base + step[:, None] * (goal - base)
+
+        budget = slack * proxy(base)
+        ok_budget = np.isfinite(budget)
+
+        def feasible(step: np.ndarray) -> np.ndarray:
+            loss = proxy(towards(step))
+            return np.isfinite(loss) & (loss <= budget)
+
+        one = np.ones(len(base))
+        full = feasible(one)
+        lo, hi = np.zeros(len(base)), np.ones(len(base))
+        for it in range(int(iters.max(initial=0))):
+            mid = (lo + hi) / 2
+            good = feasible(mid)
+            active = it < iters
+            lo = np.where(active & good, mid, lo)
+            hi = np.where(active & ~good, mid, hi)
+        out = np.where((lo > 0)[:, None], towards(lo), base)
+        out = np.where(full[:, None], towards(one), out)
+        return np.where(ok_budget[:, None], out, base)
+
+
+def _draw_args(kind: str, p: Any) -> tuple[float, float]:
+    _, first, second, _ = _DRAWN[kind]
+    return (0.0 if first is None else float(getattr(p, first)), float(getattr(p, second)))
 
 
 def _kind(c: NodeConfig) -> int:
@@ -345,11 +645,18 @@ def _kind(c: NodeConfig) -> int:
 class _Batch:
     """What does not change during a run: the network in slot form, per-row rules, task data."""
 
-    def __init__(self, configs: Sequence[NodeConfig]) -> None:
-        self.configs = configs
+    def __init__(self, runs: Sequence[Sequence[NodeConfig]]) -> None:
+        # Several independent runs are stacked as one network without links between them: each
+        # run's agents keep their ids (and so their data and attack streams), neighbours are
+        # looked up within the run.
+        configs = self.configs = [c for run in runs for c in run]
         n = self.n = len(configs)
         self.ids = [c.id for c in configs]
-        index = {agent: k for k, agent in enumerate(self.ids)}
+        self.run_rows: list[range] = []
+        start = 0
+        for run in runs:
+            self.run_rows.append(range(start, start + len(run)))
+            start += len(run)
 
         # The network: slot 0 is the agent itself, then its neighbours in aggregation order.
         self.slot_ids = [(c.id, *c.neighbors) for c in configs]
@@ -357,12 +664,14 @@ class _Batch:
         self.nbr = np.zeros((n, width), dtype=np.intp)  # agent index of each slot (0: no agent)
         self.listed = np.zeros((n, width), dtype=bool)  # the slot is a listed neighbour (or self)
         self.exists = np.zeros((n, width), dtype=bool)  # ... and it is an agent of this run
-        for k, members in enumerate(self.slot_ids):
-            for s, agent in enumerate(members):
-                self.listed[k, s] = True
-                if agent in index:
-                    self.exists[k, s] = True
-                    self.nbr[k, s] = index[agent]
+        for rows in self.run_rows:
+            index = {self.ids[k]: k for k in rows}
+            for k in rows:
+                for s, agent in enumerate(self.slot_ids[k]):
+                    self.listed[k, s] = True
+                    if agent in index:
+                        self.exists[k, s] = True
+                        self.nbr[k, s] = index[agent]
         self.neighbours = self.listed.copy()
         self.neighbours[:, 0] = False
 
@@ -382,8 +691,15 @@ class _Batch:
         self.robust_index = {rule: rows for rule, rows in self.robust_index.items() if len(rows)}
         by_distance = np.array([c.rule == "distance" for c in configs])
         self.by_distance = by_distance[:, None]
-        self.filtering = np.array([c.rule == "loss-filtered" for c in configs])[:, None]
-        self.reports_loss = np.array([c.rule in ("loss", "loss-filtered") and not c.attack for c in configs])
+        filtering = ("loss-filtered", *hardened.HARDENED_RULES)
+        self.filtering = np.array([c.rule in filtering for c in configs])[:, None]
+        self.reports_loss = np.array([c.rule in ("loss", *filtering) and not c.attack for c in configs])
+        self.capped_rows = np.flatnonzero(
+            [c.rule == "loss-filtered-capped" and not c.attack for c in configs]
+        )
+        self.clipped_rows = np.flatnonzero(
+            [c.rule == "loss-filtered-clipped" and not c.attack for c in configs]
+        )
         params = [c.rule_params or RuleParams() for c in configs]
         self.nu = np.array([p.nu for p in params])[:, None]
         self.ema_init = np.array([math.nan if p.ema_init is None else p.ema_init for p in params])[:, None]
@@ -397,15 +713,27 @@ class _Batch:
         self.tau = np.array([p.clip_tau for p in params])
         self.iters = np.array([p.weiszfeld_iters for p in params])
         self.eps = np.array([p.weiszfeld_eps for p in params])
+        self.weight_cap = np.array([p.weight_cap for p in params])
+        self.clip_scale = np.array([p.clip_scale for p in params])
         self.need_loss = bool((self.ema_rows & ~by_distance).any())
         self.need_distance = bool((self.ema_rows & by_distance).any())
 
-        # The task: the same resolved parameters and streams as TargetLocalization.
+        # The task: the same resolved parameters and streams as TargetLocalization. Agents with the
+        # same seed, id and parameters (the same agent in stacked runs) share one stream.
         self.resolved = []
-        for c in configs:
+        streams: dict[tuple[Any, ...], int] = {}
+        stream_of = np.empty(n, dtype=np.intp)
+        self.stream_rows: list[int] = []
+        for k, c in enumerate(configs):
+            key = (c.seed, c.id, repr(sorted(c.task_params.items())))
+            if key not in streams:
+                streams[key] = len(streams)
+                self.stream_rows.append(k)
+            stream_of[k] = streams[key]
             p = parse_params(TargetLocalization, c.task_params)
             assert isinstance(p, TargetLocalizationParams)
             self.resolved.append(Resolved(TaskContext(c.id, c.seed, torch.device("cpu")), p))
+        self.stream_of = stream_of
         self.x = np.stack([r.position for r in self.resolved])
         self.mu = np.array([r.mu for r in self.resolved])[:, None]
         self.init = np.stack([r.init for r in self.resolved]).astype(np.float64)
@@ -421,20 +749,26 @@ class _Batch:
         self.equal_tests = bool((self.test_mask == 1.0).all())
         self._block = (-1, np.empty((0,)), np.empty((0,)))
 
-        # Byzantine senders, as the receivers that use what they fetch see them.
-        attacked = self.exists & self.neighbours & self.byzantine[self.nbr] & self.uses_fetched[:, None]
+        # Byzantine senders, as the receivers that use what they fetch see them (cooperating
+        # normal agents, and attackers whose attack is built from what they fetched).
+        self.keeps_fetched = np.array(
+            [c.attack is not None and _sender(c).kind in POOL_ATTACKS for c in configs], dtype=bool
+        )
+        readers = self.uses_fetched | self.keeps_fetched
+        attacked = self.exists & self.neighbours & self.byzantine[self.nbr] & readers[:, None]
         self.attacked_rows, self.attacked_slots = np.nonzero(attacked)
-        senders = self.nbr[self.attacked_rows, self.attacked_slots]
-        self.attackers = _Attackers(configs, self.attacked_rows, senders)
+        self.attackers = _Attackers(self, self.attacked_rows, self.attacked_slots)
 
     def sample(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
         """Every agent's (u, d) of ``round_``: shapes (n, 2) and (n,)."""
         b = round_ // BLOCK
         if self._block[0] != b:
             blocks = [
-                sample_block(c.seed, c.id, b, r) for c, r in zip(self.configs, self.resolved, strict=True)
+                sample_block(self.configs[k].seed, self.ids[k], b, self.resolved[k]) for k in self.stream_rows
             ]
-            self._block = (b, np.stack([u for u, _ in blocks]), np.stack([d for _, d in blocks]))
+            u_all = np.stack([u for u, _ in blocks])[self.stream_of]
+            d_all = np.stack([d for _, d in blocks])[self.stream_of]
+            self._block = (b, u_all, d_all)
         _, u, d = self._block
         return u[:, round_ % BLOCK], d[:, round_ % BLOCK]
 
@@ -444,6 +778,7 @@ class _State:
     theta: np.ndarray  # (n, 2) combined models
     ema: np.ndarray  # (n, slots) running scores
     seen: np.ndarray  # (n, slots) the EMA has had an observation
+    prev: tuple[np.ndarray, np.ndarray] | None = None  # last round's received models and presence
 
 
 @dataclass
@@ -460,6 +795,7 @@ class _Round:
     self_only: np.ndarray
     row_reason: np.ndarray
     chosen: np.ndarray
+    radius: np.ndarray
 
 
 def _step(b: _Batch, st: _State, i: int) -> _Round:
@@ -472,11 +808,17 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
 
     # exchange: what each agent receives in each slot; a non-finite model is left out as missing
     received = psi[b.nbr]
+    withheld = None
     if len(b.attacked_rows):
-        received[b.attacked_rows, b.attacked_slots] = b.attackers.crafted(i)
+        values, withheld = b.attackers.crafted(i, psi, st.prev)
+        received[b.attacked_rows, b.attacked_slots] = values
     present = b.exists & np.isfinite(received).all(axis=2)
+    if withheld is not None and withheld.any():
+        present[b.attacked_rows[withheld], b.attacked_slots[withheld]] = False
     present[:, 0] = True
     received = np.where(present[:, :, None], received, 0.0)
+    if b.keeps_fetched.any():
+        st.prev = (received, present)
 
     # score each received model on the receiver's own sample / against its previous model
     losses = None
@@ -503,6 +845,45 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     scale = np.maximum(np.where(keep, st.ema, np.inf).min(axis=1, keepdims=True), b.floor)
     inverse = np.where(keep, scale / np.maximum(st.ema, b.floor), 0.0)
     weights = inverse / inverse.sum(axis=1, keepdims=True).clip(min=np.finfo(float).tiny)
+    # hardened loss-filtered rules (mtl_node.aggregation.hardened), on rows that cooperate
+    capped_code = None
+    if len(b.capped_rows):
+        rows = b.capped_rows[cooperating[b.capped_rows]]
+        w = weights[rows]
+        cap = b.weight_cap[rows] * w[:, 0]
+        limited = np.minimum(w[:, 1:], cap[:, None])
+        hit = limited < w[:, 1:]
+        some = hit.any(axis=1)
+        rows, limited, hit = rows[some], limited[some], hit[some]
+        weights[rows, 1:] = limited
+        weights[rows, 0] = 1.0 - limited.sum(axis=1)
+        capped_code = (rows, hit)
+    radius = np.full(b.n, math.nan)
+    clipped_combined: tuple[np.ndarray, np.ndarray] | None = None
+    clipped_code = None
+    if len(b.clipped_rows):
+        rows = b.clipped_rows[cooperating[b.clipped_rows]]
+        kept = keep[rows] & (weights[rows] > 0.0)
+        kept[:, 0] = False
+        some = kept.any(axis=1)
+        rows, kept = rows[some], kept[some]
+        pulls = np.where(kept[:, :, None], received[rows] - received[rows, :1, :], 0.0)
+        dist = robust.norms(pulls)
+        tau = hardened.clip_radius(dist, kept, b.clip_scale[rows])
+        ok = kept & np.isfinite(dist)
+        clip = ok & (dist > tau[:, None])
+        scale = np.where(clip, tau[:, None] / np.where(clip, dist, 1.0), np.where(ok, 1.0, 0.0))
+        eff = weights[rows] * scale
+        z = received[rows, 0, :] + (eff[:, :, None] * np.where(ok[:, :, None], pulls, 0.0)).sum(axis=1)
+        good = np.isfinite(z).all(axis=1)
+        rows, eff, z, clip, tau = rows[good], eff[good], z[good], clip[good], tau[good]
+        dropped = (kept & ~ok)[good]
+        eff[:, 0] = 1.0 - eff[:, 1:].sum(axis=1)
+        weights[rows] = eff
+        radius[rows] = tau
+        clipped_combined = (rows, z)
+        clipped_code = (rows, clip, dropped)
+
     # average: equal weights over the present members; self-only rows keep their own model
     avg = b.average_rows
     weights[avg] = present[avg] / present[avg].sum(axis=1, keepdims=True)
@@ -559,6 +940,8 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     st.theta = np.einsum("ks,ksj->kj", weights, received)
     for rows, z in combined:
         st.theta[rows] = z
+    if clipped_combined is not None:
+        st.theta[clipped_combined[0]] = clipped_combined[1]
     offset = st.theta - b.x
     loss = (d - np.einsum("kj,kj->k", offset, u)) ** 2
     residual = b.test_d - np.einsum("ktj,kj->kt", b.test_u, offset)
@@ -572,6 +955,10 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     code[worse & update] = FILTERED
     code[~update & cooperating[:, None] & ~finite_score] = NOT_FINITE
     code[b.uses_fetched[:, None] & ~present] = MISSING
+    if withheld is not None and withheld.any():
+        refused = np.zeros(b.nbr.shape, dtype=bool)
+        refused[b.attacked_rows[withheld], b.attacked_slots[withheld]] = True
+        code[refused & b.uses_fetched[:, None]] = REFUSED
     code[self_only[:, None] & present] = LEFT_OUT
     code[b.self_only_rows[:, None] & b.listed] = LEFT_OUT  # they use no fetch: nobody is missing
     code[:, 0] = ACCEPTED
@@ -583,8 +970,16 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
         clip = present[rows] & (scale < 1.0)
         clip[:, 0] = False
         code[rows] = np.where(clip, np.where(scale > 0.0, CLIPPED, UNBOUNDED), code[rows])
+    if capped_code is not None:
+        rows, hit = capped_code
+        code[rows, 1:] = np.where(hit, CAPPED, code[rows, 1:])
+    if clipped_code is not None:
+        rows, clip, dropped = clipped_code
+        code[rows] = np.where(clip, RADIUS_CLIPPED, np.where(dropped, UNBOUNDED, code[rows]))
     code[~b.listed] = -1
-    return _Round(loss, test_loss, code, weights, losses, present, cooperating, self_only, row_reason, chosen)
+    return _Round(
+        loss, test_loss, code, weights, losses, present, cooperating, self_only, row_reason, chosen, radius
+    )
 
 
 def run_batched(
@@ -595,12 +990,31 @@ def run_batched(
     ``record_decisions`` keeps per-neighbour decisions (rounds x agents x slots arrays, turned into
     rows only on demand); ``keep_models`` keeps every round's combined models.
     """
-    reason = unsupported_reason(configs)
-    if reason is not None:
-        raise ValueError(f"the batched engine cannot run this: {reason}")
+    return run_many([configs], record_decisions=record_decisions, keep_models=keep_models)[0]
+
+
+def run_many(
+    runs: Sequence[Sequence[NodeConfig]], *, record_decisions: bool = False, keep_models: bool = False
+) -> list[BatchedResult]:
+    """Several independent runs (each as :func:`run_batched` would run it) in one vectorized pass.
+
+    Each run is its own network: agent ids need only be unique within a run, and the same id
+    (with the same seed and task parameters) in several runs sees the same data, so runs that
+    differ only in rule or attack are paired comparisons. All runs must have the same rounds.
+    Sweeps use this to pay numpy's per-call overhead once for many small networks.
+    """
+    if not runs:
+        return []
+    for j, configs in enumerate(runs):
+        reason = unsupported_reason(configs)
+        if reason is not None:
+            where = f"run {j}: " if len(runs) > 1 else ""
+            raise ValueError(f"the batched engine cannot run this: {where}{reason}")
+    if len({configs[0].rounds for configs in runs}) != 1:
+        raise ValueError("the batched engine cannot run this: runs have different numbers of rounds")
     started = time.perf_counter()
-    b = _Batch(configs)
-    n, width, rounds = b.n, b.width, configs[0].rounds
+    b = _Batch(runs)
+    n, width, rounds = b.n, b.width, runs[0][0].rounds
     loss = np.empty((rounds, n))
     test_loss = np.empty((rounds, n))
     counts = np.empty((3, rounds, n), dtype=np.int64)
@@ -614,6 +1028,7 @@ def run_batched(
             loss=np.empty((rounds, n, width)),
             row_reason=np.empty((rounds, n), dtype=np.int8),
             chosen=np.empty((rounds, n), dtype=np.intp),
+            radius=np.empty((rounds, n)),
         )
         if record_decisions
         else None
@@ -643,22 +1058,41 @@ def run_batched(
                     dec.loss[r] = np.where(b.reports_loss[:, None] & out.present, out.losses, math.nan)
                 dec.row_reason[r] = out.row_reason
                 dec.chosen[r] = out.chosen
+                dec.radius[r] = out.radius
             round_seconds[r] = time.perf_counter() - t0
 
-    return BatchedResult(
-        agents=tuple(b.ids),
-        roles=tuple("byzantine" if z else "normal" for z in b.byzantine.tolist()),
-        rules=tuple(c.rule for c in configs),
-        slots=tuple(tuple(s) for s in b.slot_ids),
-        loss=loss,
-        test_loss=test_loss,
-        accepted=counts[0],
-        filtered=counts[1],
-        missing=counts[2],
-        final_models=st.theta,
-        models=models,
-        decisions=dec,
-        round_seconds=round_seconds,
-        seconds=time.perf_counter() - started,
-        rule_params=tuple(b.params),
-    )
+    seconds = time.perf_counter() - started
+    roles = tuple("byzantine" if z else "normal" for z in b.byzantine.tolist())
+    results = []
+    for rows in b.run_rows:
+        sl = slice(rows.start, rows.stop)
+        results.append(
+            BatchedResult(
+                agents=tuple(b.ids[sl]),
+                roles=roles[sl],
+                rules=tuple(c.rule for c in b.configs[sl]),
+                slots=tuple(tuple(x) for x in b.slot_ids[sl]),
+                loss=loss[:, sl],
+                test_loss=test_loss[:, sl],
+                accepted=counts[0][:, sl],
+                filtered=counts[1][:, sl],
+                missing=counts[2][:, sl],
+                final_models=st.theta[sl],
+                models=None if models is None else models[:, sl],
+                decisions=None
+                if dec is None
+                else Decisions(
+                    code=dec.code[:, sl],
+                    weight=dec.weight[:, sl],
+                    ema=dec.ema[:, sl],
+                    loss=dec.loss[:, sl],
+                    row_reason=dec.row_reason[:, sl],
+                    chosen=dec.chosen[:, sl],
+                    radius=dec.radius[:, sl],
+                ),
+                round_seconds=round_seconds,
+                seconds=seconds,
+                rule_params=tuple(b.params[sl]),
+            )
+        )
+    return results

@@ -12,6 +12,8 @@ RULE_NAMES = (
     "krum",
     "loss",
     "loss-filtered",
+    "loss-filtered-capped",
+    "loss-filtered-clipped",
     "median",
     "none",
     "self-clipping",

@@ -57,6 +57,13 @@ class RuleParams(BaseModel):
         allow_inf_nan=False,
         description="geometric-median: distances below this count as this (no division by zero)",
     )
+    clip_scale: float = Field(
+        2.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="loss-filtered-clipped: the clipping radius is clip_scale times the median "
+        "distance of the kept neighbours from the agent's own model",
+    )
     weight_cap: float = Field(
         1.0,
         gt=0.0,

@@ -17,7 +17,7 @@ import pytest
 
 from mtl_node.aggregation import RuleParams
 from mtl_node.aggregation.robust import ROBUST_RULES
-from mtl_node.batched import BatchedResult, run_batched, supports, unsupported_reason
+from mtl_node.batched import ATTACKS, BatchedResult, run_batched, run_many, supports, unsupported_reason
 from mtl_node.config import NodeConfig
 from mtl_node.engine import IN_PROCESS, run_agents
 from mtl_node.recorder import MemoryRecorder
@@ -227,6 +227,143 @@ def test_robust_rules_on_non_finite_and_huge_models(rule: str) -> None:
         assert "combined model not finite; keeping own model" in seen
     if rule == "self-clipping":
         assert "pull not finite" in seen
+
+
+# Every attack the batched engine reproduces, with parameters that make it bite in a short run.
+ATTACK_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("constant", {"redraw": "request"}),
+    ("constant", {"redraw": "never"}),
+    ("gaussian", {"redraw": "request", "std": 5.0}),
+    ("gaussian", {}),
+    ("small-perturbation", {}),
+    ("scaled", {"redraw": "never"}),
+    ("nan", {}),
+    ("omission", {}),
+    ("sign-flip", {"scale": 2.0}),
+    ("ipm", {"epsilon": 0.5}),
+    ("alie", {"z": 1.5}),
+    ("mimic", {}),
+    ("mimic", {"target": "m03"}),
+    ("echo", {}),
+    ("distance-capture", {"r": 0.3}),
+    ("distance-capture", {"r": 0.3, "goal": [12.0, -3.0]}),
+    ("loss-budget", {}),
+    ("loss-budget", {"window": 3, "slack": 0.9, "goal": [30.0, 1.0]}),
+    ("low-loss", {"steps": 5}),
+    ("stale", {"lag": 3}),
+    ("on-off", {"honest_rounds": 5, "attack_rounds": 3, "then": "alie"}),
+    ("on-off", {"honest_rounds": 10, "then": "constant"}),
+]
+MIXED = ["loss-filtered", "average", "median", "loss", "self-clipping", "distance", "krum", "none"]
+
+
+def attack_configs(attack: str, params: dict[str, Any], n: int = 12, rounds: int = 25) -> list[NodeConfig]:
+    """Every rule in one network (3 to 7 neighbours each, some listing a ghost) and four attackers,
+    some of which fetch from each other (what pool attacks are built from)."""
+    rng = random.Random(9)
+    ids = [f"m{k:02d}" for k in range(n)]
+    configs = []
+    for k, agent in enumerate(ids):
+        neighbours = rng.sample([b for b in ids if b != agent], rng.randint(3, 7))
+        if k % 5 == 0:
+            neighbours.append("ghost")
+        bad = k in (1, 4, 6, 10)
+        configs.append(
+            NodeConfig(
+                id=agent,
+                neighbors={b: IN_PROCESS for b in neighbours},
+                rule=MIXED[k % len(MIXED)],
+                rule_params=RuleParams(f=1, nu=0.2),
+                rounds=rounds,
+                seed=9,
+                task_params={"target": (10.0, 10.0) if k % 2 else (20.0, 10.0)},
+                attack=attack if bad else None,
+                attack_params=params if bad else {},
+            )
+        )
+    return configs
+
+
+def test_every_batched_attack_has_a_case() -> None:
+    assert {a for a, _ in ATTACK_CASES} == set(ATTACKS)
+
+
+@pytest.mark.parametrize(("attack", "params"), ATTACK_CASES, ids=lambda x: str(x))
+def test_attacks_same_as_per_agent_engine(attack: str, params: dict[str, Any]) -> None:
+    configs = attack_configs(attack, params)
+    bad = {c.id for c in configs if c.attack}
+    assert any(set(c.neighbors) & bad for c in configs if c.attack), "attackers must fetch from attackers"
+    assert supports(configs), unsupported_reason(configs)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+
+
+HARDENED = ["loss-filtered-capped", "loss-filtered-clipped"]
+
+
+@pytest.mark.parametrize("attack", ["distance-capture", "loss-budget", "echo", "low-loss"])
+@pytest.mark.parametrize("rule", HARDENED)
+def test_hardened_rules_same_as_per_agent_engine(rule: str, attack: str) -> None:
+    # every other agent runs the hardened rule, with caps of 0.5, 1.5 and 2.5 x own weight
+    configs = [
+        c.model_copy(
+            update={
+                "rule": rule if k % 2 else c.rule,
+                "rule_params": RuleParams(nu=0.2, weight_cap=0.5 + k % 3, clip_scale=1.0 + k % 2),
+            }
+        )
+        for k, c in enumerate(attack_configs(attack, {}))
+    ]
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+    seen = reasons(reference)
+    marker = "weight capped" if rule.endswith("capped") else "pull clipped"
+    assert any(r.startswith(marker) for r in seen), "the hardening must bind in this scenario"
+
+
+@pytest.mark.parametrize("rule", HARDENED)
+def test_hardened_rules_on_non_finite_and_huge_models(rule: str) -> None:
+    configs = edge_configs(rule)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+
+
+def test_attacks_it_cannot_reproduce_are_refused() -> None:
+    hang = attack_configs("omission", {"mode": "hang"})
+    assert "hang" in (unsupported_reason(hang) or "")
+    # a pool attacker fetching from a requester-model attacker would see a race
+    mixed = [
+        c.model_copy(update={"attack": "echo" if c.id == "m04" else "alie"}) if c.attack else c
+        for c in attack_configs("alie", {})
+    ]
+    assert "fetches from m04 (echo)" in (unsupported_reason(mixed) or "")
+
+
+def test_stacked_runs_equal_separate_runs() -> None:
+    runs = [
+        attack_configs("alie", {"z": 1.0}),
+        attack_configs("echo", {}),  # the same ids and data, another attack
+        dense_configs("krum"),
+        sparse_configs("loss-filtered", "request", rounds=25),
+    ]
+    runs[2] = [c.model_copy(update={"rounds": 25}) for c in runs[2]]
+    together = run_many(runs, record_decisions=True, keep_models=True)
+    for configs, got in zip(runs, together, strict=True):
+        # Padding to the widest run may change float sums in the last bit: equal to 1e-9.
+        alone = run_batched(configs, record_decisions=True, keep_models=True)
+        assert got.agents == alone.agents and got.slots == alone.slots
+        for field in ("loss", "test_loss", "final_models"):
+            np.testing.assert_allclose(getattr(got, field), getattr(alone, field), rtol=TOL, atol=TOL)
+        for field in ("accepted", "filtered", "missing"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(alone, field))
+        for a, b in zip(got.decision_rows(), alone.decision_rows(), strict=True):
+            assert {k: v for k, v in a.items() if k not in ("weight", "ema", "loss")} == {
+                k: v for k, v in b.items() if k not in ("weight", "ema", "loss")
+            }
+            for k in ("weight", "ema", "loss"):
+                assert same(math.nan if a[k] is None else a[k], math.nan if b[k] is None else b[k]), (a, b)
+    with pytest.raises(ValueError, match="different numbers of rounds"):
+        run_many([runs[0], sparse_configs("loss", "round", rounds=3)])
 
 
 def test_rows_for_results_files() -> None:

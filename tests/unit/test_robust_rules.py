@@ -337,3 +337,65 @@ def test_random_rounds_give_finite_models_and_consistent_decisions() -> None:
                 assert (d.decision == "missing") == (
                     d.agent_id in [agg.decisions[i].agent_id for i in missing]
                 )
+
+
+# -- hardened loss-filtered variants -------------------------------------------------------------------
+
+# nu = 1, no initial EMA: the EMA is this round's loss. Losses k 2, a 1, b 0.5, e 2 (a tie with self):
+# all kept; inverse losses 1/2, 1, 2, 1/2 sum to 4, so loss-filtered weighs k 1/8, a 1/4, b 1/2, e 1/8.
+RAW = RuleParams(nu=1.0, ema_init=None)
+LOSSES = {"k": 2.0, "a": 1.0, "b": 0.5, "e": 2.0}
+MODELS = {"k": (0.0, 0.0), "a": (0.1, 0.0), "b": (0.0, 0.2), "e": (5.0, 0.0)}
+
+
+def scored() -> list[Candidate]:
+    return [Candidate(a, loss=LOSSES[a], model=np.array(MODELS[a])) for a in LOSSES]
+
+
+def test_capped_limits_each_neighbour_to_weight_cap_times_own() -> None:
+    base = make_rule("loss-filtered", RAW).aggregate(scored())
+    assert base.weights == {"k": 0.125, "a": 0.25, "b": 0.5, "e": 0.125}
+    # cap 1 x own (1/8): a and b drop to 1/8, the excess 1/2 goes to k: 5/8
+    agg = make_rule("loss-filtered-capped", RAW.model_copy(update={"weight_cap": 1.0})).aggregate(scored())
+    assert agg.weights == {"k": 0.625, "a": 0.125, "b": 0.125, "e": 0.125}
+    got = decisions(agg)
+    assert got["a"] == ("accepted", 0.125, "weight capped at 1 x own")
+    assert got["e"] == ("accepted", 0.125, "")  # at the cap, not above it
+    # cap 2 x own (1/4): only b is above it
+    agg2 = make_rule("loss-filtered-capped", RAW.model_copy(update={"weight_cap": 2.0})).aggregate(scored())
+    assert agg2.weights == {"k": 0.375, "a": 0.25, "b": 0.25, "e": 0.125}
+
+
+def test_capped_equals_loss_filtered_when_no_cap_binds() -> None:
+    cands = [Candidate("k", loss=1.0), Candidate("a", loss=2.0), Candidate("b", loss=1.0)]
+    plain = make_rule("loss-filtered", RAW).aggregate(cands)
+    capped = make_rule("loss-filtered-capped", RAW).aggregate(cands)
+    assert capped.weights == plain.weights and capped.decisions == plain.decisions
+
+
+def test_clipped_clips_pulls_beyond_scale_times_the_median_distance() -> None:
+    # Kept neighbours' distances from k: a 0.1, b 0.2, e 5 -> median 0.2, tau = 2 x 0.2 = 0.4.
+    # e's pull (5, 0) becomes (0.4, 0): effective weight 1/8 x 0.4/5 = 0.01; k keeps the rest.
+    agg = make_rule("loss-filtered-clipped", RAW).aggregate(scored())
+    np.testing.assert_allclose(combined(agg), [0.25 * 0.1 + 0.01 * 5.0, 0.5 * 0.2], rtol=0, atol=1e-15)
+    assert agg.weights == pytest.approx({"k": 0.24, "a": 0.25, "b": 0.5, "e": 0.01}, abs=1e-15)
+    got = decisions(agg)
+    assert got["e"][0] == "accepted" and got["e"][2] == "pull clipped to tau=0.4"
+    assert got["a"][2] == "" and got["b"][2] == ""
+
+
+def test_clipped_leaves_filtered_neighbours_out_of_the_radius() -> None:
+    # e's loss 3 > own 2: filtered, so the median is over a and b only (0.15), tau = 0.3
+    cands = scored()
+    cands[3] = Candidate("e", loss=3.0, model=np.array([100.0, 0.0]))
+    agg = make_rule("loss-filtered-clipped", RAW).aggregate(cands)
+    assert decisions(agg)["e"][0] == "filtered"
+    assert "e" not in agg.weights
+    assert decisions(agg)["a"][2] == "" and decisions(agg)["b"][2] == ""  # 0.1, 0.2 <= 0.3
+
+
+def test_hardened_rules_are_registered() -> None:
+    for rule in ("loss-filtered-capped", "loss-filtered-clipped"):
+        assert rule in RULES and rule in catalog.RULE_NAMES
+        assert make_rule(rule).needs_loss
+    assert make_rule("loss-filtered-clipped").needs_models

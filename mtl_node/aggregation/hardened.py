@@ -1,0 +1,132 @@
+"""Hardened variants of the paper's loss-filtered rule (eq. 10), each a rule of its own.
+
+The paper's filter keeps a neighbour whose EMA loss on the agent's data is no worse than the
+agent's own, and weighs the kept ones by inverse EMA loss. An attacker that stays *just* inside
+that budget is accepted with about the agent's own weight every round: "capture" attacks serve the
+victim its own model moved a little towards a goal (attacks/capture.py: distance-capture,
+loss-budget). The loss only sees the directions the agent's data constrain (target localization:
+the direction to the target), so the pull accumulates along the others. docs/robustness.md
+measures it; these variants bound it, and keep the paper's filter and weights otherwise.
+
+- ``loss-filtered-capped``: no kept neighbour may weigh more than ``weight_cap`` times the agent's
+  own weight; the excess goes to the agent itself. Bounds what one low-loss neighbour can take.
+- ``loss-filtered-clipped``: the kept neighbours' pulls psi_l - psi_k are clipped to a radius tau
+  around the agent's own model: theta = psi_k + sum_l a_l clip(psi_l - psi_k, tau), with tau =
+  ``clip_scale`` x the median distance of the kept neighbours from the agent (self-centred clipping,
+  He et al. 2022, with a radius the honest majority of the kept set sets). A neighbour can then move
+  the agent at most a_l tau per round however far it is; honest same-task neighbours, being about
+  as close as the median, pass unclipped.
+
+Both reduce exactly to loss-filtered when nothing binds. The round loop scores the agent's own
+model on the sample it has just adapted on (docs/design.md), so the own EMA is biased low and
+the filter errs towards keeping less; neither variant changes that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from mtl_node.aggregation.base import RULES, Aggregation, Candidate
+from mtl_node.aggregation.robust import clip_reason, norms
+from mtl_node.aggregation.rules import LossFiltered
+
+HARDENED_RULES = ("loss-filtered-capped", "loss-filtered-clipped")
+
+
+def cap_reason(cap: float) -> str:
+    return f"weight capped at {cap:.4g} x own"
+
+
+@RULES.register("loss-filtered-capped", "loss-filtered, no neighbour weighing more than weight_cap x self")
+class LossFilteredCapped(LossFiltered):
+    """a'_l = min(a_l, c a_k) for every kept neighbour l, a'_k = 1 - sum_l a'_l (c = weight_cap).
+
+    Since a'_k >= a_k the cap also holds against the final own weight: a'_l <= c a'_k."""
+
+    name = "loss-filtered-capped"
+
+    def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
+        agg = super().aggregate(candidates)
+        own = candidates[0].agent_id
+        if len(agg.weights) <= 1:
+            return agg
+        cap = self.params.weight_cap * agg.weights[own]
+        capped = {a: min(w, cap) for a, w in agg.weights.items() if a != own}
+        if all(capped[a] == agg.weights[a] for a in capped):
+            return agg
+        weights = {own: 1.0 - math.fsum(capped.values()), **capped}
+        why = cap_reason(self.params.weight_cap)
+        decisions = [
+            replace(d, weight=weights.get(d.agent_id, 0.0))
+            if d.decision != "accepted" or d.agent_id == own or capped[d.agent_id] == agg.weights[d.agent_id]
+            else replace(d, weight=weights[d.agent_id], reason=why)
+            for d in agg.decisions
+        ]
+        return Aggregation(weights, decisions)
+
+
+def clip_radius(distances: np.ndarray, kept: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(rows,): ``scale`` x the median of ``distances`` over the ``kept`` slots (0 where none)."""
+    n = kept.sum(axis=1)
+    s = np.sort(np.where(kept, distances, np.inf), axis=1)
+    lo = np.maximum((n - 1) // 2, 0)[:, None]
+    hi = np.minimum(n // 2, distances.shape[1] - 1)[:, None]
+    med = 0.5 * np.take_along_axis(s, lo, axis=1)[:, 0] + 0.5 * np.take_along_axis(s, hi, axis=1)[:, 0]
+    return scale * np.where(n > 0, med, 0.0)
+
+
+@RULES.register(
+    "loss-filtered-clipped",
+    "loss-filtered, kept neighbours' pulls clipped to clip_scale x their median distance",
+)
+class LossFilteredClipped(LossFiltered):
+    """theta = psi_k + sum_{l kept} a_l s_l (psi_l - psi_k), s_l = min(1, tau / ||psi_l - psi_k||),
+    tau = clip_scale x median_{l kept, l != k} ||psi_l - psi_k||; effective weights a_l s_l, the
+    agent's own the rest."""
+
+    name = "loss-filtered-clipped"
+    needs_models = True
+
+    def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
+        agg = super().aggregate(candidates)
+        own = candidates[0]
+        kept = [c for c in candidates[1:] if agg.weights.get(c.agent_id, 0.0) > 0.0]
+        if not kept:
+            return agg
+        for c in (own, *kept):
+            if c.model is None:
+                raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            base = np.asarray(own.model, dtype=np.float64)
+            pulls = np.stack([np.asarray(c.model, dtype=np.float64) - base for c in kept])
+            dist = norms(pulls[None, :, :])[0]
+            tau = float(
+                clip_radius(
+                    dist[None, :], np.ones((1, len(kept)), dtype=bool), np.array([self.params.clip_scale])
+                )[0]
+            )
+            a = np.array([agg.weights[c.agent_id] for c in kept])
+            ok = np.isfinite(dist)
+            clipped = ok & (dist > tau)
+            scale = np.where(clipped, tau / np.where(clipped, dist, 1.0), np.where(ok, 1.0, 0.0))
+            eff = a * scale
+            combined = base + (eff[:, None] * np.where(ok[:, None], pulls, 0.0)).sum(axis=0)
+        if not np.isfinite(combined).all():
+            return agg
+        weights = {own.agent_id: 1.0 - math.fsum(eff.tolist())}
+        weights.update({c.agent_id: float(w) for c, w in zip(kept, eff, strict=True) if w > 0.0})
+        flags = {c.agent_id: bool(f) for c, f in zip(kept, clipped, strict=True)}
+        dropped = {c.agent_id for c, good in zip(kept, ok, strict=True) if not good}
+        decisions = []
+        for d in agg.decisions:
+            if d.agent_id in dropped:
+                decisions.append(replace(d, decision="filtered", weight=0.0, reason="pull not finite"))
+            elif flags.get(d.agent_id):
+                decisions.append(replace(d, weight=weights[d.agent_id], reason=clip_reason(tau)))
+            else:
+                decisions.append(replace(d, weight=weights.get(d.agent_id, 0.0)))
+        return Aggregation(weights, decisions, combined=combined)
