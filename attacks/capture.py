@@ -22,8 +22,8 @@ from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
 
 GOAL_HELP = (
-    "the model victims are driven towards: one value for every coordinate (default: the centre of "
-    "the paper's [15,16] regression attack), or one value per coordinate in sorted tensor-name order"
+    "the model victims are driven towards: one value for every coordinate (15.5: the centre of the "
+    "paper's [15,16] regression attack), or a list, one value per coordinate in sorted tensor-name order"
 )
 Goal = float | list[float]
 

@@ -18,7 +18,7 @@ class OnOffParams(BaseModel):
     honest_rounds: int = Field(10, ge=0, description="rounds served honestly before (each) attack phase")
     attack_rounds: int = Field(0, ge=0, description="rounds of each attack phase; 0: attack for ever after")
     then: str = Field("constant", description="the attack used in attack phases (mtl-node attacks)")
-    then_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that attack")
+    then_params: dict[str, Any] = Field({}, description="parameters of that attack")
 
     @field_validator("then")
     @classmethod

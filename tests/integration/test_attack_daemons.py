@@ -1,10 +1,11 @@
 """Attack daemons end to end: ``mtl-orchestrate up --backend local`` with real agent processes.
 
-One run, three attackers on a complete graph of five agents under loss-filtered:
+One run, four attackers on a complete graph of six agents under loss-filtered:
 - a2 ``constant`` with redraw=request: two-faced, each requester gets its own draw;
 - a3 ``nan``: NaN payloads, which no normal agent may ever take in;
 - a4 ``echo``: answers each requester with the requester's own model, which the attack daemon
-  fetches from the requester over gRPC while serving it.
+  fetches from the requester over gRPC while serving it;
+- a5 ``omission``: refuses every request (UNAVAILABLE).
 The decision log every normal agent wrote shows which model it received from whom: the loss it
 logged for an attacker is recomputed here from the plan (same task, same seed, same data).
 """
@@ -32,14 +33,15 @@ ROUNDS = 8
 TOPOLOGY = f"""
 name: attack-daemons
 task: target-localization
-agents: 5
+agents: 6
 graph: complete
 byzantine:
-  ids: [a2, a3, a4]
+  ids: [a2, a3, a4, a5]
   attacks:
     a2: {{attack: constant, attack_params: {{redraw: request}}}}
     a3: {{attack: nan}}
     a4: {{attack: echo}}
+    a5: {{attack: omission}}
 rule: loss-filtered
 rounds: {ROUNDS}
 seed: 5
@@ -75,6 +77,7 @@ def test_plan_gives_each_byzantine_agent_its_attack(run: Path) -> None:
     assert got["a2"] == ("byzantine", "constant", {"redraw": "request"})
     assert got["a3"] == ("byzantine", "nan", {})
     assert got["a4"] == ("byzantine", "echo", {})
+    assert got["a5"] == ("byzantine", "omission", {})
     assert [a.id for a in plan.agents if a.role == "normal"] == list(NORMAL)
 
 
@@ -94,17 +97,21 @@ def test_two_faced_attacker_serves_each_victim_its_own_model(run: Path) -> None:
         assert d["loss"] != pytest.approx(theirs, rel=1e-6), (victim, round_)
 
 
-def test_nan_attacker_is_always_missing_and_never_corrupts(run: Path) -> None:
-    seen = decisions_about(run, "a3")
+@pytest.mark.parametrize(("attacker", "reason"), [("a3", "non-finite"), ("a5", "unavailable")])
+def test_nan_and_omission_attackers_are_always_missing(run: Path, attacker: str, reason: str) -> None:
+    seen = decisions_about(run, attacker)
     assert len(seen) == len(NORMAL) * ROUNDS
     for d in seen.values():
         assert d["decision"] == "missing" and d["weight"] == 0.0
-        assert str(d["reason"]).startswith("non-finite"), d["reason"]
+        assert str(d["reason"]).startswith(reason), d["reason"]
+
+
+def test_no_normal_model_is_ever_corrupted(run: Path) -> None:
     rows = [m for m in load_metrics(run / "metrics.csv") if m["role"] == "normal"]
     assert len(rows) == len(NORMAL) * ROUNDS
     for m in rows:
         assert math.isfinite(m["loss"]) and math.isfinite(m["test_loss"]), m
-        assert m["missing"] == 1  # only a3
+        assert m["missing"] == 2  # a3 and a5, every round
 
 
 def test_echo_daemon_fetched_each_requesters_own_model(run: Path) -> None:
