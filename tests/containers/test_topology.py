@@ -96,7 +96,7 @@ def test_run_completes_and_normal_agents_filter_the_attacker(
 
     for agent_id in normal:
         st = final[agent_id]
-        assert st.round == 25 and st.role == "normal"
+        assert st.round == rounds and st.role == "normal"
         decisions = {n.agent_id: n.decision for n in st.neighbors}
         assert decisions[ATTACKER] == "filtered", (agent_id, decisions)
         weights = {n.agent_id: n.weight for n in st.neighbors}
