@@ -35,6 +35,8 @@ def unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[Any]:
+    if os.environ.get("MTL_SKIP_CONTAINER_TESTS") == "1":
+        unavailable("MTL_SKIP_CONTAINER_TESTS=1 is set")
     try:
         import docker
     except ImportError:
