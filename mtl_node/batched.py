@@ -334,6 +334,18 @@ class _Sender:
 
 
 def _sender(cfg: NodeConfig) -> _Sender:
+    key = (cfg.seed, cfg.id, cfg.attack, repr(sorted(cfg.attack_params.items())))
+    got = _SENDERS.get(key)
+    if got is None:
+        got = _SENDERS[key] = _make_sender(cfg)
+    return got
+
+
+# Stacked runs repeat the same attackers: their parsed parameters are shared (they are immutable).
+_SENDERS: dict[tuple[Any, ...], _Sender] = {}
+
+
+def _make_sender(cfg: NodeConfig) -> _Sender:
     assert cfg.attack is not None
     attack = make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
     if cfg.attack == "on-off":
@@ -411,6 +423,7 @@ class _Attackers:
                 where[j] = keys.setdefault(key, len(keys))
             self.draw_keys[k] = (where, list(keys), k)
         self._never: dict[tuple[Any, ...], np.ndarray] = {}
+        self._by_row: dict[str, np.ndarray] = {}
 
         # Requester-model attacks: the attacker can fetch the requester's model iff it lists it.
         listed = {(a, n) for a in spec for n in configs[a].neighbors}
@@ -500,7 +513,7 @@ class _Attackers:
                 if kind == "ipm":
                     out[idx] = self._param(a, "epsilon", neg=True)[:, None] * mean[pos]
                 else:
-                    sz = np.array([self.spec[x].params.sign * self.spec[x].params.z for x in a.tolist()])
+                    sz = self._param(a, "sign") * self._param(a, "z")
                     out[idx] = mean[pos] + sz[:, None] * std[pos]
             elif kind == "mimic":
                 copied = self._mimic(psi, prev)
@@ -532,12 +545,23 @@ class _Attackers:
 
     def _goal(self, senders: np.ndarray) -> np.ndarray:
         """(senders, 2): each sender's goal model (one value for both coordinates, or both)."""
-        return np.array(
-            [np.broadcast_to(np.asarray(self.spec[a].params.goal, float), (2,)) for a in senders.tolist()]
-        )
+        if "goal" not in self._by_row:
+            table = np.zeros((self.b.n, 2))
+            for a, sp in self.spec.items():
+                if hasattr(sp.params, "goal"):
+                    table[a] = np.broadcast_to(np.asarray(sp.params.goal, dtype=np.float64), (2,))
+            self._by_row["goal"] = table
+        return self._by_row["goal"][senders]
 
     def _param(self, senders: np.ndarray, name: str, neg: bool = False) -> np.ndarray:
-        values = np.array([float(getattr(self.spec[a].params, name)) for a in senders.tolist()])
+        """A numeric attack parameter of each sender (looked up once per run, then gathered)."""
+        if name not in self._by_row:
+            table = np.full(self.b.n, math.nan)
+            for a, sp in self.spec.items():
+                if hasattr(sp.params, name):
+                    table[a] = float(getattr(sp.params, name))
+            self._by_row[name] = table
+        values = self._by_row[name][senders]
         return -values if neg else values
 
     def _pool(
@@ -720,31 +744,34 @@ class _Batch:
 
         # The task: the same resolved parameters and streams as TargetLocalization. Agents with the
         # same seed, id and parameters (the same agent in stacked runs) share one stream.
-        self.resolved = []
         streams: dict[tuple[Any, ...], int] = {}
         stream_of = np.empty(n, dtype=np.intp)
         self.stream_rows: list[int] = []
+        unique: list[Resolved] = []
         for k, c in enumerate(configs):
             key = (c.seed, c.id, repr(sorted(c.task_params.items())))
             if key not in streams:
                 streams[key] = len(streams)
                 self.stream_rows.append(k)
+                p = parse_params(TargetLocalization, c.task_params)
+                assert isinstance(p, TargetLocalizationParams)
+                unique.append(Resolved(TaskContext(c.id, c.seed, torch.device("cpu")), p))
             stream_of[k] = streams[key]
-            p = parse_params(TargetLocalization, c.task_params)
-            assert isinstance(p, TargetLocalizationParams)
-            self.resolved.append(Resolved(TaskContext(c.id, c.seed, torch.device("cpu")), p))
         self.stream_of = stream_of
-        self.x = np.stack([r.position for r in self.resolved])
-        self.mu = np.array([r.mu for r in self.resolved])[:, None]
-        self.init = np.stack([r.init for r in self.resolved]).astype(np.float64)
-        test_size = max(r.test_samples for r in self.resolved)
-        self.test_u = np.zeros((n, test_size, 2))
-        self.test_d = np.zeros((n, test_size))
-        self.test_mask = np.zeros((n, test_size))
-        for k, (c, r) in enumerate(zip(configs, self.resolved, strict=True)):
+        self.resolved = [unique[j] for j in stream_of.tolist()]
+        self.x = np.stack([r.position for r in unique])[stream_of]
+        self.mu = np.array([r.mu for r in unique])[stream_of][:, None]
+        self.init = np.stack([r.init for r in unique]).astype(np.float64)[stream_of]
+        test_size = max(r.test_samples for r in unique)
+        test_u = np.zeros((len(unique), test_size, 2))
+        test_d = np.zeros((len(unique), test_size))
+        test_mask = np.zeros((len(unique), test_size))
+        for j, (k, r) in enumerate(zip(self.stream_rows, unique, strict=True)):
+            c = configs[k]
             tu, td = sample_block(c.seed, c.id, 0, r, size=r.test_samples, purpose=seeding.TEST)
-            self.test_u[k, : r.test_samples], self.test_d[k, : r.test_samples] = tu, td
-            self.test_mask[k, : r.test_samples] = 1.0
+            test_u[j, : r.test_samples], test_d[j, : r.test_samples] = tu, td
+            test_mask[j, : r.test_samples] = 1.0
+        self.test_u, self.test_d, self.test_mask = test_u[stream_of], test_d[stream_of], test_mask[stream_of]
         self.test_count = self.test_mask.sum(axis=1)
         self.equal_tests = bool((self.test_mask == 1.0).all())
         self._block = (-1, np.empty((0,)), np.empty((0,)))

@@ -145,10 +145,19 @@ def check_topology(
 
 
 def norms(v: np.ndarray) -> np.ndarray:
-    """Euclidean norms over the last axis without overflow for finite vectors (scaled by max |v|)."""
-    scale = np.abs(v).max(axis=-1)
-    safe = np.where(scale > 0.0, scale, 1.0)
-    return scale * np.sqrt(((v / safe[..., None]) ** 2).sum(axis=-1))
+    """Euclidean norms over the last axis, without overflow or underflow for finite vectors: the
+    plain sqrt(sum v^2) where the sum is a normal float, rescaled by max |v| where it is not."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        sq = (v * v).sum(axis=-1)
+        out = np.sqrt(sq)
+        if np.isfinite(sq).all() and sq.min(initial=np.inf) >= 1e-290:
+            return out
+        bad = ~np.isfinite(sq) | (sq < 1e-290)
+        w = v[bad]
+        scale = np.abs(w).max(axis=-1)
+        safe = np.where(scale > 0.0, scale, 1.0)
+        out[bad] = scale * np.sqrt(((w / safe[..., None]) ** 2).sum(axis=-1))
+    return out
 
 
 def _sorted_present(X: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -180,11 +189,16 @@ def trimmed_mean(X: np.ndarray, present: np.ndarray, f: np.ndarray) -> np.ndarra
 
 
 def pairwise_sq_distances(X: np.ndarray) -> np.ndarray:
-    """(rows, slots, slots): ||X_i - X_j||^2, one slot at a time (memory rows*slots*dim)."""
-    rows, slots, _ = X.shape
+    """(rows, slots, slots): ||X_i - X_j||^2. Small problems at once, large models one slot at a time
+    (memory rows*slots*dim); each entry is the same sum over the last axis either way."""
+    rows, slots, dim = X.shape
+    if rows * slots * slots * dim <= 1 << 24:
+        diff = X[:, :, None, :] - X[:, None, :, :]
+        return (diff * diff).sum(axis=-1)
     out = np.empty((rows, slots, slots))
     for i in range(slots):
-        out[:, i, :] = ((X - X[:, i : i + 1, :]) ** 2).sum(axis=-1)
+        diff = X - X[:, i : i + 1, :]
+        out[:, i, :] = (diff * diff).sum(axis=-1)
     return out
 
 
