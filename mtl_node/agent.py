@@ -83,7 +83,6 @@ class Agent:
         transport.expect(self.manifest)
         self.status = AgentStatus(config.id, config.role, config.rule, config.rounds)
         self._status_changed = asyncio.Event()
-        self._seen: set[str] = set()  # neighbours that answered at least once
         self.last_fetched: dict[str, StateDict | Exception] = {}
         # Attack nodes: valid neighbour models by round, requester models fetched while serving.
         self.fetched_rounds: OrderedDict[int, dict[str, StateDict]] = OrderedDict()
@@ -266,7 +265,10 @@ class Agent:
 
     async def _fetch_one(self, neighbor: str, i: int) -> StateDict | Exception:
         # Until a neighbour has answered once, wait for it to come up (startup barrier).
-        timeout = self.config.fetch_timeout if neighbor in self._seen else self.config.startup_timeout
+        # Round 1 is the startup barrier: neighbours may still be starting, so wait longer for
+        # them. Afterwards every fetch has the normal deadline, so a neighbour that never answers
+        # (dead from the start, or an attacker that hangs) costs at most fetch_timeout a round.
+        timeout = self.config.startup_timeout if i == 1 else self.config.fetch_timeout
         try:
             state = await self.transport.fetch(neighbor, i, self.id, timeout)
             wire.validate_state(state, self.manifest)
@@ -279,7 +281,6 @@ class Agent:
             return exc
         if self._last_failure.pop(neighbor, None):
             log.info("%s: round %d: %s is back", self.id, i, neighbor)
-        self._seen.add(neighbor)
         return state
 
     async def _candidates(

@@ -134,14 +134,14 @@ class GrpcTransport(Transport):
             # restarted neighbour is back within a round or two.
             channel.get_state(try_to_connect=True)
             raise FetchError(f"{neighbor}: connection failing", reason="unavailable")
-        # Until a neighbour has answered once, wait for it to start instead of failing fast.
+        # In round 1 (startup) wait for a neighbour's server to come up instead of failing fast.
         _, payload = await fetch_payload(
             stub,
             round_,
             requester,
             timeout,
             self.manifest,
-            wait_for_ready=neighbor not in self._seen,
+            wait_for_ready=round_ == 1 and neighbor not in self._seen,
         )
         self._seen.add(neighbor)
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
