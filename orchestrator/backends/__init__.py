@@ -3,6 +3,7 @@
 from orchestrator.backends import docker as _docker  # noqa: F401  (registers "docker")
 from orchestrator.backends import local as _local  # noqa: F401  (registers "local")
 from orchestrator.backends import sim as _sim  # noqa: F401  (registers "sim")
+from orchestrator.backends import ssh as _ssh  # noqa: F401  (registers "ssh")
 from orchestrator.backends.base import BACKENDS, Backend, Progress, ProgressSink, RunContext
 
 __all__ = ["BACKENDS", "Backend", "Progress", "ProgressSink", "RunContext"]

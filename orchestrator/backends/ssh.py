@@ -1,0 +1,311 @@
+"""``ssh``: agents run as ``mtl-node serve-many`` on the machines the topology names, over SSH.
+
+Each agent's machine is its ``host`` (``overrides: {a0: {host: pi@node1}}`` in the topology), or,
+for agents with none, one of the ``-o hosts=h1,h2`` spread round-robin. The system ``ssh`` client
+connects with the user's own SSH config, keys and known hosts (``-o ssh_config=FILE`` adds ``-F``),
+always in batch mode: a host that would prompt is an error, not a hang.
+
+Per host, one SSH session writes the agents' configs into the remote run directory, then one
+foreground session runs ``<remote_command> serve-many`` there: its stdout/stderr stream back into
+``host-N.out`` / ``host-N.log`` here (what ``mtl-orchestrate logs`` shows), and the session ending
+is how the orchestrator knows that host's agents are gone. Agents talk gRPC to each other and to
+the orchestrator directly at the host's address (``ssh -G`` resolves aliases from the SSH config)
+on ports ``base_port`` + n. Results (metrics.jsonl, decisions.jsonl) are copied back with one
+``tar`` stream per host and stay on the host too. On completion, error or Ctrl-C every remote
+daemon gets SIGTERM through its pid file, then SIGKILL if it outlives the grace period.
+
+Options (``mtl-orchestrate up --backend ssh -o KEY=VALUE``): ``ssh_config``, ``hosts``,
+``remote_command`` (default ``mtl-node``; e.g. ``~/.venv/bin/mtl-node``), ``remote_dir`` (default
+``resilient-mtl-runs``, relative to the remote home), ``base_port`` (default 50051), ``ssh``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import json
+import logging
+import os
+import shlex
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtl_node.errors import ConfigError
+from mtl_node.ports import reserved_ports
+from orchestrator.backends.base import BACKENDS, RunContext, RunOutput
+from orchestrator.backends.common import DeploymentError, collect, follow, wait_healthy
+from orchestrator.backends.local import HostProcess, LocalBackend, stop_hosts, write_pids
+from orchestrator.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REMOTE_COMMAND = "mtl-node"
+DEFAULT_REMOTE_DIR = "resilient-mtl-runs"
+DEFAULT_BASE_PORT = 50051
+START_TIMEOUT_S = 300.0  # remote machines may be small (torch's import alone takes a while)
+SSH_TIMEOUT_S = 60.0  # one short SSH command (write configs, kill, copy results)
+STOP_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class Host:
+    """One SSH destination and the agents it runs."""
+
+    index: int
+    destination: str  # as written in the topology: alias, host, user@host
+    address: str  # where gRPC reaches it (HostName from the SSH config)
+    agents: tuple[str, ...]
+
+
+class SSH:
+    """The system ssh client with the user's config; every call bounded in time."""
+
+    def __init__(self, binary: str = "ssh", config: str | None = None) -> None:
+        self.base = [binary]
+        if config:
+            self.base += ["-F", str(Path(config).expanduser())]
+        self.base += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"]
+
+    def argv(self, destination: str, command: str) -> list[str]:
+        return [*self.base, destination, "--", command]
+
+    def run(
+        self, destination: str, command: str, stdin: bytes = b"", timeout: float = SSH_TIMEOUT_S
+    ) -> bytes:
+        try:
+            done = subprocess.run(
+                self.argv(destination, command), input=stdin, capture_output=True, timeout=timeout
+            )
+        except FileNotFoundError:
+            raise DeploymentError(f"{self.base[0]}: not found (install an OpenSSH client)") from None
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"ssh {destination}: no answer within {timeout:.0f}s") from None
+        if done.returncode != 0:
+            err = done.stderr.decode(errors="replace").strip().splitlines()
+            raise DeploymentError(f"ssh {destination}: {err[-1] if err else f'exit {done.returncode}'}")
+        return done.stdout
+
+    def hostname(self, destination: str) -> str:
+        """The address ``destination`` connects to, after the SSH config's Host/HostName rules."""
+        try:
+            done = subprocess.run(
+                [*self.base, "-G", destination], capture_output=True, text=True, timeout=SSH_TIMEOUT_S
+            )
+        except FileNotFoundError:
+            raise DeploymentError(f"{self.base[0]}: not found (install an OpenSSH client)") from None
+        if done.returncode != 0:
+            raise DeploymentError(f"ssh -G {destination}: {done.stderr.strip()}")
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "hostname":
+                return value.strip()
+        return destination.rpartition("@")[2]
+
+
+def remote_path(path: str) -> str:
+    """A shell word for a remote path; a leading ``~/`` stays the remote user's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def assign_hosts(plan: RunPlan, spread: list[str]) -> dict[str, list[str]]:
+    """destination -> its agents: the topology's ``host`` first, then ``-o hosts`` round-robin."""
+    out: dict[str, list[str]] = {}
+    missing = []
+    i = 0
+    for agent in plan.agents:
+        if agent.host:
+            dest = agent.host
+        elif spread:
+            dest = spread[i % len(spread)]
+            i += 1
+        else:
+            missing.append(agent.id)
+            continue
+        out.setdefault(dest, []).append(agent.id)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ConfigError(
+            "--backend ssh",
+            f"agents {shown} have no host",
+            "set overrides.<agent>.host in the topology, or spread them with -o hosts=user@h1,user@h2",
+        )
+    return out
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@BACKENDS.register("ssh", "mtl-node daemons on the topology's hosts, started over SSH")
+class SSHBackend(LocalBackend):
+    name = "ssh"
+
+    def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
+        options: dict[str, Any] = dict(ctx.options or {})
+        ssh = SSH(str(options.get("ssh") or "ssh"), options.get("ssh_config"))
+        spread = [h for h in str(options.get("hosts") or "").split(",") if h.strip()]
+        remote_command = str(options.get("remote_command") or DEFAULT_REMOTE_COMMAND)
+        run_id = f"{plan.name}-{ctx.rule}-{uuid.uuid4().hex[:8]}"
+        remote_dir = f"{str(options.get('remote_dir') or DEFAULT_REMOTE_DIR).rstrip('/')}/{run_id}"
+        base_port = int(options.get("base_port") or DEFAULT_BASE_PORT)
+
+        assignment = assign_hosts(plan, spread)
+        hosts = [
+            Host(i, dest, ssh.hostname(dest), tuple(agents))
+            for i, (dest, agents) in enumerate(assignment.items())
+        ]
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        (ctx.workdir / "hosts.json").write_text(
+            json.dumps(
+                {
+                    "remote_dir": remote_dir,
+                    "hosts": [[h.destination, h.address, list(h.agents)] for h in hosts],
+                }
+            )
+        )
+        procs: list[HostProcess] = []
+        started: list[Host] = []
+        try:
+            with self._ports(hosts, base_port) as ports:
+                addresses = {a: f"{_host_part(h.address)}:{ports[a]}" for h in hosts for a in h.agents}
+                for h in hosts:
+                    self._upload(ssh, plan, ctx, h, remote_dir, addresses)
+                for h in hosts:
+                    started.append(h)
+                    procs.append(self._start(ssh, ctx, h, remote_dir, remote_command))
+                write_pids(ctx.workdir, procs)
+                self._wait_serving(procs)
+
+            def alive() -> set[str]:
+                return {a for p in procs if p.popen.poll() is None for a in p.agents}
+
+            wait_healthy(addresses, START_TIMEOUT_S, alive, what="ssh session")
+            follow(plan, ctx, addresses, alive)
+        finally:
+            self._stop(ssh, started, procs, remote_dir)
+        for h in started:
+            self._fetch_results(ssh, ctx, h, remote_dir)
+        return collect(plan, ctx)
+
+    # -- start ------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _ports(self, hosts: list[Host], base_port: int) -> Iterator[dict[str, int]]:
+        """Ports per agent: base_port + n on each remote host; on a loopback host (this machine,
+        e.g. in tests) ports reserved here so runs never collide."""
+        ports: dict[str, int] = {}
+        loopback = [a for h in hosts if _is_loopback(h.address) for a in h.agents]
+        for h in hosts:
+            if not _is_loopback(h.address):
+                ports.update({a: base_port + n for n, a in enumerate(h.agents)})
+        with reserved_ports(len(loopback)) as reserved:
+            ports.update(zip(loopback, reserved, strict=True))
+            yield ports
+
+    def _upload(
+        self, ssh: SSH, plan: RunPlan, ctx: RunContext, h: Host, remote_dir: str, addresses: dict[str, str]
+    ) -> None:
+        listen_host = _host_part(h.address) if _is_loopback(h.address) else "0.0.0.0"
+        agents = []
+        for agent_id in h.agents:
+            agent = plan.agent(agent_id)
+            data = plan.node_config_data(agent, ctx.rule)
+            data["listen"] = f"{listen_host}:{addresses[agent_id].rpartition(':')[2]}"
+            data["neighbors"] = {n: addresses[n] for n in agent.neighbors}
+            data["results_dir"] = f"agents/{agent_id}"  # relative to the remote run directory
+            agents.append(data)
+        config = json.dumps({"agents": agents}, indent=1)
+        (ctx.workdir / f"host-{h.index}.json").write_text(config)
+        d = remote_path(remote_dir)
+        ssh.run(h.destination, f"mkdir -p {d} && cat > {d}/host-{h.index}.json", stdin=config.encode())
+
+    def _start(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str, remote_command: str) -> HostProcess:
+        d = remote_path(remote_dir)
+        # $$ is the remote shell, which exec turns into mtl-node: the pid file names the daemon.
+        command = (
+            f"cd {d} && echo $$ > host-{h.index}.pid && "
+            f"exec {remote_command} serve-many --config host-{h.index}.json --log-level info"
+        )
+        stdout_path = ctx.workdir / f"host-{h.index}.out"
+        log_path = ctx.workdir / f"host-{h.index}.log"
+        out = open(stdout_path, "wb")  # noqa: SIM115 - closed in stop_hosts
+        err = open(log_path, "wb")  # noqa: SIM115
+        popen = subprocess.Popen(
+            ssh.argv(h.destination, command),
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us; we stop the remote daemons in order
+            env={**os.environ},
+        )
+        log.info("ssh %s (%s): started %s", h.destination, h.address, ", ".join(h.agents))
+        return HostProcess(h.index, list(h.agents), popen, stdout_path, log_path, (out, err))
+
+    # -- stop and collect -------------------------------------------------------------------------
+
+    def _stop(self, ssh: SSH, hosts: list[Host], procs: list[HostProcess], remote_dir: str) -> None:
+        """SIGTERM each remote daemon (it stops its agents cleanly), SIGKILL what outlives the
+        grace period, then end the local ssh sessions."""
+        d = remote_path(remote_dir)
+
+        def signal_all(sig: str, only_running: bool) -> None:
+            for h, p in zip(hosts, procs, strict=False):
+                if only_running and p.popen.poll() is not None:
+                    continue
+                try:
+                    ssh.run(
+                        h.destination,
+                        f"pid=$(cat {d}/host-{h.index}.pid 2>/dev/null) && kill -{sig} $pid; true",
+                    )
+                except DeploymentError as exc:
+                    log.warning("stopping agents on %s: %s", h.destination, exc)
+
+        signal_all("TERM", only_running=False)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(p.popen.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if any(p.popen.poll() is None for p in procs):
+            signal_all("KILL", only_running=True)
+        stop_hosts(procs, grace=5.0)
+
+    def _fetch_results(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str) -> None:
+        """One tar stream per host with its agents' metrics/decisions (models stay on the host)."""
+        names = " ".join(
+            shlex.quote(f"agents/{a}/{f}") for a in h.agents for f in ("metrics.jsonl", "decisions.jsonl")
+        )
+        try:
+            data = ssh.run(
+                h.destination,
+                f"cd {remote_path(remote_dir)} && tar -c --ignore-failed-read {names} 2>/dev/null; true",
+                timeout=300,
+            )
+        except DeploymentError as exc:
+            log.warning("results of %s: %s", h.destination, exc)
+            return
+        if not data:
+            return
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            allowed = {f"agents/{a}/{f}" for a in h.agents for f in ("metrics.jsonl", "decisions.jsonl")}
+            members = [m for m in tar.getmembers() if m.isfile() and m.name in allowed]
+            # Only the files asked for, as plain files under workdir/agents (filter="data").
+            tar.extractall(ctx.workdir, members=members, filter="data")
+
+
+def _host_part(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
