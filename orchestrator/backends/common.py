@@ -8,11 +8,13 @@ decisions.jsonl read back from a results directory on this machine.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -161,3 +163,23 @@ def read_jsonl(path: Path) -> list[Row]:
         except json.JSONDecodeError:
             break  # a line cut short by a crash: keep everything before it
     return rows
+
+
+RESULT_FILES = ("metrics.jsonl", "decisions.jsonl")
+
+
+def extract_results(data: bytes, workdir: Path, agents: Sequence[str], prefix: str = "") -> None:
+    """Unpack a tar stream of ``<prefix><...>/<id>/{metrics,decisions}.jsonl`` (from a remote host
+    or a Pod) into ``workdir/agents/<id>/``: only those files, only as plain files (tarfile's
+    "data" filter). ``prefix`` is prepended to member names (a Pod's tar is relative to
+    /results, i.e. has no ``agents/``)."""
+    if not data:
+        return
+    allowed = {f"agents/{a}/{f}" for a in agents for f in RESULT_FILES}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.isfile() and prefix + m.name in allowed:
+                m.name = prefix + m.name
+                members.append(m)
+        tar.extractall(workdir, members=members, filter="data")

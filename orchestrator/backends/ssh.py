@@ -22,14 +22,12 @@ Options (``mtl-orchestrate up --backend ssh -o KEY=VALUE``): ``ssh_config``, ``h
 from __future__ import annotations
 
 import contextlib
-import io
 import ipaddress
 import json
 import logging
 import os
 import shlex
 import subprocess
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +38,14 @@ from typing import Any
 from mtl_node.errors import ConfigError
 from mtl_node.ports import reserved_ports
 from orchestrator.backends.base import BACKENDS, RunContext, RunOutput
-from orchestrator.backends.common import DeploymentError, collect, follow, wait_healthy
+from orchestrator.backends.common import (
+    RESULT_FILES,
+    DeploymentError,
+    collect,
+    extract_results,
+    follow,
+    wait_healthy,
+)
 from orchestrator.backends.local import HostProcess, LocalBackend, stop_hosts, write_pids
 from orchestrator.plan import RunPlan
 
@@ -286,9 +291,7 @@ class SSHBackend(LocalBackend):
 
     def _fetch_results(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str) -> None:
         """One tar stream per host with its agents' metrics/decisions (models stay on the host)."""
-        names = " ".join(
-            shlex.quote(f"agents/{a}/{f}") for a in h.agents for f in ("metrics.jsonl", "decisions.jsonl")
-        )
+        names = " ".join(shlex.quote(f"agents/{a}/{f}") for a in h.agents for f in RESULT_FILES)
         try:
             data = ssh.run(
                 h.destination,
@@ -298,13 +301,7 @@ class SSHBackend(LocalBackend):
         except DeploymentError as exc:
             log.warning("results of %s: %s", h.destination, exc)
             return
-        if not data:
-            return
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            allowed = {f"agents/{a}/{f}" for a in h.agents for f in ("metrics.jsonl", "decisions.jsonl")}
-            members = [m for m in tar.getmembers() if m.isfile() and m.name in allowed]
-            # Only the files asked for, as plain files under workdir/agents (filter="data").
-            tar.extractall(ctx.workdir, members=members, filter="data")
+        extract_results(data, ctx.workdir, h.agents)
 
 
 def _host_part(address: str) -> str:
