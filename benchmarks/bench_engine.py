@@ -131,22 +131,25 @@ def per_agent_loop(configs: Sequence[NodeConfig]) -> Outcome:
         np.empty((rounds, n)), np.empty((rounds, n)), np.empty((rounds, n), dtype=int), np.empty((n, 2))
     )
     blocks: list[tuple[np.ndarray, np.ndarray]] = []
-    fixed: dict[int, np.ndarray] = {}
+    drawn: dict[tuple[Any, ...], np.ndarray] = {}
 
     def crafted(a: int, i: int, receiver: int) -> np.ndarray:
+        """What attacker ``a`` serves ``receiver`` in round ``i``: one draw per run, round or request."""
         low, high, redraw = attack[a]
-        if redraw == "never":
-            if a not in fixed:
-                fixed[a] = seeding.generator(configs[a].seed, configs[a].id, seeding.ATTACK).uniform(
-                    low, high, 2
-                )
-            return fixed[a]
-        counters = (i,) if redraw == "round" else (i, *seeding.id_key(configs[receiver].id))
-        return seeding.generator(configs[a].seed, configs[a].id, seeding.ATTACK, *counters).uniform(
-            low, high, 2
-        )
+        counters: tuple[int, ...] = ()
+        if redraw in ("round", "request"):
+            counters = (i,)
+        if redraw == "request":
+            counters += tuple(seeding.id_key(configs[receiver].id))
+        key = (a, redraw, counters if redraw != "request" else (*counters, receiver))
+        if key not in drawn:
+            rng = seeding.generator(configs[a].seed, configs[a].id, seeding.ATTACK, *counters)
+            drawn[key] = rng.uniform(low, high, 2)
+        return drawn[key]
 
     for i in range(1, rounds + 1):
+        if drawn and i > 1:  # keep only what this round can use again (the run-long draws)
+            drawn = {k: v for k, v in drawn.items() if k[1] == "never"}
         if i % BLOCK == 0 or not blocks:
             blocks = [sample_block(c.seed, c.id, i // BLOCK, r) for c, r in zip(configs, res, strict=True)]
         psi = []
