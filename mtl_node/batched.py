@@ -805,6 +805,7 @@ class _State:
     theta: np.ndarray  # (n, 2) combined models
     ema: np.ndarray  # (n, slots) running scores
     seen: np.ndarray  # (n, slots) the EMA has had an observation
+    step: np.ndarray  # (n,) loss-filtered-clipped: EMA of the squared own step (NaN: none yet)
     prev: tuple[np.ndarray, np.ndarray] | None = None  # last round's received models and presence
 
 
@@ -889,14 +890,22 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     clipped_combined: tuple[np.ndarray, np.ndarray] | None = None
     clipped_code = None
     if len(b.clipped_rows):
-        rows = b.clipped_rows[cooperating[b.clipped_rows]]
+        # the own-step EMA of every clipped row, then clipping on the rows that cooperate
+        rows = b.clipped_rows
+        step = ((st.theta[rows] - psi[rows]) ** 2).sum(axis=1)
+        fine = np.isfinite(step)
+        prev_step = st.step[rows]
+        nu = b.nu[rows, 0]
+        new = np.where(np.isnan(prev_step), step, (1.0 - nu) * prev_step + nu * step)
+        st.step[rows] = np.where(fine, new, prev_step)
+        rows = rows[cooperating[rows] & ~np.isnan(st.step[rows])]
         kept = keep[rows] & (weights[rows] > 0.0)
         kept[:, 0] = False
         some = kept.any(axis=1)
         rows, kept = rows[some], kept[some]
         pulls = np.where(kept[:, :, None], received[rows] - received[rows, :1, :], 0.0)
         dist = robust.norms(pulls)
-        tau = hardened.clip_radius(dist, kept, b.clip_scale[rows])
+        tau = b.clip_scale[rows] * np.sqrt(st.step[rows])
         ok = kept & np.isfinite(dist)
         clip = ok & (dist > tau[:, None])
         scale = np.where(clip, tau[:, None] / np.where(clip, dist, 1.0), np.where(ok, 1.0, 0.0))
@@ -1060,7 +1069,7 @@ def run_many(
         if record_decisions
         else None
     )
-    st = _State(b.init.copy(), np.zeros((n, width)), np.zeros((n, width), dtype=bool))
+    st = _State(b.init.copy(), np.zeros((n, width)), np.zeros((n, width), dtype=bool), np.full(n, math.nan))
 
     # Overflow and NaN are legitimate inputs (a crafted 1e200 model): the rules handle them.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

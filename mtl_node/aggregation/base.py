@@ -61,8 +61,8 @@ class RuleParams(BaseModel):
         2.0,
         gt=0.0,
         allow_inf_nan=False,
-        description="loss-filtered-clipped: the clipping radius is clip_scale times the median "
-        "distance of the kept neighbours from the agent's own model",
+        description="loss-filtered-clipped: the clipping radius is clip_scale times the agent's own "
+        "typical adaptation step (EMA of ||psi_k - theta_k(i-1)||^2, square-rooted)",
     )
     weight_cap: float = Field(
         1.0,

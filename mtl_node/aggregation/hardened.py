@@ -11,11 +11,12 @@ measures it; these variants bound it, and keep the paper's filter and weights ot
 - ``loss-filtered-capped``: no kept neighbour may weigh more than ``weight_cap`` times the agent's
   own weight; the excess goes to the agent itself. Bounds what one low-loss neighbour can take.
 - ``loss-filtered-clipped``: the kept neighbours' pulls psi_l - psi_k are clipped to a radius tau
-  around the agent's own model: theta = psi_k + sum_l a_l clip(psi_l - psi_k, tau), with tau =
-  ``clip_scale`` x the median distance of the kept neighbours from the agent (self-centred clipping,
-  He et al. 2022, with a radius the honest majority of the kept set sets). A neighbour can then move
-  the agent at most a_l tau per round however far it is; honest same-task neighbours, being about
-  as close as the median, pass unclipped.
+  around the agent's own model: theta = psi_k + sum_l a_l clip(psi_l - psi_k, tau) (self-centred
+  clipping, He et al. 2022), with tau = ``clip_scale`` x the agent's own typical adaptation step
+  (an EMA of ||psi_k - theta_k(i-1)||^2 with the rule's nu): a radius that only the agent's own
+  data set, so no neighbour can move the agent further per round than clip_scale times its own
+  data do, however the kept set is made up. (A radius taken from the kept neighbours' distances,
+  e.g. their median, is set by the attackers as soon as they are most of the kept set.)
 
 Both reduce exactly to loss-filtered when nothing binds. The round loop scores the agent's own
 model on the sample it has just adapted on (docs/design.md), so the own EMA is biased low and
@@ -69,46 +70,41 @@ class LossFilteredCapped(LossFiltered):
         return Aggregation(weights, decisions)
 
 
-def clip_radius(distances: np.ndarray, kept: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(rows,): ``scale`` x the median of ``distances`` over the ``kept`` slots (0 where none)."""
-    n = kept.sum(axis=1)
-    s = np.sort(np.where(kept, distances, np.inf), axis=1)
-    lo = np.maximum((n - 1) // 2, 0)[:, None]
-    hi = np.minimum(n // 2, distances.shape[1] - 1)[:, None]
-    med = 0.5 * np.take_along_axis(s, lo, axis=1)[:, 0] + 0.5 * np.take_along_axis(s, hi, axis=1)[:, 0]
-    return scale * np.where(n > 0, med, 0.0)
-
-
 @RULES.register(
     "loss-filtered-clipped",
-    "loss-filtered, kept neighbours' pulls clipped to clip_scale x their median distance",
+    "loss-filtered, kept neighbours' pulls clipped to clip_scale x the agent's own step",
 )
 class LossFilteredClipped(LossFiltered):
     """theta = psi_k + sum_{l kept} a_l s_l (psi_l - psi_k), s_l = min(1, tau / ||psi_l - psi_k||),
-    tau = clip_scale x median_{l kept, l != k} ||psi_l - psi_k||; effective weights a_l s_l, the
-    agent's own the rest."""
+    tau = clip_scale x sqrt(EMA of ||psi_k - theta_k(i-1)||^2): the agent's own adaptation step,
+    which only its own data set. Effective weights a_l s_l, the agent's own the rest."""
 
     name = "loss-filtered-clipped"
     needs_models = True
+    needs_distance = True  # the agent's own candidate carries ||theta_k(i-1) - psi_k||^2
+
+    def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params)
+        self.step: float | None = None  # EMA of the squared own step
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
-        agg = super().aggregate(candidates)
         own = candidates[0]
+        step = own.sq_distance
+        if step is not None and math.isfinite(step):
+            nu = self.params.nu
+            self.step = step if self.step is None else (1.0 - nu) * self.step + nu * step
+        agg = super().aggregate(candidates)
         kept = [c for c in candidates[1:] if agg.weights.get(c.agent_id, 0.0) > 0.0]
-        if not kept:
+        if not kept or self.step is None:
             return agg
         for c in (own, *kept):
             if c.model is None:
                 raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
+        tau = self.params.clip_scale * math.sqrt(self.step)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             base = np.asarray(own.model, dtype=np.float64)
             pulls = np.stack([np.asarray(c.model, dtype=np.float64) - base for c in kept])
             dist = norms(pulls[None, :, :])[0]
-            tau = float(
-                clip_radius(
-                    dist[None, :], np.ones((1, len(kept)), dtype=bool), np.array([self.params.clip_scale])
-                )[0]
-            )
             a = np.array([agg.weights[c.agent_id] for c in kept])
             ok = np.isfinite(dist)
             clipped = ok & (dist > tau)

@@ -348,8 +348,12 @@ LOSSES = {"k": 2.0, "a": 1.0, "b": 0.5, "e": 2.0}
 MODELS = {"k": (0.0, 0.0), "a": (0.1, 0.0), "b": (0.0, 0.2), "e": (5.0, 0.0)}
 
 
-def scored() -> list[Candidate]:
-    return [Candidate(a, loss=LOSSES[a], model=np.array(MODELS[a])) for a in LOSSES]
+def scored(own_step: float = 0.1) -> list[Candidate]:
+    """The agent's own candidate carries its squared adaptation step ||theta(i-1) - psi||^2."""
+    return [
+        Candidate(a, loss=LOSSES[a], sq_distance=own_step**2 if a == "k" else None, model=np.array(MODELS[a]))
+        for a in LOSSES
+    ]
 
 
 def test_capped_limits_each_neighbour_to_weight_cap_times_own() -> None:
@@ -373,25 +377,33 @@ def test_capped_equals_loss_filtered_when_no_cap_binds() -> None:
     assert capped.weights == plain.weights and capped.decisions == plain.decisions
 
 
-def test_clipped_clips_pulls_beyond_scale_times_the_median_distance() -> None:
-    # Kept neighbours' distances from k: a 0.1, b 0.2, e 5 -> median 0.2, tau = 2 x 0.2 = 0.4.
-    # e's pull (5, 0) becomes (0.4, 0): effective weight 1/8 x 0.4/5 = 0.01; k keeps the rest.
+def test_clipped_clips_pulls_beyond_scale_times_the_own_step() -> None:
+    # own step 0.1, clip_scale 2: tau = 0.2. a (0.1 away) and b (0.2) pass; e's pull (5, 0) becomes
+    # (0.2, 0): effective weight 1/8 x 0.2/5 = 0.005; k keeps the rest.
     agg = make_rule("loss-filtered-clipped", RAW).aggregate(scored())
-    np.testing.assert_allclose(combined(agg), [0.25 * 0.1 + 0.01 * 5.0, 0.5 * 0.2], rtol=0, atol=1e-15)
-    assert agg.weights == pytest.approx({"k": 0.24, "a": 0.25, "b": 0.5, "e": 0.01}, abs=1e-15)
+    np.testing.assert_allclose(combined(agg), [0.25 * 0.1 + 0.005 * 5.0, 0.5 * 0.2], rtol=0, atol=1e-15)
+    assert agg.weights == pytest.approx({"k": 0.245, "a": 0.25, "b": 0.5, "e": 0.005}, abs=1e-15)
     got = decisions(agg)
-    assert got["e"][0] == "accepted" and got["e"][2] == "pull clipped to tau=0.4"
+    assert got["e"][0] == "accepted" and got["e"][2] == "pull clipped to tau=0.2"
     assert got["a"][2] == "" and got["b"][2] == ""
 
 
-def test_clipped_leaves_filtered_neighbours_out_of_the_radius() -> None:
-    # e's loss 3 > own 2: filtered, so the median is over a and b only (0.15), tau = 0.3
-    cands = scored()
-    cands[3] = Candidate("e", loss=3.0, model=np.array([100.0, 0.0]))
+def test_clipped_radius_follows_an_ema_of_the_own_step() -> None:
+    # nu = 0.5: squared steps 0.04 then 0.16 give an EMA of 0.04, then 0.1: tau = 2 sqrt(0.1)
+    rule = make_rule("loss-filtered-clipped", RuleParams(nu=0.5, ema_init=None))
+    rule.aggregate(scored(own_step=0.2))
+    agg = rule.aggregate(scored(own_step=0.4))
+    tau = 2 * math.sqrt(0.1)
+    assert decisions(agg)["e"][2] == f"pull clipped to tau={tau:.4g}"
+    assert decisions(agg)["b"][2] == ""  # 0.2 < tau
+
+
+def test_clipped_equals_loss_filtered_when_nothing_is_far() -> None:
+    cands = scored(own_step=10.0)  # tau = 20: nobody is clipped
+    plain = make_rule("loss-filtered", RAW).aggregate(cands)
     agg = make_rule("loss-filtered-clipped", RAW).aggregate(cands)
-    assert decisions(agg)["e"][0] == "filtered"
-    assert "e" not in agg.weights
-    assert decisions(agg)["a"][2] == "" and decisions(agg)["b"][2] == ""  # 0.1, 0.2 <= 0.3
+    assert agg.weights == pytest.approx(plain.weights, abs=1e-15)
+    assert [d.reason for d in agg.decisions] == [d.reason for d in plain.decisions]
 
 
 def test_hardened_rules_are_registered() -> None:
