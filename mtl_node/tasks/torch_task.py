@@ -74,8 +74,8 @@ class TorchTaskParams(BaseModel):
         1.0,
         gt=0.0,
         le=1.0,
-        description="probability of training in a round (else psi = theta, the batch still drawn "
-        "for scoring); below 1 models an agent with less data, as the reference code's uneven agents",
+        description="share of rounds the agent trains in (others: psi = theta, batch still scored); "
+        "below 1 models an agent with less data, as the reference code's uneven agents",
     )
 
 
