@@ -31,11 +31,10 @@ from typing import Any
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import DeploymentError, collect, follow, wait_healthy
 from orchestrator.plan import RunPlan
-from orchestrator.render import IMAGE_UID, agent_hostnames
+from orchestrator.render import DEFAULT_IMAGE, IMAGE_UID, agent_hostnames
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE = "resilient-mtl-node:latest"
 IMAGE_ENV = "MTL_IMAGE"
 AGENT_PORT = 50051  # inside the container; the n-th agent of a serve-many container uses 50051 + n
 RUN_LABEL = "org.resilient-mtl.run"
@@ -122,10 +121,8 @@ class DockerBackend(Backend):
         )
         inside = {a: f"{hostnames[a]}:{c.ports[a]}" for c in containers for a in c.agents}
         started: list[str] = []
-        network = False
         try:
             docker("network", "create", "--label", f"{RUN_LABEL}={run_id}", run_id)
-            network = True
             user = _prepare_results(ctx.workdir / "agents", ids)
             for c in containers:
                 self._start(docker, plan, ctx, run_id, image, user, c, hostnames, inside)
@@ -147,7 +144,7 @@ class DockerBackend(Backend):
                 raise DeploymentError(f"{exc}\n{_logs_tail(docker, run_id, containers, alive())}") from None
             follow(plan, ctx, published, alive)
         finally:
-            self._teardown(docker, ctx.workdir, run_id, started, network)
+            self._teardown(docker, ctx.workdir, run_id, started)
         return collect(plan, ctx)
 
     # -- start ------------------------------------------------------------------------------------
@@ -204,7 +201,7 @@ class DockerBackend(Backend):
 
     # -- stop -------------------------------------------------------------------------------------
 
-    def _teardown(self, docker: Docker, workdir: Path, run_id: str, names: list[str], network: bool) -> None:
+    def _teardown(self, docker: Docker, workdir: Path, run_id: str, names: list[str]) -> None:
         """Stop (SIGTERM: agents flush their files), keep the logs, remove containers and network."""
         full = [f"{run_id}-{n}" for n in names]
         try:
@@ -222,10 +219,14 @@ class DockerBackend(Backend):
         except (subprocess.TimeoutExpired, DeploymentError) as exc:
             log.warning("docker run %s: stopping: %s", run_id, exc)
         finally:
-            if full:
-                docker("rm", "--force", *full, check=False, timeout=120)
-            if network:
-                docker("network", "rm", run_id, check=False, timeout=60)
+            # By label too: a container whose `docker run` was cut short by Ctrl-C is not in `names`.
+            labelled = docker(
+                "ps", "--all", "--quiet", "--filter", f"label={RUN_LABEL}={run_id}", check=False, timeout=60
+            ).split()
+            if full or labelled:
+                docker("rm", "--force", *full, *labelled, check=False, timeout=120)
+            # Always tried: Ctrl-C may land between `network create` and noting it was made.
+            docker("network", "rm", run_id, check=False, timeout=60)
 
 
 def _cname(run_id: str, c: Container) -> str:

@@ -4,8 +4,10 @@ nothing left behind (containers, network)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +104,45 @@ def test_missing_image_is_a_clear_error(docker_client: Any, tmp_path: Path) -> N
     assert done.returncode == 2
     assert "no-such-tag not found" in done.stderr and "deploy/build-image.sh" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_removes_every_container_and_the_network(
+    node_image: str, docker_client: Any, tmp_path: Path
+) -> None:
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(TOPOLOGY)
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", "docker",
+            "-o", f"image={node_image}", "--out", str(out), "--no-progress",
+            "--rounds", "100000", "--rule", "loss-filtered",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        running = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            progress = out / "progress.json"
+            if progress.exists():
+                current = json.loads(progress.read_text()).get("current") or {}
+                if current.get("round", 0) >= 2:
+                    running = True
+                    break
+            time.sleep(0.5)
+        assert running, proc.stderr.read() if proc.poll() is not None else "no progress"
+        info = json.loads((out / "work" / "loss-filtered" / "containers.json").read_text())
+        containers, networks = run_labels(docker_client, info["run"])
+        assert len(containers) == 5 and len(networks) == 1
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "every agent was stopped" in stderr
+    assert run_labels(docker_client, info["run"]) == ([], [])
