@@ -6,7 +6,8 @@ two processes on 127.0.0.1:
   grpc        a real agent server (mtl_node.agent.Agent + mtl_node.server.create_server: ModelStore,
               the safetensors payload encoded and hashed once per round, ~1 MiB chunks) fetched with
               mtl_node.client.fetch_payload through a ModelStub, as GrpcTransport fetches: header and
-              size checks, chunk assembly, sha256 digest check. GetInfo gives the client the
+              size checks, chunk assembly, xxh3-128 digest check (glibc told to keep freed memory,
+              as the daemon does: mtl_node/allocator.py). GetInfo gives the client the
               manifest, as a daemon knows it from its own model.
   grpc-plain  the same bytes as 1 MiB messages of a bare gRPC server-streaming method (no protobuf,
               no assembly, no digest: the client only counts them): what Python gRPC itself costs.
@@ -77,6 +78,7 @@ def serve_grpc(params: int) -> None:
     from pydantic import BaseModel
 
     from mtl_node.agent import Agent
+    from mtl_node.allocator import keep_freed_memory
     from mtl_node.config import NodeConfig
     from mtl_node.server import create_server, set_serving, stop_server
     from mtl_node.tasks import Metrics, Task, TaskContext
@@ -102,6 +104,8 @@ def serve_grpc(params: int) -> None:
 
         def evaluate(self, model: StateDict, round_: int) -> Metrics:
             return Metrics(loss=0.0)
+
+    keep_freed_memory()  # as mtl_node.daemon.run_daemon does
 
     async def main() -> None:
         startup_rss = max_rss_bytes()
@@ -170,10 +174,13 @@ def serve_tcp(nbytes: int) -> None:
 
 def fetch_grpc(port: int, repeat: int) -> None:
     from mtl_node import messages, wire
+    from mtl_node.allocator import keep_freed_memory
     from mtl_node.channel import create_channel
     from mtl_node.client import ModelStub, fetch_payload
     from mtl_node.proto.v1 import node_pb2 as pb
     from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
+
+    keep_freed_memory()  # as mtl_node.daemon.run_daemon does
 
     async def main() -> None:
         async with create_channel(f"127.0.0.1:{port}") as channel:

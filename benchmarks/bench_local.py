@@ -13,6 +13,7 @@ Writes benchmarks/results/local.json. Figures go in docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -84,10 +85,8 @@ class RssSampler(threading.Thread):
             total = 0
             children = me.children(recursive=True)
             for child in children:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += child.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
             self.processes_peak = max(self.processes_peak, len(children))
             self._stop.wait(self.interval)

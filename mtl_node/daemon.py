@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 
 from mtl_node.agent import Agent
+from mtl_node.allocator import keep_freed_memory
 from mtl_node.client import GrpcTransport
 from mtl_node.config import NodeConfig
 from mtl_node.recorder import FileRecorder, Recorder
@@ -107,6 +108,7 @@ async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: flo
 
 
 def run_daemon(configs: Sequence[NodeConfig], exit_when_done: bool = False, linger: float = 5.0) -> int:
+    keep_freed_memory()  # large models: reuse receive buffers' pages across rounds
     try:
         return asyncio.run(serve(configs, exit_when_done, linger))
     except OSError as exc:

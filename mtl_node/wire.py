@@ -18,11 +18,13 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import safetensors.torch
 import torch
+import xxhash
 
 from mtl_node.errors import (
     BadPayload,
@@ -139,11 +141,28 @@ def encode(state: Mapping[str, torch.Tensor]) -> bytes:
 
 
 Buffer = bytes | bytearray | memoryview
-_DIGEST = "sha256:"
+# The header's digest is "<algorithm>:<hex>". It detects truncation and corruption in transit; it
+# cannot authenticate anything (a Byzantine peer computes a valid digest for whatever it sends;
+# validation and the rule are the defence against content). So agents send a fast
+# non-cryptographic xxh3-128 (several GB/s, where sha256 runs under 1 GB/s here and would cap a
+# large fetch: docs/performance.md), and receivers also accept sha256 from other clients.
+_HASHERS: dict[str, Callable[[], Any]] = {"xxh3-128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+DIGEST_ALGORITHM = "xxh3-128"
 
 
-def digest(payload: Buffer) -> str:
-    return _DIGEST + hashlib.sha256(payload).hexdigest()
+def digest(payload: Buffer, algorithm: str = DIGEST_ALGORITHM) -> str:
+    hasher = _HASHERS[algorithm]()
+    hasher.update(payload)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def _hasher_for(expected_digest: str) -> Any:
+    algorithm, sep, _ = expected_digest.partition(":")
+    if not sep or algorithm not in _HASHERS:
+        raise BadPayload(
+            f"digest {expected_digest[:40]!r} is not <algorithm>:<hex> with one of {', '.join(_HASHERS)}"
+        )
+    return _HASHERS[algorithm]()
 
 
 def chunks(payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -270,7 +289,7 @@ class PayloadAssembler:
         self.expected_digest = expected_digest
         self._buffer = bytearray(total_bytes)
         self._view = memoryview(self._buffer)
-        self._hash = hashlib.sha256()
+        self._hash = _hasher_for(expected_digest)
         self._filled = 0
 
     def add(self, data: Buffer) -> None:
@@ -286,7 +305,8 @@ class PayloadAssembler:
         """The payload, once complete and matching its digest (the caller owns the buffer)."""
         if self._filled != self.total_bytes:
             raise TruncatedPayload(f"received {self._filled} of {self.total_bytes} bytes")
-        if _DIGEST + self._hash.hexdigest() != self.expected_digest:
+        algorithm = self.expected_digest.partition(":")[0]
+        if f"{algorithm}:{self._hash.hexdigest()}" != self.expected_digest:
             raise DigestMismatch("payload digest does not match the header")
         self._view.release()
         return self._buffer
