@@ -20,6 +20,8 @@ What it settles once for every such task:
   stacked and ``torch.func.functional_call`` is vmapped over them, one batched call instead of one
   forward pass per neighbour. ``vectorized_scoring: false`` switches to the one-by-one loop (and a
   loss function vmap cannot trace falls back to it automatically).
+  ``scoring: resample`` scores on as many other samples of the training split instead, drawn per
+  round, which removes the edge the agent's own model has on the batch it has just stepped on.
 - **Test metrics.** Every ``eval_every`` rounds the combined model is evaluated on the agent's own
   held-out test split (test_loss, test_accuracy); other rounds leave them empty.
 - **Initial weights.** ``init: shared`` (default) draws the initial weights from the run seed only,
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 EVAL_CHUNK = 1024  # test samples per forward pass
 # Counter that keeps the train/skip draws apart from the per-epoch permutations (same purpose).
 SKIP_STREAM = 2**32 - 1
+SCORE_STREAM = 2**32 - 2
 
 
 class TorchTaskParams(BaseModel):
@@ -76,6 +79,11 @@ class TorchTaskParams(BaseModel):
         le=1.0,
         description="share of rounds the agent trains in (others: psi = theta, batch still scored); "
         "below 1 models an agent with less data, as the reference code's uneven agents",
+    )
+    scoring: Literal["batch", "resample"] = Field(
+        "batch",
+        description="data that scores models: the round's training batch (reference code) or "
+        "another batch drawn from the training split (without the just-trained-on edge)",
     )
 
 
@@ -119,6 +127,7 @@ class TorchTask(Task):
         self.optimizer = self._make_optimizer()
         self._perms: dict[int, np.ndarray] = {}
         self._batches: tuple[int, list[torch.Tensor]] | None = None
+        self._scoring: tuple[int, torch.Tensor] | None = None
         self._vmap_ok = True
 
     # -- what subclasses provide -----------------------------------------------------------------
@@ -209,8 +218,22 @@ class TorchTask(Task):
         return torch.stack([self.loss_fn(functional_call(self.module, m, (x,)), y) for m in models])
 
     def scoring_batch(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples the agent trained on in ``round_`` (all its local steps' batches)."""
-        idx = torch.cat(self._round_batches(round_))
+        """The samples that score models in ``round_``: by default those the agent trained on in
+        the round (all its local steps' batches); with ``scoring: resample`` as many others drawn
+        from its training split, so its own fresh step gives it no edge."""
+        if self.p.scoring == "resample":
+            if self._scoring is None or self._scoring[0] != round_:
+                n = len(self.train)
+                size = min(self.p.batch_size * self.p.local_steps, n)
+                rng = seeding.generator(self.ctx.seed, self.ctx.agent_id, seeding.DATA, SCORE_STREAM, round_)
+                used = torch.cat(self._round_batches(round_)).cpu().numpy()
+                free = np.setdiff1d(np.arange(n), used)
+                pool = free if len(free) >= size else np.arange(n)
+                pick = torch.from_numpy(rng.choice(pool, size=size, replace=False)).to(self.ctx.device)
+                self._scoring = (round_, pick)
+            idx = self._scoring[1]
+        else:
+            idx = torch.cat(self._round_batches(round_))
         return self.train.x[idx], self.train.y[idx]
 
     def test_metrics(self, model: StateDict) -> tuple[float, float | None]:

@@ -248,3 +248,16 @@ def test_real_format_directory_copies_work_for_the_engine(har_dir: Path, tmp_pat
     ]
     records = run_agents(configs)
     assert all(len(records[a].records) == 40 for a in ("a", "b"))
+
+
+def test_resample_scoring_avoids_the_rounds_batch() -> None:
+    task = make_task("har", "a0", 0, {"subject": 2, "batch_size": 8, "scoring": "resample"})
+    again = make_task("har", "a0", 0, {"subject": 2, "batch_size": 8, "scoring": "resample"})
+    model = task.init_model()
+    for r in (1, 2, 3):
+        task.adapt(model, r)
+        trained = {tuple(row[:6].tolist()) for row in task.train.x[task._round_batches(r)[0]]}
+        x, y = task.scoring_batch(r)
+        assert len(y) == 8
+        assert not trained & {tuple(row[:6].tolist()) for row in x}
+        torch.testing.assert_close(x, again.scoring_batch(r)[0])
