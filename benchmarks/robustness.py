@@ -202,31 +202,50 @@ def task(job: tuple[str, int, Setup]) -> dict[str, Any]:
     rows = []
     for (fraction, attack, rule), result in zip(keys, results, strict=True):
         bad = bad_sets.get(fraction, set())
-        final = result.test_loss[-last:].mean(axis=0)
-        error = ((result.final_models - targets) ** 2).sum(axis=1)
         rows.append(
             {
                 "fraction": fraction,
                 "attack": attack,
                 "rule": rule,
                 "normal": [k for k, a in enumerate(ids) if a not in bad],
-                "final_loss": final.tolist(),
-                "target_error": error.tolist(),
+                "final_loss": result.test_loss[-last:].mean(axis=0).tolist(),
+                "target_error": ((result.final_models - targets) ** 2).sum(axis=1).tolist(),
                 "violated": violated(p, rule, bad),
-                "filtered": float(result.filtered[-last:].mean()),
             }
         )
-    degrees = [len(a.neighbors) for a in p.agents]
     return {
         "topology": kind,
         "seed": seed,
-        "agents": ids,
-        "degrees": degrees,
-        "runs": rows,
+        "degrees": [len(a.neighbors) for a in p.agents],
+        "runs": summarize(rows),
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu,
         "stacked_runs": len(runs),
     }
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run, over its normal agents: mean final loss, the same agents' mean under rule none, the
+    number of them worse than under none, mean squared target error (what the report needs)."""
+    alone = np.array(next(r for r in rows if r["rule"] == "none")["final_loss"])
+    out = []
+    for r in rows:
+        normal = np.array(r["normal"], dtype=np.intp)
+        loss = np.array(r["final_loss"])[normal]
+        out.append(
+            {
+                "fraction": r["fraction"],
+                "attack": r["attack"],
+                "rule": r["rule"],
+                "normal": len(normal),
+                "loss": float(loss.mean()),
+                "alone": float(alone[normal].mean()),
+                "worse": int((loss > alone[normal]).sum()),
+                "error": float(np.array(r["target_error"])[normal].mean()),
+                "violated": float(r["violated"]),
+            }
+        )
+    return out
 
 
 def compute(setup: Setup, topologies: Sequence[str], seeds: Sequence[int], workers: int) -> dict[str, Any]:
@@ -275,32 +294,18 @@ DEFEAT_MARGIN = 0.10
 
 def cells(data: dict[str, Any]) -> dict[Key, Cell]:
     """(topology, rule, fraction, attack) -> Cell over seeds; topology "all" pools the topologies."""
-    acc: dict[Key, list[tuple[float, float, float, int, int, float]]] = {}
+    acc: dict[Key, list[dict[str, Any]]] = {}
     for t in data["tasks"]:
-        runs = t["runs"]
-        alone = np.array(next(r for r in runs if r["rule"] == "none")["final_loss"])
-        for r in runs:
-            normal = np.array(r["normal"], dtype=np.intp)
-            loss = np.array(r["final_loss"])[normal]
-            error = np.array(r["target_error"])[normal]
-            base = alone[normal]
-            value = (
-                float(loss.mean()),
-                float(base.mean()),
-                float(error.mean()),
-                int((loss > base).sum()),
-                len(normal),
-                float(r["violated"]),
-            )
+        for r in t["runs"]:
             for topology in (t["topology"], "all"):
-                acc.setdefault((topology, r["rule"], r["fraction"], r["attack"]), []).append(value)
+                acc.setdefault((topology, r["rule"], r["fraction"], r["attack"]), []).append(r)
     return {
         key: Cell(
-            loss=float(np.mean([v[0] for v in values])),
-            alone=float(np.mean([v[1] for v in values])),
-            error=float(np.mean([v[2] for v in values])),
-            worse=sum(v[3] for v in values) / max(1, sum(v[4] for v in values)),
-            violated=float(np.mean([v[5] for v in values])),
+            loss=float(np.mean([v["loss"] for v in values])),
+            alone=float(np.mean([v["alone"] for v in values])),
+            error=float(np.mean([v["error"] for v in values])),
+            worse=sum(v["worse"] for v in values) / max(1, sum(v["normal"] for v in values)),
+            violated=float(np.mean([v["violated"] for v in values])),
         )
         for key, values in acc.items()
     }
@@ -472,7 +477,48 @@ def render(data: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-FINDINGS: tuple[str, ...] = ("(to be written from the run above)",)
+# Written from the run recorded at the top of docs/robustness.md (benchmarks/results/robustness.json)
+# and the smoke run of ``--quick`` (benchmarks/results/robustness-quick.json); re-read them if rerun.
+FINDINGS: tuple[str, ...] = (
+    "- **The paper's loss-filtered rule is not defeated at the end of 200 rounds by any attack of the "
+    "catalog, at any fraction up to 75%, on any topology.** Without attack it brings the normal "
+    "agents' final loss from 0.046 (alone) to 0.030 (pooled); under the worst attack it stays at or "
+    "below 0.042 (geometric graph, 50%), and per cell never above 0.91 times the same agents' loss "
+    "alone. Its strongest adversary is `echo` (serve every victim its "
+    "own model): accepted with the victim's own weight, it dilutes the honest neighbours (0.038 "
+    "pooled at 50-75%). What does grow with the fraction is the share of normal agents that end up "
+    "worse than alone: up to 47-50% on the ring and geometric graphs at 75%, against 8-16% without "
+    "attack.",
+    "- **Capture attacks do defeat it in the short run.** In the 60-round smoke run (`--quick`: 16 "
+    "agents, 1 seed) `distance-capture` and `loss-budget` (models built from the victim's own, "
+    "stepped towards (15.5, 15.5) as far as the loss allows) raise loss-filtered's final loss to "
+    "1.25-2.7x the non-cooperative one at every fraction; the filter lets them in because it only "
+    "sees the direction the agent's own data constrain (target localization: the direction to the "
+    "target), and only the EMA's memory and the honest neighbours pull the victims back later.",
+    "- **The hardened variants do not change the final-loss picture.** `loss-filtered-capped` and "
+    "`loss-filtered-clipped` are within 0.002 of loss-filtered in every pooled cell and per "
+    "topology, and no better in the smoke run (clipping 0.112 vs 0.120 under distance-capture at 50%, "
+    "but 0.079 vs 0.072 under loss-budget). They bound what one neighbour can do per round (weight "
+    "no more than the agent's own; a pull no longer than twice the agent's own step), which does not "
+    "bind against attackers that, to pass the filter, already look like the victim. The matrix gives "
+    "no evidence to prefer them; they stay as options, not as replacements.",
+    "- **The robust baselines fail at multi-task learning before any attack.** On the complete, "
+    "geometric and two-cluster graphs, median, trimmed mean, Krum, geometric median and "
+    "self-clipping pull every agent towards the other groups' targets: final loss 11-33 with no "
+    "Byzantine agent (alone: 0.046), 98-100% of the normal agents worse than alone. Only on the ring, where "
+    "neighbours mostly share the agent's target, do median (0.041), Krum (0.038) and geometric "
+    "median (0.044) match learning alone without attack; 10% Byzantine agents already push them to "
+    "4-6 (sign-flip, constant).",
+    "- **Their assumptions break exactly where the attacks are.** At 50% Byzantine, 63% of the normal "
+    "agents have more Byzantine neighbours than median / trimmed mean / geometric median can assume "
+    "(2f+1 members), 88% for Krum (2f+3), even with f set to each agent's true count; at 75%, "
+    "96-98%. There the worst attack (`alie`) drives them to 1e8-1e28.",
+    "- `alie` and `ipm` build their model from what the attacker fetched last round, fellow "
+    "attackers' models included; with many attackers adjacent to each other the served models feed "
+    "on each other and grow geometrically (hence the astronomically large losses of the rules that "
+    "let them in). That is the attacks' documented behaviour; against loss-filtered it changes "
+    "nothing, since such models are filtered on their loss.",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
