@@ -516,7 +516,8 @@ FINDINGS: tuple[str, ...] = (
     "- `alie` and `ipm` build their model from what the attacker fetched last round, fellow "
     "attackers' models included; with many attackers adjacent to each other the served models feed "
     "on each other and grow geometrically (hence the astronomically large losses of the rules that "
-    "let them in). That is the attacks' documented behaviour; against loss-filtered it changes "
+    "let them in). That follows from the attacks' definition (the pool is every valid model "
+    "fetched); against loss-filtered it changes "
     "nothing, since such models are filtered on their loss.",
 )
 
