@@ -116,12 +116,19 @@ cp deploy/Dockerfile deploy/healthcheck.py "$ctx/"
 
 # ------------------------------------------------------------------------------------ image
 say "docker build $IMAGE (inputs $inputs_hash)"
-DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build -q \
+export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
+# The dependency stage first, under a tag of its own: the final build reuses it from the cache,
+# and the stage it replaces (when dependencies changed) becomes untagged and is pruned below.
+build_log="$CACHE/docker-build.log"
+docker build -q --target deps --build-arg "BASE=$BASE" -t "${IMAGE%:*}:deps-cache" "$ctx" \
+    >"$build_log" 2>&1 || { cat "$build_log" >&2; die "docker build (dependency stage) failed"; }
+docker build -q \
     --build-arg "BASE=$BASE" \
     --label "$LABEL=$inputs_hash" \
     --label "org.opencontainers.image.title=resilient-mtl-node" \
     --label "org.opencontainers.image.source=resilient-mtl" \
-    -t "$IMAGE" "$ctx" >/dev/null
+    -t "$IMAGE" "$ctx" >"$build_log" 2>&1 || { cat "$build_log" >&2; die "docker build failed"; }
 # Earlier builds of this image, now untagged (the dependency stage's cache is kept: no such label).
 docker image prune -f --filter "label=$LABEL" >/dev/null || true
+docker image prune -f --filter "label=org.resilient-mtl.stage=deps" >/dev/null || true
 say "built $IMAGE ($(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
