@@ -16,12 +16,13 @@ import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mtl_node.channel import SERVICE, create_sync_channel
-from mtl_node.errors import MTLError
+from mtl_node.errors import ConfigError, MTLError
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from orchestrator.backends.base import Progress, Row, RunContext, RunOutput
@@ -38,6 +39,30 @@ AliveAgents = Callable[[], set[str]]
 
 class DeploymentError(MTLError):
     """The deployment could not start or lost every agent."""
+
+
+def check_options(backend: str, options: Mapping[str, Any], allowed: Sequence[str]) -> dict[str, Any]:
+    """The ``-o KEY=VALUE`` options of ``backend``; a key it does not know is an error (a typo must
+    not be silently ignored). ``processes`` comes from ``--processes`` and is only the local one's."""
+    for key in options:
+        if key not in allowed and key != "processes":
+            raise ConfigError(
+                f"--option {key}", f"unknown option for backend {backend}", f"valid: {', '.join(allowed)}"
+            )
+    return dict(options)
+
+
+def int_option(options: Mapping[str, Any], key: str, default: int, minimum: int = 1) -> int:
+    value = options.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--option {key}", f"{value!r} is not a whole number") from None
+    if number < minimum:
+        raise ConfigError(f"--option {key}", f"{number} is below {minimum}")
+    return number
 
 
 def wait_healthy(

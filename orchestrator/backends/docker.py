@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
-from orchestrator.backends.common import DeploymentError, collect, follow, wait_healthy
+from orchestrator.backends.common import (
+    DeploymentError,
+    check_options,
+    collect,
+    follow,
+    int_option,
+    wait_healthy,
+)
 from orchestrator.plan import RunPlan
 from orchestrator.render import DEFAULT_IMAGE, IMAGE_UID, agent_hostnames
 
@@ -42,6 +49,7 @@ AGENTS_LABEL = "org.resilient-mtl.agents"
 START_TIMEOUT_S = 300.0  # containers import torch concurrently; a small machine needs a while
 DOCKER_TIMEOUT_S = 120.0  # any single docker CLI call
 STOP_GRACE_S = 10
+OPTIONS = ("image", "agents_per_container", "docker")
 
 
 def image_name(options: dict[str, Any]) -> str:
@@ -104,10 +112,10 @@ class DockerBackend(Backend):
     name = "docker"
 
     def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
-        options = dict(ctx.options or {})
-        docker = Docker(str(options.get("docker", "docker")))
+        options = check_options(self.name, ctx.options or {}, OPTIONS)
+        docker = Docker(str(options.get("docker") or "docker"))
         image = image_name(options)
-        per_container = max(1, int(options.get("agents_per_container") or 1))
+        per_container = int_option(options, "agents_per_container", 1)
         docker.check_engine()
         docker.check_image(image)
 

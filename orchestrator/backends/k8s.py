@@ -22,12 +22,13 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import (
     RESULT_FILES,
     DeploymentError,
+    check_options,
     collect,
     extract_results,
     follow,
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 KUBECTL_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 600  # image pulls and torch's import on small nodes
 ALIVE_EVERY_S = 3.0  # how often Pod phases are listed while following
+OPTIONS = ("image", "namespace", "context", "kubectl", "pull_policy")
 _FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) ->")
 
 
@@ -85,7 +87,7 @@ class K8sBackend(Backend):
     name = "k8s"
 
     def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
-        options: dict[str, Any] = dict(ctx.options or {})
+        options = check_options(self.name, ctx.options or {}, OPTIONS)
         namespace = str(options.get("namespace") or DEFAULT_NAMESPACE)
         kubectl = Kubectl(str(options.get("kubectl") or "kubectl"), options.get("context"), namespace)
         kubectl.check_cluster()

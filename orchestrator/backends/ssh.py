@@ -33,7 +33,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mtl_node.errors import ConfigError
 from mtl_node.ports import reserved_ports
@@ -41,9 +40,11 @@ from orchestrator.backends.base import BACKENDS, RunContext, RunOutput
 from orchestrator.backends.common import (
     RESULT_FILES,
     DeploymentError,
+    check_options,
     collect,
     extract_results,
     follow,
+    int_option,
     wait_healthy,
 )
 from orchestrator.backends.local import HostProcess, LocalBackend, stop_hosts, write_pids
@@ -57,6 +58,7 @@ DEFAULT_BASE_PORT = 50051
 START_TIMEOUT_S = 300.0  # remote machines may be small (torch's import alone takes a while)
 SSH_TIMEOUT_S = 60.0  # one short SSH command (write configs, kill, copy results)
 STOP_GRACE_S = 15.0
+OPTIONS = ("hosts", "ssh_config", "remote_command", "remote_dir", "base_port", "ssh")
 
 
 @dataclass(frozen=True)
@@ -162,13 +164,13 @@ class SSHBackend(LocalBackend):
     name = "ssh"
 
     def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
-        options: dict[str, Any] = dict(ctx.options or {})
+        options = check_options(self.name, ctx.options or {}, OPTIONS)
         ssh = SSH(str(options.get("ssh") or "ssh"), options.get("ssh_config"))
         spread = [h for h in str(options.get("hosts") or "").split(",") if h.strip()]
         remote_command = str(options.get("remote_command") or DEFAULT_REMOTE_COMMAND)
         run_id = f"{plan.name}-{ctx.rule}-{uuid.uuid4().hex[:8]}"
         remote_dir = f"{str(options.get('remote_dir') or DEFAULT_REMOTE_DIR).rstrip('/')}/{run_id}"
-        base_port = int(options.get("base_port") or DEFAULT_BASE_PORT)
+        base_port = int_option(options, "base_port", DEFAULT_BASE_PORT)
 
         assignment = assign_hosts(plan, spread)
         hosts = [

@@ -1,6 +1,7 @@
 """The k8s backend without a cluster (none is reachable here): it must say so clearly and leave
 nothing behind. Its manifests are validated against the Kubernetes schemas in
-tests/unit/test_render.py; a run against a real cluster is documented in docs/deployment.md."""
+tests/unit/test_render.py; a run against a real cluster is documented in docs/deployment.md.
+Also: every deploying backend checks its -o options before anything starts."""
 
 from __future__ import annotations
 
@@ -56,3 +57,25 @@ current-context: nowhere
     assert done.returncode == 2, done.stderr
     assert "kubectl cannot reach a cluster" in done.stderr and "render --format k8s" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("backend", "option", "expected"),
+    [
+        ("docker", "imgae=x", "unknown option for backend docker (valid: image, agents_per_container"),
+        ("docker", "agents_per_container=two", "'two' is not a whole number"),
+        ("ssh", "base_port=0", "0 is below 1"),
+        ("k8s", "namespce=x", "unknown option for backend k8s (valid: image, namespace"),
+    ],
+)
+def test_backend_options_are_checked(backend: str, option: str, expected: str, tmp_path: Path) -> None:
+    """A mistyped -o option fails with the valid ones listed, before anything is deployed."""
+    topology = tmp_path / "t.yaml"
+    topology.write_text(TOPOLOGY + "overrides: {a0: {host: h}, a1: {host: h}, a2: {host: h}}\n")
+    done = subprocess.run(
+        [str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", backend, "-o", option,
+         "--no-progress", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
