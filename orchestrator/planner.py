@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from mtl_node.aggregation.base import RuleParams
 from mtl_node.aggregation.robust import check_topology
@@ -176,7 +177,7 @@ def plan_topology(spec: Spec) -> RunPlan:
             )
         )
 
-    knobs = RuleParams(nu=spec.nu, ema_init=spec.ema_init)
+    knobs = _rule_params(spec)
     # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood.
     check_topology(
         spec.rule_names,
@@ -298,3 +299,21 @@ def _list(ids: list[str], limit: int = 12) -> str:
     if len(ids) <= limit:
         return ", ".join(ids)
     return ", ".join(ids[:limit]) + f", ... ({len(ids)} in all)"
+
+
+def _rule_params(spec: Spec) -> RuleParams:
+    """nu and ema_init (top-level, as in the paper) plus ``rule_params``, validated together."""
+    data = {"nu": spec.nu, "ema_init": spec.ema_init, **spec.rule_params}
+    try:
+        return RuleParams.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        field = (
+            where if where in ("nu", "ema_init") and where not in spec.rule_params else f"rule_params.{where}"
+        )
+        raise ConfigError(
+            field,
+            f"{err['msg']} (got {err.get('input')!r})",
+            f"rule parameters: {', '.join(sorted(RuleParams.model_fields))}",
+        ) from None

@@ -290,6 +290,10 @@ class Spec(_Model):
     seed: int = Field(0, ge=0, lt=2**63)
     nu: float = Field(0.1, gt=0.0, le=1.0, description="EMA forgetting factor, in (0, 1]")
     ema_init: float | None = Field(10.0, ge=0.0, description="EMA before the first observation")
+    rule_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other rule knobs (mtl_node.aggregation.RuleParams: f, clip_tau, floor, ...)",
+    )
     learning_rate: float | None = Field(None, gt=0.0, description="the task's step size (mu, lr)")
     fetch_timeout: float = Field(30.0, gt=0, description="deadline of one model fetch, seconds")
     window: float = Field(0.2, gt=0.0, le=1.0, description="share of final rounds summarised")

@@ -398,3 +398,12 @@ def test_planning_and_rendering_modules_do_not_import_torch(tmp_path: Path) -> N
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_rule_params_reach_the_plan_and_the_robust_checks() -> None:
+    plan = plan_of(rules=["krum"], rule_params={"f": 0}, graph={"kind": "ring", "k": 1}, agents=6)
+    assert plan.rule_params["f"] == 0
+    with pytest.raises(ConfigError, match=r"^rules\.0: krum with f=1"):
+        plan_of(rules=["krum"], rule_params={"f": 1}, graph={"kind": "ring", "k": 1}, agents=6)
+    with pytest.raises(ConfigError, match=r"^rule_params\.bogus: "):
+        plan_of(rule_params={"bogus": 1})
