@@ -6,12 +6,15 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from mtl_node.errors import ConfigError, MTLError
+
+if TYPE_CHECKING:
+    from mtl_node.config import NodeConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -62,6 +65,20 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def check_agent(cfg: NodeConfig) -> None:
+    """Build the agent's parts once before serving, so that task and attack parameter errors and
+    a rule whose assumptions the neighbourhood cannot meet exit 2 with one clear line."""
+    from mtl_node.aggregation.robust import check_neighbourhood
+    from mtl_node.attack_api import make_attack
+    from mtl_node.tasks import make_task
+
+    make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+    if cfg.attack:
+        make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
+    else:
+        check_neighbourhood(cfg.rule, cfg.rule_params, len(cfg.neighbors), cfg.id, "rule")
 
 
 @app.command()
@@ -128,14 +145,8 @@ def serve(
         if "id" not in data:
             raise ConfigError("--id", "missing", "give --id NAME or id: in the config file")
         cfg = build_config(data)
-        # Build the agent's pieces once here so task/attack parameter errors exit 2 cleanly.
-        from mtl_node.attack_api import make_attack
+        check_agent(cfg)
         from mtl_node.daemon import run_daemon
-        from mtl_node.tasks import make_task
-
-        make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
-        if cfg.attack:
-            make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
     except MTLError as exc:
         raise _fail(exc) from None
     raise typer.Exit(run_daemon([cfg], cfg.exit_when_done, cfg.linger))
@@ -152,10 +163,8 @@ def serve_many(
 
     Saves the ~230 MB a torch process costs per agent when many agents share one machine.
     """
-    from mtl_node.attack_api import make_attack
     from mtl_node.config import build_config, load_yaml
     from mtl_node.daemon import run_daemon
-    from mtl_node.tasks import make_task
 
     setup_logging(log_level)
     try:
@@ -167,9 +176,7 @@ def serve_many(
         for index, item in enumerate(items):
             try:
                 cfg = build_config(item if isinstance(item, dict) else {})
-                make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
-                if cfg.attack:
-                    make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
+                check_agent(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"agents[{index}].{exc.field}", exc.problem, exc.fix) from None
             configs.append(cfg)
