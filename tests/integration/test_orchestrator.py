@@ -188,7 +188,7 @@ def test_detach_status_down(topology: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "field"),
     [
-        (["--backend", "docker"], "--backend"),
+        (["--backend", "nomad"], "--backend"),
         (["--rule", "median-of-nothing"], "--rule"),
         (["--rounds", "-3"], "--rounds"),
     ],
