@@ -224,7 +224,9 @@ def test_ssh_backend_runs_a_topology_end_to_end(sshd: SSHServer, tmp_path: Path)
                 ), (rule, metric, key)
 
 
-def test_unreachable_host_and_missing_host_are_clear_errors(sshd: SSHServer, tmp_path: Path) -> None:
+def test_unreachable_host_missing_command_and_missing_host_are_clear_errors(
+    sshd: SSHServer, tmp_path: Path
+) -> None:
     topology = tmp_path / "topology.yaml"
     topology.write_text(TOPOLOGY.replace("a3: {host: node-b}", "a3: {host: node-down}"))
     done = orchestrate(
@@ -235,6 +237,17 @@ def test_unreachable_host_and_missing_host_are_clear_errors(sshd: SSHServer, tmp
     assert done.returncode == 2, done.stderr
     assert "ssh node-down:" in done.stderr and "Traceback" not in done.stderr
     assert processes_mentioning(str(tmp_path / "remote")) == []
+
+    # A remote command that is not there: the remote shell's complaint comes back in the error.
+    topology.write_text(TOPOLOGY)
+    done = orchestrate(
+        "up", str(topology), "--backend", "ssh", "--out", str(tmp_path / "nocmd"), "--no-progress",
+        "-o", f"ssh_config={sshd.client_config}", "-o", f"remote_command={tmp_path / 'no-mtl-node'}",
+        "-o", f"remote_dir={tmp_path / 'remote'}",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "exited with code 127 before serving" in done.stderr and "no-mtl-node" in done.stderr
+    assert "Traceback" not in done.stderr
 
     topology.write_text(TOPOLOGY.split("overrides:")[0])
     done = orchestrate(
