@@ -87,9 +87,9 @@ def render_digit(label: int, rng: np.random.Generator) -> np.ndarray:
     level = float(background.mean())
     # Ink contrasts with the background: dark on light or light on dark, never nearly equal.
     if level > 0.5 or (0.35 < level <= 0.5 and rng.random() < 0.5):
-        ink = rng.uniform(0.0, max(level - 0.35, 0.02))
+        ink = rng.uniform(0.0, max(level - 0.45, 0.02))
     else:
-        ink = rng.uniform(min(level + 0.35, 0.98), 1.0)
+        ink = rng.uniform(min(level + 0.45, 0.98), 1.0)
     canvas = background * (1.0 - mask) + ink * mask
     small = Image.fromarray(canvas.astype(np.float32), mode="F").resize((SIZE, SIZE), Image.Resampling.BOX)
     image = np.asarray(small) + rng.normal(0.0, 0.02, size=(SIZE, SIZE))
@@ -105,7 +105,7 @@ def _glyph(label: int, rng: np.random.Generator) -> np.ndarray:
     centre = (CANVAS / 2 + rng.uniform(-4, 4), CANVAS / 2 + rng.uniform(-4, 4))
     draw.text(centre, str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
     image = image.rotate(
-        float(rng.uniform(-18, 18)), resample=Image.Resampling.BILINEAR, center=centre, fillcolor=0
+        float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR, center=centre, fillcolor=0
     )
     return np.asarray(image, dtype=np.float32) / 255.0
 
@@ -116,7 +116,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     lo, hi = float(texture.min()), float(texture.max())
     texture = (texture - lo) / (hi - lo + 1e-9)
     base = rng.uniform(0.0, 1.0)
-    contrast = rng.uniform(0.1, 0.45)
+    contrast = rng.uniform(0.1, 0.35)
     out = base + contrast * (texture - 0.5) + rng.normal(0.0, 0.03, size=texture.shape)
     return np.clip(out, 0.0, 1.0)
 
