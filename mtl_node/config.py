@@ -6,6 +6,7 @@ line and exits 2.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,16 @@ def build_config(data: dict[str, Any]) -> NodeConfig:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file, or a JSON file (by its .json suffix: what orchestrators write; parsed as JSON
+    because YAML 1.1 would read a number such as 1e-12 as a string)."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
