@@ -377,7 +377,7 @@ def render(data: dict[str, Any], command: str) -> str:
         f"- Attacks (`mtl-node attacks`, parameters for target localization): {params}.",
         "- Rules: `none` (non-cooperative reference), `average`, the paper's `loss-filtered` (nu 0.1, "
         "EMA starting at 10), the hardened `loss-filtered-capped` (weight cap 1 x own) and "
-        "`loss-filtered-clipped` (clip at 2 x the median distance of the kept neighbours), and the "
+        "`loss-filtered-clipped` (pulls clipped at 2 x the agent's own adaptation step), and the "
         "robust baselines `median`, `trimmed-mean`, `krum`, `geometric-median` (50 Weiszfeld "
         "iterations), `self-clipping` (tau 1). The baselines run at their strongest: each normal "
         "agent's f is its true number of Byzantine neighbours, capped at the most its neighbourhood "
