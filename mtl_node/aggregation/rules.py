@@ -96,16 +96,6 @@ class _EmaRule(Rule):
         return Aggregation(weights, decisions)
 
 
-@RULES.register("loss-filtered", "eq. 10: inverse EMA loss on own data, neighbours worse than self dropped")
-class LossFiltered(_EmaRule):
-    name = "loss-filtered"
-    needs_loss = True
-    filtered = True
-
-    def score(self, c: Candidate) -> float | None:
-        return c.loss
-
-
 @RULES.register("loss", "eq. 9: inverse EMA loss on own data, no filter")
 class LossWeighted(_EmaRule):
     name = "loss"
@@ -113,6 +103,12 @@ class LossWeighted(_EmaRule):
 
     def score(self, c: Candidate) -> float | None:
         return c.loss
+
+
+@RULES.register("loss-filtered", "eq. 10: inverse EMA loss on own data, neighbours worse than self dropped")
+class LossFiltered(LossWeighted):
+    name = "loss-filtered"
+    filtered = True
 
 
 @RULES.register("distance", "eq. 4: inverse EMA of ||theta_prev - psi_l||^2, no filter")
