@@ -77,11 +77,11 @@ class RssSampler(threading.Thread):
         self.interval = interval
         self.peak = 0
         self.processes_peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             total = 0
             children = me.children(recursive=True)
             for child in children:
@@ -89,10 +89,10 @@ class RssSampler(threading.Thread):
                     total += child.memory_info().rss
             self.peak = max(self.peak, total)
             self.processes_peak = max(self.processes_peak, len(children))
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
