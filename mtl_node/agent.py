@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from mtl_node import state as agent_state
 from mtl_node import wire
 from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
@@ -95,9 +96,63 @@ class Agent:
         self.fetches = self.attack is not None or self.rule.name != "none"
         self._last_failure: dict[str, str] = {}
         self.done = asyncio.Event()
-        self.store.publish(0, self.theta)
         if self.attack is not None:
             self.attack.bind(_AgentView(self))
+        # Crash-only (mtl_node/state.py): continue after the last round whose state is on disk.
+        self.state_dir = config.state_path
+        self.fingerprint = agent_state.fingerprint(config, self.manifest)
+        self.start_round = 0
+        saved = agent_state.load(self.state_dir, self.fingerprint, config.device) if self.state_dir else None
+        if saved is not None:
+            self.restore(saved)
+        else:
+            self.store.publish(0, self.theta)
+        self.recorder.resume(self.start_round)
+
+    # -- crash-only state -----------------------------------------------------------------------
+
+    def snapshot(self, i: int) -> agent_state.AgentState:
+        """Everything needed to continue after round ``i`` exactly (see mtl_node/state.py)."""
+        published = {}
+        for r in range(max(1, i - self.config.keep_rounds + 1), i + 1):
+            p = self.store.get(r)
+            if p is not None:
+                published[r] = p.state
+        task_meta, task_tensors = self.task.state()
+        attack_meta, attack_tensors = self.attack.state() if self.attack is not None else ({}, {})
+        return agent_state.AgentState(
+            round=i,
+            fingerprint=self.fingerprint,
+            theta=self.theta,
+            published=published,
+            fetched=dict(self.fetched_rounds),
+            rule=self.rule.state(),
+            task=task_meta,
+            task_tensors=task_tensors,
+            attack=attack_meta,
+            attack_tensors=attack_tensors,
+        )
+
+    def restore(self, saved: agent_state.AgentState) -> None:
+        self.theta = saved.theta
+        for r in sorted(saved.published):
+            self.store.publish(r, saved.published[r])
+        self.fetched_rounds = OrderedDict(sorted(saved.fetched.items()))
+        self.rule.load_state(saved.rule)
+        self.task.load_state(saved.task, saved.task_tensors)
+        if self.attack is not None:
+            self.attack.load_state(saved.attack, saved.attack_tensors)
+        self.start_round = saved.round
+        self.status = _replace(self.status, round=saved.round)
+        log.info("%s: resumed after round %d from %s", self.id, saved.round, self.state_dir)
+
+    async def _save_state(self, i: int) -> None:
+        every = self.config.state_every
+        if self.state_dir is None or not (i % every == 0 or i == self.config.rounds):
+            return
+        snap = self.snapshot(i)
+        self.recorder.sync()  # rows up to i durable before the state that says "after round i"
+        await self._compute(agent_state.write, self.state_dir, snap, self.id)
 
     # -- what the server side asks --------------------------------------------------------------
 
@@ -192,7 +247,7 @@ class Agent:
     async def run(self) -> None:
         self._set_status(_replace(self.status, state="running"))
         try:
-            for i in range(1, self.config.rounds + 1):
+            for i in range(self.start_round + 1, self.config.rounds + 1):
                 await self.run_round(i)
         except Exception:
             self._set_status(_replace(self.status, state="failed"))
@@ -243,6 +298,7 @@ class Agent:
             seconds=time.perf_counter() - started,
         )
         self.recorder.record(record, self.theta)
+        await self._save_state(i)
         self._set_status(
             AgentStatus(
                 self.id,

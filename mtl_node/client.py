@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -127,22 +128,26 @@ class GrpcTransport(Transport):
         if self.manifest is None:
             raise RuntimeError("GrpcTransport.expect(manifest) must be called before fetch")
         stub = self._stub(neighbor)
-        channel = self._channels[neighbor]
-        if neighbor in self._seen and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            # A neighbour that went away: fail now instead of paying the retry policy's backoff
-            # every round. The channel keeps reconnecting in the background (capped at 2 s), so a
-            # restarted neighbour is back within a round or two.
-            channel.get_state(try_to_connect=True)
-            raise FetchError(f"{neighbor}: connection failing", reason="unavailable")
-        # In round 1 (startup) wait for a neighbour's server to come up instead of failing fast.
-        _, payload = await fetch_payload(
-            stub,
-            round_,
-            requester,
-            timeout,
-            self.manifest,
-            wait_for_ready=round_ == 1 and neighbor not in self._seen,
-        )
+        # Crash-only (DESIGN §5): a neighbour whose connection is refused or breaks (it was killed
+        # and is restarting) is waited for within the deadline, so a restart changes no result.
+        # Rounds are idempotent to fetch, so a broken stream is simply asked again. An UNAVAILABLE
+        # its own server sent (a refusal, "<id>: ..."), or a deadline, ends the fetch at once.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                left = max(0.01, deadline - loop.time())
+                _, payload = await fetch_payload(
+                    stub, round_, requester, left, self.manifest, wait_for_ready=True
+                )
+                break
+            except FetchError as exc:
+                remaining = deadline - loop.time()
+                refused = str(exc).startswith(f"UNAVAILABLE: {neighbor}: ")
+                if exc.reason != "unavailable" or refused or remaining < 0.2:
+                    raise
+                log.debug("%s: round %d: connection lost (%s); asking again", neighbor, round_, exc)
+                await asyncio.sleep(min(0.2, remaining / 2))
         self._seen.add(neighbor)
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
