@@ -4,6 +4,12 @@ Agents are spread over a few ``mtl-node serve-many`` processes (one torch proces
 ~230 MB); each agent still has its own gRPC server on its own port, so every exchange crosses the
 network stack. Ports are reserved before start (mtl_node.ports) so every agent knows its
 neighbours' addresses up front. Every process is stopped on completion, error or Ctrl-C.
+
+Supervision (crash-only, DESIGN §5): a host process that dies before the run finished is started
+again with the same configuration after a backoff (0.5 s, doubling, at most 10 s); its agents
+resume from their state directories and a neighbour waits for them within the fetch deadline, so
+the results are those of an uninterrupted run. After ``max_restarts`` (option, default 5) restarts
+of one process the run fails with its last log lines.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -30,8 +35,11 @@ from orchestrator.backends.common import (  # noqa: F401  (collect, DeploymentEr
     DeploymentError,
     collect,
     follow,
+    int_option,
+    process_record,
     progress_of,
     wait_healthy,
+    write_atomic,
 )
 from orchestrator.plan import RunPlan
 
@@ -50,10 +58,94 @@ class HostProcess:
     stdout_path: Path
     log_path: Path
     _files: tuple[IO[bytes], IO[bytes]]
+    cmd: list[str] | None = None
+    restarts: int = 0
+    restart_at: float | None = None  # monotonic time of the pending restart
+    served_before: int = 0  # "serving" lines in stdout before the current start
 
     def close_files(self) -> None:
         for f in self._files:
             f.close()
+
+    def start(self) -> None:
+        """(Re)start the process: stdout/stderr appended to the same files."""
+        assert self.cmd is not None
+        self.close_files()
+        self.served_before = _served(self.stdout_path)
+        out = open(self.stdout_path, "ab")  # noqa: SIM115 - closed in stop_hosts
+        err = open(self.log_path, "ab")  # noqa: SIM115
+        self._files = (out, err)
+        self.popen = _spawn(self.cmd, out, err)
+        self.restart_at = None
+
+
+def _spawn(cmd: list[str], out: IO[bytes], err: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=err,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches us, and we stop the agents in order
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _served(path: Path) -> int:
+    return path.read_text(errors="replace").count("mtl-node: serving ") if path.exists() else 0
+
+
+MAX_RESTARTS = 5
+BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+
+
+class Supervisor:
+    """Restarts host processes that die before the run is over (bounded, with backoff)."""
+
+    def __init__(self, hosts: list[HostProcess], workdir: Path, max_restarts: int = MAX_RESTARTS) -> None:
+        self.hosts = hosts
+        self.workdir = workdir
+        self.max_restarts = max_restarts
+
+    def check(self) -> None:
+        """Schedule or perform restarts; DeploymentError when a process exhausted its restarts."""
+        now = time.monotonic()
+        for h in self.hosts:
+            if h.restart_at is not None:
+                if now >= h.restart_at:
+                    log.warning(
+                        "restarting agent process %d (%s): restart %d",
+                        h.index,
+                        _names(h),
+                        h.restarts,
+                    )
+                    h.start()
+                    write_pids(self.workdir, self.hosts)
+                continue
+            code = h.popen.poll()
+            if code is None:
+                continue
+            if h.restarts >= self.max_restarts:
+                tail = "\n".join(h.log_path.read_text(errors="replace").splitlines()[-15:])
+                raise DeploymentError(
+                    f"agent process {h.index} ({_names(h)}) exited with code {code} after "
+                    f"{h.restarts} restarts (limit {self.max_restarts}); last log lines:\n{tail}"
+                )
+            h.restarts += 1
+            delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (h.restarts - 1))
+            log.warning(
+                "agent process %d (%s) exited (code %s); restart in %.1fs", h.index, _names(h), code, delay
+            )
+            h.restart_at = now + delay
+
+    def alive(self) -> set[str]:
+        """Agents whose process runs or is about to be restarted."""
+        self.check()
+        return {a for h in self.hosts for a in h.agents}
+
+
+def _names(h: HostProcess) -> str:
+    return ", ".join(h.agents[:3]) + ("..." if len(h.agents) > 3 else "")
 
 
 AGENTS_PER_PROCESS = 25
@@ -71,8 +163,9 @@ def split(ids: list[str], groups: int) -> list[list[str]]:
 
 
 def write_pids(workdir: Path, hosts: list[HostProcess]) -> None:
-    """So ``mtl-orchestrate down`` can stop agents even if this supervisor died."""
-    (workdir / "pids.json").write_text(json.dumps([h.popen.pid for h in hosts]))
+    """So ``mtl-orchestrate down`` can stop agents even if this supervisor died: pid, start time
+    and command line of each, which ``down`` checks before signalling (a pid may be reused)."""
+    write_atomic(workdir / "pids.json", json.dumps([process_record(h.popen.pid) for h in hosts]))
 
 
 def stop_hosts(hosts: list[HostProcess], grace: float = 10.0) -> None:
@@ -101,18 +194,20 @@ class LocalBackend(Backend):
         options = ctx.options or {}
         ids = [a.id for a in plan.agents]
         processes = int(options.get("processes") or default_processes(len(ids)))
+        max_restarts = int_option(options, "max_restarts", MAX_RESTARTS, minimum=0)
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         hosts: list[HostProcess] = []
+        supervisor = Supervisor(hosts, ctx.workdir, max_restarts)
         try:
             with reserved_ports(len(ids), HOST) as ports:
                 addresses = {agent_id: f"{HOST}:{port}" for agent_id, port in zip(ids, ports, strict=True)}
+                write_atomic(ctx.workdir / "addresses.json", json.dumps(addresses))
                 for index, group in enumerate(split(ids, processes)):
                     hosts.append(self._start_host(plan, ctx, index, group, addresses))
                 write_pids(ctx.workdir, hosts)
-                self._wait_serving(hosts)
-            alive = _alive_agents(hosts)
-            wait_healthy(addresses, START_TIMEOUT_S, alive)
-            follow(plan, ctx, addresses, alive)
+                self._wait_serving(hosts, supervisor)
+            wait_healthy(addresses, START_TIMEOUT_S, supervisor.alive)
+            follow(plan, ctx, addresses, supervisor.alive)
         finally:
             stop_hosts(hosts)
         return collect(plan, ctx)
@@ -137,39 +232,18 @@ class LocalBackend(Backend):
         out = open(stdout_path, "wb")  # noqa: SIM115 - closed in stop_hosts
         err = open(log_path, "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "mtl_node.cli", "serve-many", "--config", str(config_path)]
-        popen = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches us, and we stop the agents in order
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        return HostProcess(index, group, popen, stdout_path, log_path, (out, err))
+        return HostProcess(index, group, _spawn(cmd, out, err), stdout_path, log_path, (out, err), cmd)
 
-    def _wait_serving(self, hosts: list[HostProcess]) -> None:
+    def _wait_serving(self, hosts: list[HostProcess], supervisor: Supervisor) -> None:
+        """Until every process printed one "serving" line per agent; a process that exits first
+        is restarted like any crash (and fails the run once it used up its restarts)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = {h.index for h in hosts}
         while pending:
+            supervisor.check()
             for h in hosts:
-                if h.index not in pending:
-                    continue
-                served = h.stdout_path.read_text(errors="replace").count("mtl-node: serving ")
-                if served >= len(h.agents):
+                if h.index in pending and _served(h.stdout_path) - h.served_before >= len(h.agents):
                     pending.discard(h.index)
-                elif h.popen.poll() is not None:
-                    tail = h.log_path.read_text(errors="replace")[-2000:]
-                    raise DeploymentError(
-                        f"agent process {h.index} ({', '.join(h.agents[:3])}...) exited with "
-                        f"code {h.popen.returncode} before serving:\n{tail}"
-                    )
             if time.monotonic() > deadline:
                 raise DeploymentError(f"agents did not start within {START_TIMEOUT_S:.0f}s")
             time.sleep(0.1)
-
-
-def _alive_agents(hosts: list[HostProcess]) -> Callable[[], set[str]]:
-    def alive() -> set[str]:
-        return {a for h in hosts if h.popen.poll() is None for a in h.agents}
-
-    return alive

@@ -47,7 +47,7 @@ from orchestrator.backends.common import (
     int_option,
     wait_healthy,
 )
-from orchestrator.backends.local import HostProcess, LocalBackend, stop_hosts, write_pids
+from orchestrator.backends.local import HostProcess, LocalBackend, Supervisor, stop_hosts, write_pids
 from orchestrator.plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class SSHBackend(LocalBackend):
                     started.append(h)
                     procs.append(self._start(ssh, ctx, h, remote_dir, remote_command))
                 write_pids(ctx.workdir, procs)
-                self._wait_serving(procs)
+                self._wait_serving(procs, Supervisor(procs, ctx.workdir, max_restarts=0))
 
             def alive() -> set[str]:
                 return {a for p in procs if p.popen.poll() is None for a in p.agents}
