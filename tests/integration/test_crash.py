@@ -212,3 +212,100 @@ def test_process_crashing_on_every_start_fails_the_run(topology: Path, tmp_path:
     assert "after 2 restarts" in done.stderr and "a0" in done.stderr, done.stderr
     assert "not a readable agent state" in done.stderr, done.stderr
     assert processes_mentioning(out) == []
+
+
+def _kill_up_mid_run(topology: Path, out: Path) -> None:
+    up = start_up(topology, out, "--rounds", "60")
+    try:
+        wait_until(lambda: rows_done(out) >= 10 or up.poll() is not None, 300, "round 10")
+        assert up.poll() is None, up.communicate()
+        up.send_signal(signal.SIGKILL)
+        up.wait(30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert processes_mentioning(out), "the agents outlive their orchestrator"
+    status = orchestrate("status", str(out))
+    assert status.returncode == 0, status.stderr
+    assert "orphaned" in status.stdout and "running" not in status.stdout.split("\n")[0].split("(")[0], (
+        status.stdout
+    )
+
+
+def test_attach_after_up_was_sigkilled_completes_the_run(topology: Path, tmp_path: Path) -> None:
+    out = tmp_path / "attached"
+    _kill_up_mid_run(topology, out)
+    attached = orchestrate("attach", str(out), "--no-progress")
+    assert attached.returncode == 0, attached.stderr
+    assert processes_mentioning(out) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 60 and "partial" not in summary.get("rules", {}).get(RULE, {})
+    assert json.loads((out / "progress.json").read_text())["state"] == "done"
+    assert (out / "report.md").exists()
+    clean = tmp_path / "clean"
+    done = orchestrate(
+        "up",
+        str(topology),
+        "--backend",
+        "sim",
+        "--out",
+        str(clean),
+        "--no-progress",
+        "--no-report",
+        "--rounds",
+        "60",
+    )
+    assert done.returncode == 0, done.stderr
+    got, want = metrics_by_key(out), metrics_by_key(clean)
+    assert got.keys() == want.keys()
+    for key, values in got.items():
+        for a, b in zip(values, want[key], strict=True):
+            assert a == b or float(a) == pytest.approx(float(b), rel=1e-9, abs=1e-12), key
+
+
+def test_down_after_up_was_sigkilled_stops_everything(topology: Path, tmp_path: Path) -> None:
+    out = tmp_path / "downed"
+    _kill_up_mid_run(topology, out)
+    down = orchestrate("down", str(out))
+    assert down.returncode == 0, down.stderr
+    assert processes_mentioning(out) == []
+    assert "state: stopped" in orchestrate("status", str(out)).stdout
+
+
+def test_down_never_signals_a_foreign_process(tmp_path: Path) -> None:
+    """pids.json lists a live pid that is not one of the run's agents (here a `sleep` started by
+    the test, recorded with another start time, as after a pid wrap-around): down leaves it alone."""
+    foreign = subprocess.Popen(["sleep", "120"])
+    try:
+        work = tmp_path / "run" / "work" / RULE
+        work.mkdir(parents=True)
+        record = {
+            "pid": foreign.pid,
+            "create_time": psutil.Process(foreign.pid).create_time() - 5.0,
+            "cmdline": ["python", "-m", "mtl_node.cli", "serve-many"],
+        }
+        bare = foreign.pid  # an old-format entry without a start time
+        (work / "pids.json").write_text(json.dumps([record, bare]))
+        down = orchestrate("down", str(tmp_path / "run"))
+        assert down.returncode == 0, down.stderr
+        time.sleep(0.5)
+        assert foreign.poll() is None, "down signalled a process that is not one of the run's agents"
+    finally:
+        foreign.kill()
+        foreign.wait()
+
+
+def test_agent_dying_unrecovered_fails_the_run_naming_it(topology: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lost"
+    up = start_up(topology, out, "--rounds", "400", "-o", "max_restarts=0")
+    try:
+        wait_until(lambda: rows_done(out) >= 5 or up.poll() is not None, 300, "round 5")
+        os.kill(host_pids(out)[1], signal.SIGKILL)
+        _, stderr = up.communicate(timeout=300)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode != 0
+    assert "after 0 restarts" in stderr and "a2" in stderr, stderr
+    assert processes_mentioning(out) == []
+    assert json.loads((out / "progress.json").read_text())["state"] == "failed"
