@@ -45,7 +45,7 @@ class ConstantParams(BaseModel):
         return self
 
 
-@ATTACKS.register("constant", "per-coordinate values drawn from [low, high] (paper: [15,16])")
+@ATTACKS.register("constant")
 class Constant(Attack):
     """x_j ~ U[low, high] for every coordinate j of every tensor (integer tensors: cast).
 
@@ -88,7 +88,7 @@ class ScaledParams(BaseModel):
         return self
 
 
-@ATTACKS.register("scaled", "honest parameters times U[low, high] per coordinate (paper: U[0,0.1])")
+@ATTACKS.register("scaled")
 class Scaled(Attack):
     """x_j = h_j * s_j, s_j ~ U[low, high], h the attacker's honest model of round i.
 

@@ -24,7 +24,7 @@ class SignFlipParams(BaseModel):
     scale: float = Field(1.0, gt=0.0, description="the served model is -scale times the honest one")
 
 
-@ATTACKS.register("sign-flip", "the honest model with its sign flipped: -scale * h")
+@ATTACKS.register("sign-flip")
 class SignFlip(Attack):
     """x = -scale * h, h the attacker's honest model of round i."""
 
@@ -43,7 +43,7 @@ class IpmParams(BaseModel):
     epsilon: float = Field(0.1, gt=0.0, description="the served model is -epsilon times the honest mean")
 
 
-@ATTACKS.register("ipm", "inner-product manipulation: -epsilon * mean of the honest models it knows")
+@ATTACKS.register("ipm")
 class Ipm(Attack):
     """x = -epsilon * mean(H_i) (Xie et al. 2020, "Fall of empires", applied to models).
 
@@ -68,7 +68,7 @@ class AlieParams(BaseModel):
     sign: Literal[-1, 1] = Field(-1, description="-1: mean - z * std; 1: mean + z * std")
 
 
-@ATTACKS.register("alie", "a little is enough: mean +- z * std of the honest models, per coordinate")
+@ATTACKS.register("alie")
 class Alie(Attack):
     """x_j = mean_j(H_i) + sign * z * std_j(H_i) (Baruch et al. 2019), population std (ddof 0).
 
@@ -98,7 +98,7 @@ class MimicParams(BaseModel):
     )
 
 
-@ATTACKS.register("mimic", "copies an honest neighbour's model (over-weighs one agent's data)")
+@ATTACKS.register("mimic")
 class Mimic(Attack):
     """x = psi_t(i-1), t = target (default: min id of the neighbours fetched in round i-1).
 

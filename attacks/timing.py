@@ -28,7 +28,7 @@ class OnOffParams(BaseModel):
         return v
 
 
-@ATTACKS.register("on-off", "honest for honest_rounds rounds, then another attack (optionally in cycles)")
+@ATTACKS.register("on-off")
 class OnOff(Attack):
     """Round i is an attack round iff
     attack_rounds = 0: i > honest_rounds;
@@ -80,7 +80,7 @@ class OmissionParams(BaseModel):
     )
 
 
-@ATTACKS.register("omission", "never sends a model: refuses at once, or hangs until the requester's deadline")
+@ATTACKS.register("omission")
 class Omission(Attack):
     """x = nothing: raises Withhold. The node answers UNAVAILABLE (refuse) or holds the request until
     the requester's deadline and then fails it (hang); either way the requester counts the attacker
@@ -102,7 +102,7 @@ class StaleParams(BaseModel):
     lag: int = Field(10, ge=1, le=10_000_000, description="rounds behind: serves round max(1, i - lag)")
 
 
-@ATTACKS.register("stale", "replays its own honest model of an old round, max(1, i - lag)")
+@ATTACKS.register("stale")
 class Stale(Attack):
     """x = h(max(1, i - lag)), the attacker's own honest model of that round; when the node no
     longer keeps that round, the oldest round it keeps after it (small models are kept for the

@@ -43,8 +43,9 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from mtl_node import seeding
+from mtl_node.core import names
+from mtl_node.core.registry import Registry
 from mtl_node.errors import ConfigError
-from mtl_node.registry import Registry
 from mtl_node.wire import StateDict
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack", names.ATTACKS)
 _loaded = False
 
 Redraw = Literal["never", "round", "request"]

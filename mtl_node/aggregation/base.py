@@ -11,7 +11,8 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtl_node.registry import Registry
+from mtl_node.core import names
+from mtl_node.core.registry import Registry
 
 Decision = Literal["accepted", "filtered", "missing"]
 
@@ -137,7 +138,7 @@ class Rule(ABC):
         """``candidates[0]`` is the agent itself; it is always present."""
 
 
-RULES: Registry[type[Rule]] = Registry("rule")
+RULES: Registry[type[Rule]] = Registry("rule", names.RULES)
 
 
 def make_rule(name: str, params: RuleParams | None = None) -> Rule:

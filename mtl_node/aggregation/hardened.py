@@ -42,7 +42,7 @@ def cap_reason(cap: float) -> str:
     return f"weight capped at {cap:.4g} x own"
 
 
-@RULES.register("loss-filtered-capped", "loss-filtered, no neighbour weighing more than weight_cap x self")
+@RULES.register("loss-filtered-capped")
 class LossFilteredCapped(LossFiltered):
     """a'_l = min(a_l, c a_k) for every kept neighbour l, a'_k = 1 - sum_l a'_l (c = weight_cap).
 
@@ -70,10 +70,7 @@ class LossFilteredCapped(LossFiltered):
         return Aggregation(weights, decisions)
 
 
-@RULES.register(
-    "loss-filtered-clipped",
-    "loss-filtered, kept neighbours' pulls clipped to clip_scale x the agent's own step",
-)
+@RULES.register("loss-filtered-clipped")
 class LossFilteredClipped(LossFiltered):
     """theta = psi_k + sum_{l kept} a_l s_l (psi_l - psi_k), s_l = min(1, tau / ||psi_l - psi_k||),
     tau = clip_scale x sqrt(EMA of ||psi_k - theta_k(i-1)||^2): the agent's own adaptation step,

@@ -316,7 +316,7 @@ class _RobustRule(Rule):
         return Aggregation({c.agent_id: w for c in present}, decisions, combined=combined)
 
 
-@RULES.register("median", "coordinate-wise median of the neighbourhood (needs 2f+1 members)")
+@RULES.register("median")
 class Median(_RobustRule):
     name = "median"
 
@@ -326,7 +326,7 @@ class Median(_RobustRule):
         return self._statistic(candidates, present, coordinate_median(X, mask)[0])
 
 
-@RULES.register("trimmed-mean", "coordinate-wise mean less the f largest and f smallest (needs 2f+1)")
+@RULES.register("trimmed-mean")
 class TrimmedMean(_RobustRule):
     name = "trimmed-mean"
 
@@ -337,7 +337,7 @@ class TrimmedMean(_RobustRule):
         return self._statistic(candidates, present, trimmed_mean(X, mask, f)[0])
 
 
-@RULES.register("geometric-median", "Weiszfeld geometric median of the neighbourhood (needs 2f+1)")
+@RULES.register("geometric-median")
 class GeometricMedian(_RobustRule):
     name = "geometric-median"
 
@@ -349,7 +349,7 @@ class GeometricMedian(_RobustRule):
         return self._statistic(candidates, present, z[0])
 
 
-@RULES.register("krum", "the member closest to its n-f-2 nearest others (needs 2f+3 members)")
+@RULES.register("krum")
 class Krum(_RobustRule):
     name = "krum"
 
@@ -369,7 +369,7 @@ class Krum(_RobustRule):
         return Aggregation({chosen: 1.0}, decisions)
 
 
-@RULES.register("self-clipping", "own model + mean of neighbours' pulls clipped to clip_tau (no assumption)")
+@RULES.register("self-clipping")
 class SelfClipping(_RobustRule):
     name = "self-clipping"
 

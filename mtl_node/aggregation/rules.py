@@ -96,7 +96,7 @@ class _EmaRule(Rule):
         return Aggregation(weights, decisions)
 
 
-@RULES.register("loss", "eq. 9: inverse EMA loss on own data, no filter")
+@RULES.register("loss")
 class LossWeighted(_EmaRule):
     name = "loss"
     needs_loss = True
@@ -105,13 +105,13 @@ class LossWeighted(_EmaRule):
         return c.loss
 
 
-@RULES.register("loss-filtered", "eq. 10: inverse EMA loss on own data, neighbours worse than self dropped")
+@RULES.register("loss-filtered")
 class LossFiltered(LossWeighted):
     name = "loss-filtered"
     filtered = True
 
 
-@RULES.register("distance", "eq. 4: inverse EMA of ||theta_prev - psi_l||^2, no filter")
+@RULES.register("distance")
 class DistanceWeighted(_EmaRule):
     name = "distance"
     needs_distance = True
@@ -120,7 +120,7 @@ class DistanceWeighted(_EmaRule):
         return c.sq_distance
 
 
-@RULES.register("average", "equal weights over every neighbour whose model arrived")
+@RULES.register("average")
 class Average(Rule):
     name = "average"
 
@@ -134,7 +134,7 @@ class Average(Rule):
         return Aggregation({c.agent_id: w for c in present}, decisions)
 
 
-@RULES.register("none", "non-cooperative: every agent keeps its own model")
+@RULES.register("none")
 class NonCooperative(Rule):
     name = "none"
 
