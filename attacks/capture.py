@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from attacks._common import PARAMS_CONFIG, goal_like, towards, victim_model
 from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.kernels.attacks import budget_step
 from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
 
@@ -122,20 +124,12 @@ class LossBudget(Attack):
         if not math.isfinite(budget):
             return base
 
-        def feasible(step: float) -> bool:
-            loss = proxy_loss(task, towards(base, goal, step), round_, p.window)
-            return math.isfinite(loss) and loss <= budget
+        def feasible(steps: np.ndarray) -> np.ndarray:
+            loss = proxy_loss(task, towards(base, goal, float(steps[0])), round_, p.window)
+            return np.array([math.isfinite(loss) and loss <= budget])
 
-        if feasible(1.0):
-            return towards(base, goal, 1.0)
-        lo, hi = 0.0, 1.0
-        for _ in range(p.iters):
-            mid = (lo + hi) / 2
-            if feasible(mid):
-                lo = mid
-            else:
-                hi = mid
-        return towards(base, goal, lo) if lo > 0 else base
+        step = float(budget_step(feasible, np.array([p.iters]))[0])
+        return towards(base, goal, step) if step > 0 else base
 
 
 class LowLossParams(BaseModel):

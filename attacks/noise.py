@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from attacks._common import PARAMS_CONFIG, draw, per_tensor
 from attacks.constant import REDRAW_HELP
 from mtl_node.attack_api import ATTACKS, Attack, Redraw
+from mtl_node.kernels.attacks import perturbed
 from mtl_node.wire import StateDict
 
 
@@ -65,7 +66,7 @@ class SmallPerturbation(Attack):
         p = self.params
         assert isinstance(p, SmallPerturbationParams)
         rng = self.generator(round_, requester, p.redraw)
-        return per_tensor(honest, lambda _, t: t + draw(rng, t, "normal", 0.0, p.std))
+        return per_tensor(honest, lambda _, t: perturbed(t, draw(rng, t, "normal", 0.0, p.std)))
 
 
 class NanParams(BaseModel):

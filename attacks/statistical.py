@@ -13,8 +13,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from attacks._common import PARAMS_CONFIG, honest_pool, per_tensor, stack
+from attacks._common import PARAMS_CONFIG, honest_pool, like, moments, per_tensor
 from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.kernels.attacks import alie, ipm, sign_flip
 from mtl_node.wire import StateDict
 
 
@@ -34,7 +35,7 @@ class SignFlip(Attack):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, SignFlipParams)
-        return per_tensor(honest, lambda _, t: -p.scale * t)
+        return per_tensor(honest, lambda _, t: sign_flip(t, p.scale))
 
 
 class IpmParams(BaseModel):
@@ -58,7 +59,7 @@ class Ipm(Attack):
         p = self.params
         assert isinstance(p, IpmParams)
         pool = honest_pool(self.view, round_, honest)
-        return per_tensor(honest, lambda n, t: (-p.epsilon * stack(pool, n).mean(0)).to(t.dtype))
+        return per_tensor(honest, lambda n, t: like(ipm(moments(pool, n)[0], p.epsilon), t))
 
 
 class AlieParams(BaseModel):
@@ -84,8 +85,8 @@ class Alie(Attack):
         pool = honest_pool(self.view, round_, honest)
 
         def shift(name: str, t: torch.Tensor) -> torch.Tensor:
-            s = stack(pool, name)
-            return (s.mean(0) + p.sign * p.z * s.std(0, correction=0)).to(t.dtype)
+            mean, std = moments(pool, name)
+            return like(alie(mean, std, p.sign, p.z), t)
 
         return per_tensor(honest, shift)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 from attacks._common import PARAMS_CONFIG
 from mtl_node.attack_api import ATTACKS, Attack, AttackContext, AttackView, Withhold, make_attack
 from mtl_node.errors import ConfigError
+from mtl_node.kernels.attacks import on_off_attacking, stale_round
 from mtl_node.wire import StateDict
 
 
@@ -62,9 +63,7 @@ class OnOff(Attack):
     def attacking(self, round_: int) -> bool:
         p = self.params
         assert isinstance(p, OnOffParams)
-        if p.attack_rounds == 0:
-            return round_ > p.honest_rounds
-        return (round_ - 1) % (p.honest_rounds + p.attack_rounds) >= p.honest_rounds
+        return on_off_attacking(round_, p.honest_rounds, p.attack_rounds)
 
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         if self.attacking(round_):
@@ -114,5 +113,5 @@ class Stale(Attack):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, StaleParams)
-        old = self.view.own(max(1, round_ - p.lag))
+        old = self.view.own(int(stale_round(round_, p.lag)))
         return old if old is not None else honest

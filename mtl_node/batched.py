@@ -39,8 +39,9 @@ import torch
 
 from mtl_node import seeding
 from mtl_node.aggregation import NeighborDecision, RuleParams, hardened, robust
-from mtl_node.attack_api import make_attack, name_salt
+from mtl_node.attack_api import draw_generator, make_attack
 from mtl_node.config import NodeConfig
+from mtl_node.kernels import attacks as ka
 from mtl_node.kernels import decisions as reasons
 from mtl_node.kernels import robust as kernel_robust
 from mtl_node.kernels.decisions import (
@@ -322,12 +323,7 @@ class _Sender:
     on_off: tuple[int, int] | None
 
     def attacking(self, round_: int) -> bool:
-        if self.on_off is None:
-            return True
-        honest, attack = self.on_off
-        if attack == 0:
-            return round_ > honest
-        return (round_ - 1) % (honest + attack) >= honest
+        return self.on_off is None or ka.on_off_attacking(round_, *self.on_off)
 
 
 def _sender(cfg: NodeConfig) -> _Sender:
@@ -459,13 +455,7 @@ class _Attackers:
             if redraw == "never" and key in self._never:
                 values[j] = self._never[key]
                 continue
-            counters: tuple[int, ...] = ()
-            if redraw in ("round", "request"):
-                counters = (round_,)
-            if redraw == "request":
-                counters += tuple(seeding.id_key(requester))
-            salt = (name_salt(kind),) if salted else ()
-            rng = seeding.generator(seed, agent, seeding.ATTACK, *salt, *counters)
+            rng = draw_generator(seed, agent, kind, redraw, round_, requester or "", salted=salted)
             values[j] = rng.uniform(first, second, 2) if dist == "uniform" else rng.normal(first, second, 2)
             if redraw == "never":
                 self._never[key] = values[j]
@@ -494,24 +484,24 @@ class _Attackers:
                 if kind == "constant" or kind == "gaussian":
                     out[idx] = draws
                 elif kind == "small-perturbation":
-                    out[idx] = own + draws
+                    out[idx] = ka.perturbed(own, draws)
                 else:
-                    out[idx] = own * draws
+                    out[idx] = ka.scaled(own, draws)
             elif kind == "nan":
                 out[idx] = math.nan
             elif kind == "omission":
                 out[idx] = 0.0
                 withheld[idx] = True
             elif kind == "sign-flip":
-                out[idx] = self._param(a, "scale", neg=True)[:, None] * own
+                out[idx] = ka.sign_flip(own, self._param(a, "scale")[:, None])
             elif kind in ("ipm", "alie"):
                 mean, std = self._pool(psi, prev)
                 pos = np.searchsorted(self.pool_rows, a)
                 if kind == "ipm":
-                    out[idx] = self._param(a, "epsilon", neg=True)[:, None] * mean[pos]
+                    out[idx] = ka.ipm(mean[pos], self._param(a, "epsilon")[:, None])
                 else:
-                    sz = self._param(a, "sign") * self._param(a, "z")
-                    out[idx] = mean[pos] + sz[:, None] * std[pos]
+                    sign, z = self._param(a, "sign")[:, None], self._param(a, "z")[:, None]
+                    out[idx] = ka.alie(mean[pos], std[pos], sign, z)
             elif kind == "mimic":
                 copied = self._mimic(psi, prev)
                 out[idx] = copied[np.searchsorted(self.mimic_rows, a)]
@@ -519,7 +509,7 @@ class _Attackers:
                 out[idx] = self._low_loss(a, own)
             elif kind == "stale":
                 lag = self._param(a, "lag").astype(np.intp)
-                back = np.maximum(1, round_ - lag)
+                back = ka.stale_round(round_, lag)
                 pos = np.searchsorted(self.stale_rows, a)
                 hist = np.stack(self.history)  # (rounds so far, stale senders, 2)
                 out[idx] = hist[back - 1, pos]
@@ -528,7 +518,7 @@ class _Attackers:
                 if kind == "echo":
                     out[idx] = base
                 elif kind == "distance-capture":
-                    out[idx] = base + self._param(a, "r")[:, None] * (self._goal(a) - base)
+                    out[idx] = ka.towards(base, self._goal(a), self._param(a, "r")[:, None])
                 else:
                     out[idx] = self._loss_budget(a, base, round_)
         if len(self.on_off_pairs):
@@ -570,13 +560,7 @@ class _Attackers:
         if prev is None:
             return own, np.zeros_like(own)
         received, present = prev
-        m = present[rows] & self.b.neighbours[rows]
-        X = np.where(m[:, :, None], received[rows], 0.0)
-        count = 1 + m.sum(axis=1, keepdims=True)
-        mean = (own + X.sum(axis=1)) / count
-        dev = np.where(m[:, :, None], received[rows] - mean[:, None, :], 0.0)
-        var = ((own - mean) ** 2 + (dev**2).sum(axis=1)) / count
-        return mean, np.sqrt(var)
+        return ka.pool_moments(own, received[rows], present[rows] & self.b.neighbours[rows])
 
     def _mimic(self, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Per mimic row: the model fetched last round from its target (the smallest id present)."""
@@ -625,7 +609,7 @@ class _Attackers:
             return total / count
 
         def towards(step: np.ndarray) -> np.ndarray:
-            return base + step[:, None] * (goal - base)
+            return ka.towards(base, goal, step[:, None])
 
         budget = slack * proxy(base)
         ok_budget = np.isfinite(budget)
@@ -634,17 +618,8 @@ class _Attackers:
             loss = proxy(towards(step))
             return np.isfinite(loss) & (loss <= budget)
 
-        one = np.ones(len(base))
-        full = feasible(one)
-        lo, hi = np.zeros(len(base)), np.ones(len(base))
-        for it in range(int(iters.max(initial=0))):
-            mid = (lo + hi) / 2
-            good = feasible(mid)
-            active = it < iters
-            lo = np.where(active & good, mid, lo)
-            hi = np.where(active & ~good, mid, hi)
-        out = np.where((lo > 0)[:, None], towards(lo), base)
-        out = np.where(full[:, None], towards(one), out)
+        step = ka.budget_step(feasible, iters)
+        out = np.where((step > 0)[:, None], towards(step), base)
         return np.where(ok_budget[:, None], out, base)
 
 
