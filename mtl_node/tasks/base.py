@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +53,12 @@ class Task(ABC):
     @abstractmethod
     def adapt(self, model: StateDict, round_: int) -> StateDict:
         """psi = local update of ``model`` on the agent's data of ``round_`` (must not mutate it)."""
+
+    def detached(self) -> AbstractContextManager[None]:
+        """A context in which ``adapt`` leaves no trace on the agent's own training state (optimizer
+        moments and the like), for attacks that train extra copies of the model (low-loss). Tasks
+        whose ``adapt`` keeps no state need not override it."""
+        return nullcontext()
 
     @abstractmethod
     def losses(self, models: Sequence[StateDict], round_: int) -> list[float]:
