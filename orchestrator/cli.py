@@ -64,7 +64,8 @@ def up(
         typer.Option(
             "--option",
             "-o",
-            help="backend option KEY=VALUE (docker: image, agents_per_container; "
+            help="backend option KEY=VALUE (sim: engine=auto|batched|per-agent; "
+            "docker: image, agents_per_container; "
             "ssh: ssh_config, remote_command, remote_dir; k8s: image, namespace, kubectl)",
         ),
     ] = None,
