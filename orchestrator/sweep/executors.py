@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from types import TracebackType
@@ -89,6 +90,31 @@ class LocalExecutor(Executor):
             self._pool = None
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: ray.init retries such an address for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            "--address",
+            f"cannot join the Ray cluster at {address}: {exc.strerror or exc}",
+            "start one with `ray start --head` and pass the address it prints",
+        ) from None
+
+
+def _ray_cell(job: Job) -> tuple[Record, str]:
+    """A cell in a Ray worker, with the id of the node that ran it."""
+    import ray
+
+    from orchestrator.sweep.cell import run_cell
+
+    return run_cell(job), ray.get_runtime_context().get_node_id()
+
+
 @EXECUTORS.register("ray", "one Ray task per cell on a Ray cluster (--address ADDR)")
 class RayExecutor(Executor):
     name = "ray"
@@ -103,18 +129,28 @@ class RayExecutor(Executor):
             ) from None
         self._pending: list[Any] = []
         self._started = False
+        self.nodes: dict[str, int] = {}  # Ray node id -> cells it ran
 
     def run(self, jobs: list[Job]) -> Iterator[Record]:
         import ray
 
-        from orchestrator.sweep.cell import run_cell
-
         if self.address is not None:
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=self.workers, log_to_driver=False, logging_level=logging.WARNING)
+            _check_reachable(self.address)
+        try:
+            if self.address is not None:
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=self.workers, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                "--address",
+                f"cannot join the Ray cluster at {self.address or 'a new local instance'}: {first}",
+                "start one with `ray start --head` and pass the address it prints",
+            ) from None
         self._started = True
-        remote = ray.remote(num_cpus=1, max_retries=1)(run_cell)
+        # SPREAD: cells are CPU-bound and independent; fill every node, not the head first.
+        remote = ray.remote(num_cpus=1, max_retries=1, scheduling_strategy="SPREAD")(_ray_cell)
         # --workers caps the cells in flight (default: as many as the cluster takes).
         cap = self.workers or len(jobs)
         queue = list(reversed(jobs))
@@ -122,7 +158,10 @@ class RayExecutor(Executor):
             while queue and len(self._pending) < cap:
                 self._pending.append(remote.remote(queue.pop()))
             done, self._pending = ray.wait(self._pending, num_returns=1)
-            yield ray.get(done[0])
+            record, node = ray.get(done[0])
+            self.nodes[node] = self.nodes.get(node, 0) + 1
+            yield record
+        log.info("ray: %d cells on %d nodes (%s)", sum(self.nodes.values()), len(self.nodes), self.nodes)
 
     def close(self) -> None:
         if not self._started:
