@@ -65,7 +65,7 @@ def test_planning_every_example_loads_no_torch() -> None:
         from orchestrator.planner import plan_topology
         from orchestrator.render import render
         from orchestrator.spec import load_topology
-        for path in sorted(Path("examples").glob("*.yaml")):
+        for path in sorted(p for p in Path("examples").glob("*.yaml") if not p.name.startswith("sweep-")):
             plan = plan_topology(load_topology(path))
         """
     )
