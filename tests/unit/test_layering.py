@@ -35,6 +35,11 @@ TORCH_FREE = [
     "orchestrator.backends.local",
     "orchestrator.backends.ssh",
     "orchestrator.backends.sim",
+    "orchestrator.sweep.spec",
+    "orchestrator.sweep.runner",
+    "orchestrator.sweep.executors",
+    "orchestrator.sweep.report",
+    "orchestrator.sweep.cell",
 ]
 
 
