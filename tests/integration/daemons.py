@@ -124,8 +124,6 @@ class AgentSpec:
     args: Sequence[str] = ()
     # Neighbours that are not daemons of this set (e.g. a peer served by the test): id -> address.
     external: dict[str, str] = field(default_factory=dict)
-    # Serve with another agent's certificate (an impostor at this agent's address).
-    cert_of: str | None = None
 
 
 @dataclass
@@ -192,7 +190,13 @@ class DaemonSet:
         common_args: Sequence[str] = (),
         save_models_every: int = 1,
         insecure: bool = False,
+        stand_ins: dict[str, str] | None = None,
+        cert_args: Any = None,
+        operator: TlsMaterial | None = None,
     ) -> None:
+        """``stand_ins``: neighbour id -> id of a daemon of this set whose address it gets (an
+        impostor); ``cert_args(id)`` / ``operator``: certificates of another CA than the shared
+        test CA (e.g. made with openssl)."""
         self.base_dir = base_dir
         self.specs = list(specs)
         self.rounds = rounds
@@ -201,6 +205,9 @@ class DaemonSet:
         self.common_args = list(common_args)
         self.save_models_every = save_models_every
         self.insecure = insecure
+        self.stand_ins = dict(stand_ins or {})
+        self.cert_args = cert_args
+        self.operator = operator
         self.peers_file = base_dir / "peers.json"
         self.daemons: dict[str, Daemon] = {}
         self._pids: list[int] = []
@@ -234,21 +241,29 @@ class DaemonSet:
         for spec in self.specs:
             self._launch(spec)
         self.wait_serving()
-        write_peers_file(self.peers_file, {d.id: d.address for d in self.daemons.values()})
+        addresses = {d.id: d.address for d in self.daemons.values()}
+        addresses |= {alias: addresses[real] for alias, real in self.stand_ins.items()}
+        write_peers_file(self.peers_file, addresses)
 
     def tls_args(self, spec: AgentSpec) -> list[str]:
         if self.insecure:
             return ["--insecure"]
-        return shared_ca().args(spec.cert_of or spec.id)
+        if self.cert_args is not None:
+            return list(self.cert_args(spec.id))
+        return shared_ca().args(spec.id)
 
     def channel(self, agent: str) -> Any:
         """A blocking channel to ``agent`` as the operator (or plaintext for an insecure set)."""
+        if self.operator is not None:
+            return create_sync_channel(
+                self.daemons[agent].address, tls=self.operator, expected_identity=agent_id(agent)
+            )
         return operator_channel(self.daemons[agent].address, agent, self.insecure)
 
     def _command(self, spec: AgentSpec) -> list[str]:
         d = self.daemons[spec.id]
         # Daemons of this set: addresses from the peers file once all are bound.
-        addresses = {n: f"{HOST}:0" for n in spec.neighbors if n in self.daemons}
+        addresses = {n: f"{HOST}:0" for n in spec.neighbors if n in self.daemons or n in self.stand_ins}
         addresses |= spec.external
         order = [*spec.neighbors, *(n for n in spec.external if n not in spec.neighbors)]
         neighbors = ",".join(f"{n}={addresses[n]}" for n in order)
