@@ -214,13 +214,28 @@ def render(
     namespace: Annotated[str, typer.Option(help="k8s: namespace of every object")] = "resilient-mtl",
     seed: Annotated[int | None, typer.Option(help="override the topology's seed")] = None,
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
+    certs: Annotated[
+        Path | None, typer.Option(help="certificates (mtl-orchestrate certs); default: a new CA in OUT/certs")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plaintext gRPC, no identities (opt-out)")
+    ] = False,
+    trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
 ) -> None:
-    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects."""
+    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects.
+
+    With TLS (the default) each agent's certificate and key go into its own Kubernetes Secret, or
+    into OUT/tls/<id>/ for compose; keep OUT private (docs/deployment.md: or let cert-manager
+    issue them).
+    """
     from orchestrator.render import render as render_plan
 
     try:
         plan = load_plan(topology, seed, rounds, None)
-        rendered = render_plan(plan, format, out, image=image, rule=rule, namespace=namespace)
+        run_certs = _run_certs(plan, out, certs, insecure, trust_domain)
+        rendered = render_plan(
+            plan, format, out, image=image, rule=rule, namespace=namespace, certs=run_certs
+        )
     except MTLError as exc:
         raise _fail(exc) from None
     for warning in plan.warnings:
