@@ -24,11 +24,20 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from mtl_node.core.protocol import MAX_MESSAGE_BYTES, SERVICE
 from mtl_node.errors import FetchError
 from mtl_node.identity import SpiffeId, TlsMaterial, identity_of
-from mtl_node.wire import MAX_MESSAGE_BYTES
 
-SERVICE = "mtl.v1.Node"
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "SERVER_OPTIONS",
+    "SERVICE",
+    "create_channel",
+    "create_sync_channel",
+    "discover_identity",
+    "is_identity_error",
+    "server_credentials",
+]
 
 # Retry transient UNAVAILABLE (a peer restarting, a refused connection during startup) a few
 # times with backoff; every call still carries its own deadline.

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from mtl_node import catalog
+from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError
 from orchestrator.plan import RunPlan
 from orchestrator.planner import plan_file, plan_topology
 from orchestrator.spec import Spec, apply_overrides, load_topology, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# Topology files; examples/sweep-*.yaml are sweep files (tests/unit/test_sweep_spec.py).
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("sweep-"))
 BASE: dict[str, Any] = {"name": "t", "agents": 8}
 
 
