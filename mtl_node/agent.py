@@ -36,6 +36,12 @@ T = TypeVar("T")
 
 # Models above this size are adapted/scored in a worker thread so the event loop keeps serving.
 OFFLOAD_BYTES = 1 << 20
+# state_every unset ("auto"): write the state once the time since the last write is this many times
+# what the last write took (bounding its share of the run to about 1/(1+AUTO_STATE_FACTOR)), at
+# most AUTO_STATE_MAX_ROUNDS and keep-2 rounds apart (so the neighbours still keep every round a
+# resumed agent re-runs). docs/performance.md has the measurements behind it.
+AUTO_STATE_FACTOR = 10.0
+AUTO_STATE_MAX_ROUNDS = 50
 # Attack nodes: rounds of fetched neighbour models (and on-demand requester models) kept for crafting.
 KEEP_FETCHED_ROUNDS = 4
 
@@ -102,6 +108,9 @@ class Agent:
         self.state_dir = config.state_path
         self.fingerprint = agent_state.fingerprint(config, self.manifest)
         self.start_round = 0
+        self._state_round = 0  # last round whose state was written
+        self._state_written_at = time.perf_counter()
+        self._state_write_s = 0.0  # what the last write took (auto interval)
         saved = agent_state.load(self.state_dir, self.fingerprint, config.device) if self.state_dir else None
         if saved is not None:
             self.restore(saved)
@@ -142,17 +151,34 @@ class Agent:
         self.task.load_state(saved.task, saved.task_tensors)
         if self.attack is not None:
             self.attack.load_state(saved.attack, saved.attack_tensors)
-        self.start_round = saved.round
+        self.start_round = self._state_round = saved.round
         self.status = _replace(self.status, round=saved.round)
         log.info("%s: resumed after round %d from %s", self.id, saved.round, self.state_dir)
 
-    async def _save_state(self, i: int) -> None:
+    def _state_due(self, i: int) -> bool:
+        if self.state_dir is None:
+            return False
         every = self.config.state_every
-        if self.state_dir is None or not (i % every == 0 or i == self.config.rounds):
+        if i == self.config.rounds:
+            return True
+        if every is not None:
+            return every > 0 and i % every == 0
+        since = i - self._state_round
+        if since >= min(AUTO_STATE_MAX_ROUNDS, max(1, self.store.keep - 2)):
+            return True
+        return time.perf_counter() - self._state_written_at >= AUTO_STATE_FACTOR * self._state_write_s
+
+    async def _save_state(self, i: int) -> None:
+        if not self._state_due(i):
             return
+        assert self.state_dir is not None
+        started = time.perf_counter()
         snap = self.snapshot(i)
         self.recorder.sync()  # rows up to i durable before the state that says "after round i"
         await self._compute(agent_state.write, self.state_dir, snap, self.id)
+        self._state_written_at = time.perf_counter()
+        self._state_write_s = self._state_written_at - started
+        self._state_round = i
 
     # -- what the server side asks --------------------------------------------------------------
 

@@ -10,8 +10,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mtl_node import wire
-from mtl_node.channel import create_channel
+from mtl_node.channel import create_channel, is_identity_error
 from mtl_node.errors import FetchError, WireError
+from mtl_node.identity import TlsMaterial, agent_id
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from mtl_node.transport import Transport
@@ -93,20 +94,39 @@ async def fetch_payload(
             grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
             grpc.StatusCode.NOT_FOUND: "expired",
             grpc.StatusCode.RESOURCE_EXHAUSTED: "oversized",
+            grpc.StatusCode.PERMISSION_DENIED: "refused",
+            grpc.StatusCode.UNAUTHENTICATED: "refused",
         }.get(code, "unavailable")
+        if is_identity_error(exc.details()):
+            reason = "identity"
         raise FetchError(f"{code.name}: {exc.details()}", reason=reason) from None
     if assembler is None or header is None:
         raise wire.TruncatedPayload("stream ended before any chunk")
     return header, assembler.finish()
 
 
-class GrpcTransport(Transport):
-    """One channel per neighbour; fetches validate size and digest, then decode safetensors."""
+# Round 1: how often a neighbour that is not listening yet is tried again.
+STARTUP_RETRY_S = 0.25
 
-    def __init__(self, addresses: Mapping[str, str], device: str = "cpu") -> None:
+
+class GrpcTransport(Transport):
+    """One channel per neighbour; fetches validate size and digest, then decode safetensors.
+
+    With ``tls`` every channel is mutual TLS and must reach the certificate of the neighbour it is
+    for; a neighbour answering with another identity (certificate or model header) is left out
+    with reason ``identity``.
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        device: str = "cpu",
+        tls: TlsMaterial | None = None,
+    ) -> None:
         self.addresses = dict(addresses)
         self.manifest: Manifest | None = None
         self.device = device
+        self.tls = tls
         self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seen: set[str] = set()
@@ -117,7 +137,10 @@ class GrpcTransport(Transport):
             address = self.addresses.get(neighbor)
             if address is None:
                 raise FetchError(f"no address for neighbour {neighbor!r}", reason="unavailable")
-            channel = self._channels[neighbor] = create_channel(address)
+            expected = agent_id(neighbor, self.tls.trust_domain) if self.tls else None
+            channel = self._channels[neighbor] = create_channel(
+                address, tls=self.tls, expected_identity=expected
+            )
             stub = self._stubs[neighbor] = ModelStub(channel)
         return stub
 
@@ -128,29 +151,38 @@ class GrpcTransport(Transport):
         if self.manifest is None:
             raise RuntimeError("GrpcTransport.expect(manifest) must be called before fetch")
         stub = self._stub(neighbor)
-        # Crash-only (DESIGN §5): a neighbour whose connection is refused or breaks (it was killed
-        # and is restarting) is waited for within the deadline, so a restart changes no result.
-        # Rounds are idempotent to fetch, so a broken stream is simply asked again. An UNAVAILABLE
-        # its own server sent (a refusal, "<id>: ..."), or a deadline, ends the fetch at once.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                left = max(0.01, deadline - loop.time())
-                _, payload = await fetch_payload(
-                    stub, round_, requester, left, self.manifest, wait_for_ready=True
-                )
-                break
-            except FetchError as exc:
-                remaining = deadline - loop.time()
-                refused = str(exc).startswith(f"UNAVAILABLE: {neighbor}: ")
-                if exc.reason != "unavailable" or refused or remaining < 0.2:
-                    raise
-                log.debug("%s: round %d: connection lost (%s); asking again", neighbor, round_, exc)
-                await asyncio.sleep(min(0.2, remaining / 2))
+        # Crash-only (DESIGN §5): a neighbour that is not listening or whose stream broke (it was
+        # killed and is restarting) is asked again until the deadline, in every round, so a restart
+        # within the deadline changes no result (rounds are idempotent to fetch). An UNAVAILABLE its
+        # own server sent (a refusal: "<id>: ..."), an identity failure or a deadline ends it at once.
+        header, payload = await self._fetch_retrying(stub, neighbor, round_, requester, timeout)
+        if header.agent_id != neighbor:
+            raise FetchError(
+                f"{neighbor}: the model's header names {header.agent_id[:64]!r}", reason="identity"
+            )
         self._seen.add(neighbor)
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
+
+    async def _fetch_retrying(
+        self, stub: ModelStub, neighbor: str, round_: int, requester: str, timeout: float
+    ) -> tuple[pb.ModelHeader, bytearray]:
+        """Try again while the neighbour is unreachable, until ``timeout``. Unlike gRPC's
+        wait_for_ready this sees why a connection failed, so a certificate naming someone else
+        fails at once (reason ``identity``) instead of after the whole wait."""
+        assert self.manifest is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await fetch_payload(stub, round_, requester, max(remaining, 0.01), self.manifest)
+            except FetchError as exc:
+                refused = str(exc).startswith(f"UNAVAILABLE: {neighbor}: ")
+                if exc.reason != "unavailable" or refused or deadline - loop.time() <= STARTUP_RETRY_S:
+                    raise
+                log.debug("%s: round %d: unreachable (%s); asking again", neighbor, round_, exc)
+            await asyncio.sleep(STARTUP_RETRY_S)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -49,7 +49,8 @@ STATE_VERSION = 1
 STATE_FILE = "state.safetensors"
 META_KEY = "mtl_state"
 # Test hook (inert unless set): "MARKER_DIR:AGENT:ROUND" makes the writer SIGKILL its own process
-# between writing the temp file and renaming it, once per marker (tests/integration/test_crash.py).
+# between writing the temp file and renaming it, at its first state write of a round >= ROUND, once
+# (a marker file in MARKER_DIR remembers it; tests/integration/test_crash.py).
 CRASH_HOOK_ENV = "MTL_TEST_CRASH_IN_STATE_WRITE"
 
 
@@ -164,9 +165,9 @@ def _crash_hook(agent_id: str, round_: int) -> None:
     if not spec:
         return
     parts = spec.rsplit(":", 2)
-    if len(parts) != 3 or parts[1] != agent_id or parts[2] != str(round_):
+    if len(parts) != 3 or parts[1] != agent_id or not parts[2].isdigit() or round_ < int(parts[2]):
         return
-    marker = Path(parts[0]) / f"crashed-{agent_id}-{round_}"
+    marker = Path(parts[0]) / f"crashed-{agent_id}"
     if marker.exists():
         return
     marker.write_text("killed during the state write\n")

@@ -10,10 +10,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mtl_node.registry import Registry
 from orchestrator.plan import RunPlan
+
+if TYPE_CHECKING:
+    from orchestrator.tls import RunCerts
 
 Row = dict[str, Any]
 
@@ -46,6 +49,7 @@ class RunContext:
     # Agents whose process/container died and was not recovered (filled in by ``follow``): the run
     # then fails naming them (summary.json records them too).
     lost: set[str] = field(default_factory=set)
+    certs: RunCerts | None = None  # mutual TLS material; None only with --insecure
 
 
 @dataclass

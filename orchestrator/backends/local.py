@@ -2,14 +2,18 @@
 
 Agents are spread over a few ``mtl-node serve-many`` processes (one torch process per agent costs
 ~230 MB); each agent still has its own gRPC server on its own port, so every exchange crosses the
-network stack. Ports are reserved before start (mtl_node.ports) so every agent knows its
-neighbours' addresses up front. Every process is stopped on completion, error or Ctrl-C.
+network stack. Every agent binds a free port of its own (port 0) and waits for ``peers.json``, which
+is written once all of them printed their bound ports (mtl_node.ports: no two processes ever share
+a port, and there is no reservation to race). Agents talk mutual TLS with the run's certificates
+(``ctx.certs``) unless the run is ``--insecure``. Every process is stopped on completion, error or
+Ctrl-C.
 
 Supervision (crash-only, DESIGN §5): a host process that dies before the run finished is started
-again with the same configuration after a backoff (0.5 s, doubling, at most 10 s); its agents
-resume from their state directories and a neighbour waits for them within the fetch deadline, so
-the results are those of an uninterrupted run. After ``max_restarts`` (option, default 5) restarts
-of one process the run fails with its last log lines.
+again with the same configuration after a backoff (0.5 s, doubling, at most 10 s), its agents
+listening on the ports they had (so peers.json stays true); they resume from their state
+directories and a neighbour waits for them within the fetch deadline, so the results are those of
+an uninterrupted run. After ``max_restarts`` (option, default 5) restarts of one process the run
+fails with its last log lines.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mtl_node.ports import reserved_ports
+from mtl_node.ports import serving_addresses, write_peers_file
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import (  # noqa: F401  (collect, DeploymentError: used from here too)
     POLL_INTERVAL_S,
@@ -61,7 +65,7 @@ class HostProcess:
     cmd: list[str] | None = None
     restarts: int = 0
     restart_at: float | None = None  # monotonic time of the pending restart
-    served_before: int = 0  # "serving" lines in stdout before the current start
+    stdout_offset: int = 0  # bytes of stdout written before the current start
 
     def close_files(self) -> None:
         for f in self._files:
@@ -71,12 +75,18 @@ class HostProcess:
         """(Re)start the process: stdout/stderr appended to the same files."""
         assert self.cmd is not None
         self.close_files()
-        self.served_before = _served(self.stdout_path)
+        self.stdout_offset = self.stdout_path.stat().st_size if self.stdout_path.exists() else 0
         out = open(self.stdout_path, "ab")  # noqa: SIM115 - closed in stop_hosts
         err = open(self.log_path, "ab")  # noqa: SIM115
         self._files = (out, err)
         self.popen = _spawn(self.cmd, out, err)
         self.restart_at = None
+
+    def stdout_text(self) -> str:
+        """What the current start of the process printed (not the lines of a crashed one)."""
+        with open(self.stdout_path, "rb") as f:
+            f.seek(self.stdout_offset)
+            return f.read().decode(errors="replace")
 
 
 def _spawn(cmd: list[str], out: IO[bytes], err: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -88,10 +98,6 @@ def _spawn(cmd: list[str], out: IO[bytes], err: IO[bytes]) -> subprocess.Popen[b
         start_new_session=True,  # Ctrl-C reaches us, and we stop the agents in order
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-
-
-def _served(path: Path) -> int:
-    return path.read_text(errors="replace").count("mtl-node: serving ") if path.exists() else 0
 
 
 MAX_RESTARTS = 5
@@ -106,6 +112,20 @@ class Supervisor:
         self.hosts = hosts
         self.workdir = workdir
         self.max_restarts = max_restarts
+        self.ports: dict[str, int] = {}
+
+    def pin(self, ports: dict[str, int]) -> None:
+        """From now on a restarted process listens on these ports (what peers.json says)."""
+        self.ports = dict(ports)
+
+    def _pin_config(self, h: HostProcess) -> None:
+        assert h.cmd is not None
+        config = Path(h.cmd[-1])
+        data = json.loads(config.read_text())
+        for agent in data["agents"]:
+            if agent["id"] in self.ports:
+                agent["listen"] = f"{HOST}:{self.ports[agent['id']]}"
+        write_atomic(config, json.dumps(data, indent=1))
 
     def check(self) -> None:
         """Schedule or perform restarts; DeploymentError when a process exhausted its restarts."""
@@ -119,6 +139,8 @@ class Supervisor:
                         _names(h),
                         h.restarts,
                     )
+                    if self.ports:
+                        self._pin_config(h)
                     h.start()
                     write_pids(self.workdir, self.hosts)
                 continue
@@ -198,15 +220,18 @@ class LocalBackend(Backend):
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         hosts: list[HostProcess] = []
         supervisor = Supervisor(hosts, ctx.workdir, max_restarts)
+        peers = ctx.workdir / "peers.json"
+        peers.unlink(missing_ok=True)
         try:
-            with reserved_ports(len(ids), HOST) as ports:
-                addresses = {agent_id: f"{HOST}:{port}" for agent_id, port in zip(ids, ports, strict=True)}
-                write_atomic(ctx.workdir / "addresses.json", json.dumps(addresses))
-                for index, group in enumerate(split(ids, processes)):
-                    hosts.append(self._start_host(plan, ctx, index, group, addresses))
-                write_pids(ctx.workdir, hosts)
-                self._wait_serving(hosts, supervisor)
-            wait_healthy(addresses, START_TIMEOUT_S, supervisor.alive)
+            for index, group in enumerate(split(ids, processes)):
+                hosts.append(self._start_host(plan, ctx, index, group, peers))
+            write_pids(ctx.workdir, hosts)
+            ports = self._wait_serving(hosts, supervisor)
+            supervisor.pin(ports)  # a restarted process listens where its neighbours expect it
+            addresses = {agent_id: f"{HOST}:{ports[agent_id]}" for agent_id in ids}
+            write_peers_file(peers, addresses)
+            write_atomic(ctx.workdir / "addresses.json", json.dumps(addresses))
+            wait_healthy(addresses, START_TIMEOUT_S, supervisor.alive, certs=ctx.certs)
             follow(plan, ctx, addresses, supervisor.alive)
         finally:
             stop_hosts(hosts)
@@ -215,15 +240,17 @@ class LocalBackend(Backend):
     # -- start ------------------------------------------------------------------------------------
 
     def _start_host(
-        self, plan: RunPlan, ctx: RunContext, index: int, group: list[str], addresses: dict[str, str]
+        self, plan: RunPlan, ctx: RunContext, index: int, group: list[str], peers: Path
     ) -> HostProcess:
         agents: list[dict[str, Any]] = []
         for agent_id in group:
             agent = plan.agent(agent_id)
             data = plan.node_config_data(agent, ctx.rule)
-            data["listen"] = addresses[agent_id]
-            data["neighbors"] = {n: addresses[n] for n in agent.neighbors}
+            data["listen"] = f"{HOST}:0"
+            data["neighbors"] = {n: f"{HOST}:0" for n in agent.neighbors}  # from peers.json
+            data["peers_file"] = str(peers.resolve())
             data["results_dir"] = str(ctx.workdir / "agents" / agent_id)
+            data |= tls_fields(ctx, agent_id)
             agents.append(data)
         config_path = ctx.workdir / f"host-{index}.json"
         config_path.write_text(json.dumps({"agents": agents}, indent=1))
@@ -234,16 +261,31 @@ class LocalBackend(Backend):
         cmd = [sys.executable, "-m", "mtl_node.cli", "serve-many", "--config", str(config_path)]
         return HostProcess(index, group, _spawn(cmd, out, err), stdout_path, log_path, (out, err), cmd)
 
-    def _wait_serving(self, hosts: list[HostProcess], supervisor: Supervisor) -> None:
-        """Until every process printed one "serving" line per agent; a process that exits first
-        is restarted like any crash (and fails the run once it used up its restarts)."""
+    def _wait_serving(self, hosts: list[HostProcess], supervisor: Supervisor) -> dict[str, int]:
+        """Until every agent printed its serving line; returns each agent's bound port. A process
+        that exits first is restarted like any crash (and fails the run once out of restarts)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = {h.index for h in hosts}
+        ports: dict[str, int] = {}
         while pending:
             supervisor.check()
             for h in hosts:
-                if h.index in pending and _served(h.stdout_path) - h.served_before >= len(h.agents):
+                if h.index not in pending:
+                    continue
+                served = serving_addresses(h.stdout_text())
+                if all(a in served for a in h.agents):
+                    ports.update({a: int(served[a].rpartition(":")[2]) for a in h.agents})
                     pending.discard(h.index)
             if time.monotonic() > deadline:
                 raise DeploymentError(f"agents did not start within {START_TIMEOUT_S:.0f}s")
-            time.sleep(0.1)
+            if pending:
+                time.sleep(0.1)
+        return ports
+
+
+def tls_fields(ctx: RunContext, agent_id: str, directory: str | None = None) -> dict[str, Any]:
+    """An agent's TLS config fields: its certificate files (``directory``: where they are for the
+    agent, if elsewhere than here), or ``insecure`` for an ``--insecure`` run."""
+    if ctx.certs is None:
+        return {"insecure": True}
+    return ctx.certs.node_fields(agent_id, directory)
