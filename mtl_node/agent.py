@@ -122,8 +122,12 @@ class Agent:
 
     def snapshot(self, i: int) -> agent_state.AgentState:
         """Everything needed to continue after round ``i`` exactly (see mtl_node/state.py)."""
+        # Published rounds back to where a neighbour restarted from its own (older) state may ask:
+        # the state interval plus a few rounds, within what the store keeps anyway.
+        interval = self.config.state_every or self._auto_cap()
+        window = min(self.store.keep, interval + self.config.keep_rounds + 2)
         published = {}
-        for r in range(max(1, i - self.config.keep_rounds + 1), i + 1):
+        for r in range(max(1, i - window + 1), i + 1):
             p = self.store.get(r)
             if p is not None:
                 published[r] = p.state
@@ -155,6 +159,9 @@ class Agent:
         self.status = _replace(self.status, round=saved.round)
         log.info("%s: resumed after round %d from %s", self.id, saved.round, self.state_dir)
 
+    def _auto_cap(self) -> int:
+        return min(AUTO_STATE_MAX_ROUNDS, max(1, self.store.keep - 2))
+
     def _state_due(self, i: int) -> bool:
         if self.state_dir is None:
             return False
@@ -163,8 +170,11 @@ class Agent:
             return True
         if every is not None:
             return every > 0 and i % every == 0
-        since = i - self._state_round
-        if since >= min(AUTO_STATE_MAX_ROUNDS, max(1, self.store.keep - 2)):
+        if self.attack is not None:
+            # An attack node crafts from the neighbour models of the previous round, which it keeps
+            # for a few rounds only: its state is written every round (attack nodes are few).
+            return True
+        if i - self._state_round >= self._auto_cap():
             return True
         return time.perf_counter() - self._state_written_at >= AUTO_STATE_FACTOR * self._state_write_s
 
