@@ -149,8 +149,9 @@ class Supervisor:
                 continue
             if h.restarts >= self.max_restarts:
                 tail = "\n".join(h.log_path.read_text(errors="replace").splitlines()[-15:])
+                when = "" if self.ports else " before serving"
                 raise DeploymentError(
-                    f"agent process {h.index} ({_names(h)}) exited with code {code} after "
+                    f"agent process {h.index} ({_names(h)}) exited with code {code}{when} after "
                     f"{h.restarts} restarts (limit {self.max_restarts}); last log lines:\n{tail}"
                 )
             h.restarts += 1

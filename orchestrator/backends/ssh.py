@@ -278,8 +278,10 @@ class SSHBackend(LocalBackend):
             f"cd {d} && rm -f host-{h.index}.stop && : >> host-{h.index}.out && : >> host-{h.index}.log && "
             f"setsid nohup sh -c {shlex.quote(loop)} > /dev/null 2>&1 < /dev/null & "
             f"sup=$! && cd {d} && echo $sup > host-{h.index}.supervisor && "
-            f"(tail -n +1 -F --pid=$sup host-{h.index}.log >&2 &) && "
-            f"exec tail -n +1 -F --pid=$sup host-{h.index}.out"
+            f"{{ tail -n +1 -F --pid=$sup host-{h.index}.log >&2 & t=$!; }} && "
+            f"tail -n +1 -F --pid=$sup host-{h.index}.out; wait $t; "
+            # The session ends with the supervisor, with the daemon's last exit code.
+            f"exit $(cat host-{h.index}.exit 2>/dev/null || echo 1)"
         )
         stdout_path = ctx.workdir / f"host-{h.index}.out"
         log_path = ctx.workdir / f"host-{h.index}.log"
@@ -364,20 +366,22 @@ class SSHBackend(LocalBackend):
 
 def supervisor_loop(index: int, remote_command: str, max_restarts: int) -> str:
     """The remote host's supervisor (POSIX sh): runs the daemon, restarts it when it exits with an
-    error (backoff 1, 2, ... 5 s), gives up after ``max_restarts`` restarts, stops for good once
-    ``host-N.stop`` exists. ``host-N.pid`` always names the current daemon."""
+    error (backoff 1, 2, ... 5 s), gives up after ``max_restarts`` restarts or at once when the
+    command cannot run (126/127), stops for good once ``host-N.stop`` exists. ``host-N.pid`` always
+    names the current daemon; ``host-N.exit`` gets its last exit code."""
     n = f"host-{index}"
     return (
-        "n=0; while :; do "
+        "n=0; code=0; while :; do "
         f"[ -e {n}.stop ] && break; "
         f"{remote_command} serve-many --config {n}.json --log-level info >> {n}.out 2>> {n}.log & "
         f"echo $! > {n}.pid; wait $!; code=$?; "
         f"[ -e {n}.stop ] && break; [ $code -eq 0 ] && break; "
+        "[ $code -eq 126 ] && break; [ $code -eq 127 ] && break; "
         f"n=$((n+1)); if [ $n -gt {max_restarts} ]; then "
         f'echo "mtl supervisor: the daemon exited with code $code after {max_restarts} restarts" >> {n}.log; '
         "break; fi; "
         f'echo "mtl supervisor: the daemon exited with code $code; restart $n" >> {n}.log; '
-        "sleep $(( n < 5 ? n : 5 )); done"
+        f"sleep $(( n < 5 ? n : 5 )); done; echo $code > {n}.exit"
     )
 
 
