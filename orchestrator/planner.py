@@ -174,17 +174,19 @@ def plan_topology(spec: Spec) -> RunPlan:
                 host=o.host if o else None,
                 group=group_of[i],
                 position=positions[i] if positions is not None else None,
+                rule_params=dict(o.rule_params) if o else {},
             )
         )
 
     knobs = _rule_params(spec)
-    # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood.
-    check_topology(
-        spec.rule_names,
-        knobs,
-        {a.id: len(a.neighbors) for a in agents if a.role == "normal"},
-        field="rules" if spec.rules is not None else "rule",
-    )
+    # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood,
+    # with the agent's own knobs where overrides give it some.
+    field = "rules" if spec.rules is not None else "rule"
+    for a in agents:
+        if a.role != "normal":
+            continue
+        own = _agent_rule_params(spec, a.id, knobs) if a.rule_params else knobs
+        check_topology(spec.rule_names, own, {a.id: len(a.neighbors)}, field=field)
     rule_params = knobs.model_dump()
     plan = RunPlan(
         name=spec.name,
@@ -299,6 +301,21 @@ def _list(ids: list[str], limit: int = 12) -> str:
     if len(ids) <= limit:
         return ", ".join(ids)
     return ", ".join(ids[:limit]) + f", ... ({len(ids)} in all)"
+
+
+def _agent_rule_params(spec: Spec, agent: str, knobs: RuleParams) -> RuleParams:
+    """The run's knobs with ``overrides.<agent>.rule_params`` over them, validated."""
+    given = spec.overrides[agent].rule_params
+    try:
+        return RuleParams.model_validate({**knobs.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(
+            f"overrides.{agent}.rule_params.{where}",
+            f"{err['msg']} (got {err.get('input')!r})",
+            f"rule parameters: {', '.join(sorted(RuleParams.model_fields))}",
+        ) from None
 
 
 def _rule_params(spec: Spec) -> RuleParams:
