@@ -182,11 +182,11 @@ def plan_topology(spec: Spec) -> RunPlan:
     # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood,
     # with the agent's own knobs where overrides give it some.
     field = "rules" if spec.rules is not None else "rule"
-    for a in agents:
-        if a.role != "normal":
+    for agent in agents:
+        if agent.role != "normal":
             continue
-        own = _agent_rule_params(spec, a.id, knobs) if a.rule_params else knobs
-        check_topology(spec.rule_names, own, {a.id: len(a.neighbors)}, field=field)
+        own = _agent_rule_params(spec, agent.id, knobs) if agent.rule_params else knobs
+        check_topology(spec.rule_names, own, {agent.id: len(agent.neighbors)}, field=field)
     rule_params = knobs.model_dump()
     plan = RunPlan(
         name=spec.name,
