@@ -217,3 +217,21 @@ def test_f_auto_gives_each_agent_its_true_byzantine_count_capped() -> None:
             assert f == max(0, min(sum(n in bad for n in a.neighbors), cap))
             seen.add(f)
     assert seen == {0, 1, 2}  # ring k=2: 5 members admit krum f=1, median f=2
+
+
+def test_an_agent_whose_neighbourhood_admits_no_f_falls_back_with_a_warning() -> None:
+    # One link: a0 and a1 have 2 members, the rest 1; krum needs 2f+3 >= 3. Without an own f: an error.
+    graph = {"kind": "edges", "edges": [["a0", "a1"]]}
+    with pytest.raises(ConfigError):
+        parse_spec_and_plan({"graph": graph, "rule": "krum"})
+    overrides = {f"a{i}": {"rule_params": {"f": 0}} for i in range(6)}
+    plan = parse_spec_and_plan({"graph": graph, "rule": "krum", "overrides": overrides})
+    assert any("keep their own model" in w and "a0" in w for w in plan.warnings)
+    # An f: auto sweep over such a graph plans (and runs: the rule keeps the agent's own model).
+    data = {
+        **BASE,
+        "tasks": [{"task": "target-localization", "rule_params": {"f": "auto"}}],
+        "topologies": [{"agents": 6, "graph": graph}],
+        "rules": ["none", "krum"],
+    }
+    assert parse_sweep(data).cells()
