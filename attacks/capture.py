@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from attacks._common import PARAMS_CONFIG, goal_like, towards, victim_model
-from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.attack_api import ATTACKS, Attack, AttackContext
+from mtl_node.kernels.attacks import budget_step
 from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
+
+KEEP_ROUNDS = 4  # crafted models kept for requests of recent rounds
 
 GOAL_HELP = (
     "the model victims are driven towards: one value for every coordinate (15.5: the centre of the "
@@ -32,7 +36,7 @@ class EchoParams(BaseModel):
     model_config = PARAMS_CONFIG
 
 
-@ATTACKS.register("echo", "returns the requester its own model (accepted by the loss filter, adds nothing)")
+@ATTACKS.register("echo")
 class Echo(Attack):
     """x = w_k: the victim's own model of the round.
 
@@ -56,9 +60,7 @@ class DistanceCaptureParams(BaseModel):
     goal: Goal = Field(15.5, description=GOAL_HELP)
 
 
-@ATTACKS.register(
-    "distance-capture", "per victim w_k + r (g - w_k): close to the victim, so distance weights pick it"
-)
+@ATTACKS.register("distance-capture")
 class DistanceCapture(Attack):
     """x = w_k + r (g - w_k), per requester k (two-faced); Li et al. 2020 against distance weights.
 
@@ -95,10 +97,7 @@ class LossBudgetParams(BaseModel):
     window: int = Field(1, ge=1, le=100, description="rounds of the attacker's own data in the proxy loss")
 
 
-@ATTACKS.register(
-    "loss-budget",
-    "largest step from the victim's model towards a goal keeping the proxy loss within the victim's",
-)
+@ATTACKS.register("loss-budget")
 class LossBudget(Attack):
     """x = w_k + s* (g - w_k), s* = max s in [0, 1] with L(w_k + s (g - w_k)) <= slack * L(w_k).
 
@@ -127,20 +126,12 @@ class LossBudget(Attack):
         if not math.isfinite(budget):
             return base
 
-        def feasible(step: float) -> bool:
-            loss = proxy_loss(task, towards(base, goal, step), round_, p.window)
-            return math.isfinite(loss) and loss <= budget
+        def feasible(steps: np.ndarray) -> np.ndarray:
+            loss = proxy_loss(task, towards(base, goal, float(steps[0])), round_, p.window)
+            return np.array([math.isfinite(loss) and loss <= budget])
 
-        if feasible(1.0):
-            return towards(base, goal, 1.0)
-        lo, hi = 0.0, 1.0
-        for _ in range(p.iters):
-            mid = (lo + hi) / 2
-            if feasible(mid):
-                lo = mid
-            else:
-                hi = mid
-        return towards(base, goal, lo) if lo > 0 else base
+        step = float(budget_step(feasible, np.array([p.iters]))[0])
+        return towards(base, goal, step) if step > 0 else base
 
 
 class LowLossParams(BaseModel):
@@ -149,7 +140,7 @@ class LowLossParams(BaseModel):
     steps: int = Field(10, ge=1, le=1000, description="extra local steps on the attacker's data of the round")
 
 
-@ATTACKS.register("low-loss", "the honest model over-fitted to the round's data: tiny loss, so 1/loss wins")
+@ATTACKS.register("low-loss")
 class LowLoss(Attack):
     """x = adapt^steps(h, i): ``steps`` more local steps of the attacker's task on its round-i data.
 
@@ -164,13 +155,24 @@ class LowLoss(Attack):
     name = "low-loss"
     Params = LowLossParams
 
+    def __init__(self, ctx: AttackContext, params: BaseModel) -> None:
+        super().__init__(ctx, params)
+        self._crafted: dict[int, StateDict] = {}
+
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, LowLossParams)
         task = self.view.task
         if task is None:
             return honest
-        model = honest
-        for _ in range(p.steps):
-            model = task.adapt(model, round_)
-        return model
+        # The same model for every requester of the round, made once: its extra steps run on a
+        # copy of the optimizer state (task.detached), so neither the number nor the order of the
+        # requests changes the attacker's own honest trajectory.
+        if round_ not in self._crafted:
+            model = honest
+            with task.detached():
+                for _ in range(p.steps):
+                    model = task.adapt(model, round_)
+            self._crafted = {r: m for r, m in self._crafted.items() if r > round_ - KEEP_ROUNDS}
+            self._crafted[round_] = model
+        return self._crafted[round_]

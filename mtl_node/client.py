@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -9,8 +10,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mtl_node import wire
-from mtl_node.channel import create_channel
+from mtl_node.channel import create_channel, is_identity_error
 from mtl_node.errors import FetchError, WireError
+from mtl_node.identity import TlsMaterial, agent_id
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from mtl_node.transport import Transport
@@ -92,20 +94,40 @@ async def fetch_payload(
             grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
             grpc.StatusCode.NOT_FOUND: "expired",
             grpc.StatusCode.RESOURCE_EXHAUSTED: "oversized",
+            grpc.StatusCode.PERMISSION_DENIED: "refused",
+            grpc.StatusCode.UNAUTHENTICATED: "refused",
         }.get(code, "unavailable")
+        if is_identity_error(exc.details()):
+            reason = "identity"
         raise FetchError(f"{code.name}: {exc.details()}", reason=reason) from None
     if assembler is None or header is None:
         raise wire.TruncatedPayload("stream ended before any chunk")
     return header, assembler.finish()
 
 
-class GrpcTransport(Transport):
-    """One channel per neighbour; fetches validate size and digest, then decode safetensors."""
+# Round 1: how often a neighbour that is not listening yet is tried again.
+STARTUP_RETRY_S = 0.25
+_NOT_LISTENING = "failed to connect to all addresses"
 
-    def __init__(self, addresses: Mapping[str, str], device: str = "cpu") -> None:
+
+class GrpcTransport(Transport):
+    """One channel per neighbour; fetches validate size and digest, then decode safetensors.
+
+    With ``tls`` every channel is mutual TLS and must reach the certificate of the neighbour it is
+    for; a neighbour answering with another identity (certificate or model header) is left out
+    with reason ``identity``.
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        device: str = "cpu",
+        tls: TlsMaterial | None = None,
+    ) -> None:
         self.addresses = dict(addresses)
         self.manifest: Manifest | None = None
         self.device = device
+        self.tls = tls
         self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seen: set[str] = set()
@@ -116,7 +138,10 @@ class GrpcTransport(Transport):
             address = self.addresses.get(neighbor)
             if address is None:
                 raise FetchError(f"no address for neighbour {neighbor!r}", reason="unavailable")
-            channel = self._channels[neighbor] = create_channel(address)
+            expected = agent_id(neighbor, self.tls.trust_domain) if self.tls else None
+            channel = self._channels[neighbor] = create_channel(
+                address, tls=self.tls, expected_identity=expected
+            )
             stub = self._stubs[neighbor] = ModelStub(channel)
         return stub
 
@@ -134,18 +159,37 @@ class GrpcTransport(Transport):
             # restarted neighbour is back within a round or two.
             channel.get_state(try_to_connect=True)
             raise FetchError(f"{neighbor}: connection failing", reason="unavailable")
-        # In round 1 (startup) wait for a neighbour's server to come up instead of failing fast.
-        _, payload = await fetch_payload(
-            stub,
-            round_,
-            requester,
-            timeout,
-            self.manifest,
-            wait_for_ready=round_ == 1 and neighbor not in self._seen,
-        )
+        if round_ == 1 and neighbor not in self._seen:
+            header, payload = await self._fetch_at_startup(stub, round_, requester, timeout)
+        else:
+            header, payload = await fetch_payload(stub, round_, requester, timeout, self.manifest)
+        if header.agent_id != neighbor:
+            raise FetchError(
+                f"{neighbor}: the model's header names {header.agent_id[:64]!r}", reason="identity"
+            )
         self._seen.add(neighbor)
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
+
+    async def _fetch_at_startup(
+        self, stub: ModelStub, round_: int, requester: str, timeout: float
+    ) -> tuple[pb.ModelHeader, bytearray]:
+        """In round 1 wait for a neighbour's server to come up instead of failing fast: try again
+        while nothing listens at its address, until ``timeout``. Unlike gRPC's wait_for_ready this
+        sees why a connection failed, so a certificate naming someone else fails at once
+        (reason ``identity``) instead of after the whole startup wait."""
+        assert self.manifest is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await fetch_payload(stub, round_, requester, max(remaining, 0.01), self.manifest)
+            except FetchError as exc:
+                retry = exc.reason == "unavailable" and _NOT_LISTENING in str(exc)
+                if not retry or deadline - loop.time() <= STARTUP_RETRY_S:
+                    raise
+            await asyncio.sleep(STARTUP_RETRY_S)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_node.aggregation import RULES, RuleParams
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
+from mtl_node.core.ids import ID_PATTERN
+from mtl_node.identity import DEFAULT_TRUST_DOMAIN, check_trust_domain
 from mtl_node.tasks import TASKS
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 
@@ -59,6 +60,33 @@ class NodeConfig(BaseModel):
     linger: float = Field(
         5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
     )
+    # Mutual TLS (DESIGN §5 "Identity"; mtl_node.identity). Without ca/cert/key the daemon refuses
+    # to start unless insecure is set.
+    ca: Path | None = Field(None, description="PEM file of the CA(s) to trust")
+    cert: Path | None = Field(None, description="this agent's certificate (PEM, chain allowed)")
+    key: Path | None = Field(None, description="this agent's private key (PEM, unencrypted)")
+    trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain of every identity")
+    insecure: bool = Field(False, description="plaintext, unauthenticated gRPC (explicit opt-out)")
+    health_listen: str | None = Field(
+        None, description="HOST:PORT of a plaintext grpc.health.v1-only server for probes"
+    )
+    peers_file: Path | None = Field(
+        None,
+        description="JSON {neighbour id: HOST:PORT} to wait for after binding (addresses of "
+        "neighbours started at the same time on port 0)",
+    )
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, v: str) -> str:
+        return check_trust_domain(v)
+
+    @field_validator("health_listen")
+    @classmethod
+    def _health_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v, "health_listen")
+        return v
 
     @field_validator("listen")
     @classmethod

@@ -64,16 +64,29 @@ def up(
         typer.Option(
             "--option",
             "-o",
-            help="backend option KEY=VALUE (docker: image, agents_per_container; "
+            help="backend option KEY=VALUE (sim: engine=auto|batched|per-agent; "
+            "docker: image, agents_per_container; "
             "ssh: ssh_config, remote_command, remote_dir; k8s: image, namespace, kubectl)",
         ),
     ] = None,
     detach: Annotated[bool, typer.Option(help="run in the background; see status/logs/down")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     report: Annotated[bool, typer.Option(help="write plots and report.md at the end")] = True,
+    certs: Annotated[
+        Path | None,
+        typer.Option(help="certificates (mtl-orchestrate certs); default: a new CA in OUT/certs"),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plaintext gRPC, no identities (opt-out)")
+    ] = False,
+    trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
 ) -> None:
-    """Deploy TOPOLOGY, run every rule to the last round, write results and plots."""
+    """Deploy TOPOLOGY, run every rule to the last round, write results and plots.
+
+    Agents talk mutual TLS: with a CA made for the run under OUT/certs, or the certificates in
+    --certs DIR; --insecure runs them on plaintext.
+    """
     from orchestrator.backends import BACKENDS
 
     _setup_logging(log_level)
@@ -96,13 +109,26 @@ def up(
 
     from orchestrator.runner import run_plan
 
+    run_certs = None
+    if backend != "sim":
+        try:
+            run_certs = _run_certs(plan, out, certs, insecure, trust_domain)
+        except MTLError as exc:
+            raise _fail(exc) from None
     typer.echo(
         f"{plan.name}: {len(plan.agents)} agents ({len(plan.agents) - len(plan.normal_ids)} Byzantine), "
         f"{plan.rounds} rounds, rules {', '.join(plan.rules)}, backend {backend} -> {out}"
     )
     options = {**backend_options, **({"processes": processes} if processes else {})} or None
     try:
-        summary = run_plan(plan, backend=backend, out=out, show_progress=progress, backend_options=options)
+        summary = run_plan(
+            plan,
+            backend=backend,
+            out=out,
+            show_progress=progress,
+            backend_options=options,
+            certs=run_certs,
+        )
     except KeyboardInterrupt:
         typer.echo("interrupted: every agent was stopped", err=True)
         raise typer.Exit(130) from None
@@ -114,6 +140,54 @@ def up(
 
         written = write_report(out)
         typer.echo(f"report: {', '.join(str(p) for p in written)}")
+
+
+def _run_certs(plan: Any, out: Path, certs: Path | None, insecure: bool, trust_domain: str | None) -> Any:
+    """The run's certificates (orchestrator.tls.RunCerts), or None with --insecure."""
+    from orchestrator.tls import run_certs
+
+    if insecure:
+        if certs is not None:
+            raise ConfigError("--insecure", "given together with --certs", "use one or the other")
+        log.warning("--insecure: agents talk plaintext gRPC without identities")
+        return None
+    return run_certs(out, [a.id for a in plan.agents], certs, trust_domain)
+
+
+@app.command("certs")
+def certs_command(
+    topology: Annotated[Path, typer.Argument(help="topology YAML file (its agents get certificates)")],
+    out: Annotated[Path, typer.Option(help="directory to write the CA, agent and operator files to")],
+    force: Annotated[bool, typer.Option(help="replace certificates that exist")] = False,
+    days: Annotated[float, typer.Option(help="validity of agent and operator certificates, days")] = 365,
+    trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain")] = "resilient-mtl",
+    operator: Annotated[str, typer.Option(help="name in the operator's identity")] = "operator",
+) -> None:
+    """Make a CA, a certificate + key per agent and an operator certificate for TOPOLOGY.
+
+    Files: ca.pem (+ ca.key, to issue more), <id>.pem/<id>.key, operator.pem/operator.key; keys
+    are mode 0600. Identities: spiffe://TRUST_DOMAIN/agent/<id> (with DNS SAN
+    <id>.agent.TRUST_DOMAIN) and spiffe://TRUST_DOMAIN/operator/OPERATOR.
+    """
+    from mtl_node.identity import make_certs
+
+    try:
+        if days <= 0:
+            raise ConfigError("--days", f"{days} is not positive")
+        plan = load_plan(topology, None, None, None)
+        written = make_certs(
+            out,
+            [a.id for a in plan.agents],
+            trust_domain=trust_domain,
+            days=days,
+            force=force,
+            operator=operator,
+        )
+    except MTLError as exc:
+        raise _fail(exc) from None
+    except OSError as exc:
+        raise _fail(ConfigError("--out", f"cannot write {exc.filename}: {exc.strerror}")) from None
+    typer.echo(f"{len(written)} files in {out} (trust domain {trust_domain}, agents {len(plan.agents)})")
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:
@@ -141,13 +215,28 @@ def render(
     namespace: Annotated[str, typer.Option(help="k8s: namespace of every object")] = "resilient-mtl",
     seed: Annotated[int | None, typer.Option(help="override the topology's seed")] = None,
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
+    certs: Annotated[
+        Path | None, typer.Option(help="certificates (mtl-orchestrate certs); default: a new CA in OUT/certs")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plaintext gRPC, no identities (opt-out)")
+    ] = False,
+    trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
 ) -> None:
-    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects."""
+    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects.
+
+    With TLS (the default) each agent's certificate and key go into its own Kubernetes Secret, or
+    into OUT/tls/<id>/ for compose; keep OUT private (docs/deployment.md: or let cert-manager
+    issue them).
+    """
     from orchestrator.render import render as render_plan
 
     try:
         plan = load_plan(topology, seed, rounds, None)
-        rendered = render_plan(plan, format, out, image=image, rule=rule, namespace=namespace)
+        run_certs = _run_certs(plan, out, certs, insecure, trust_domain)
+        rendered = render_plan(
+            plan, format, out, image=image, rule=rule, namespace=namespace, certs=run_certs
+        )
     except MTLError as exc:
         raise _fail(exc) from None
     for warning in plan.warnings:

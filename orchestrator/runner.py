@@ -17,6 +17,7 @@ from typing import Any
 
 from orchestrator.backends import BACKENDS, Progress, RunContext
 from orchestrator.plan import RunPlan
+from orchestrator.tls import RunCerts
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def run_plan(
     show_progress: bool = True,
     backend_options: dict[str, Any] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    certs: RunCerts | None = None,
 ) -> dict[str, Any]:
     """Run every rule of ``plan`` on ``backend``; write the results directory; return the summary."""
     from orchestrator.results import ResultsWriter
@@ -88,7 +90,11 @@ def run_plan(
                         on_progress(p)
 
                 ctx = RunContext(
-                    rule=rule, workdir=out / "work" / rule, progress=sink, options=backend_options
+                    rule=rule,
+                    workdir=out / "work" / rule,
+                    progress=sink,
+                    options=backend_options,
+                    certs=certs,
                 )
                 output = backend_impl.run(plan, ctx)
                 writer.add_metrics(output.metrics)

@@ -10,10 +10,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mtl_node.registry import Registry
 from orchestrator.plan import RunPlan
+
+if TYPE_CHECKING:
+    from orchestrator.tls import RunCerts
 
 Row = dict[str, Any]
 
@@ -43,6 +46,7 @@ class RunContext:
     progress: ProgressSink
     record_decisions: bool = True
     options: dict[str, Any] | None = None  # backend-specific knobs (e.g. agents_per_process)
+    certs: RunCerts | None = None  # mutual TLS material; None only with --insecure
 
 
 @dataclass

@@ -23,10 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mtl_node.channel import SERVICE, create_sync_channel
 from mtl_node.errors import ConfigError, MTLError
+from mtl_node.identity import agent_id as spiffe_agent
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from orchestrator.backends.base import Progress, Row, RunContext, RunOutput
 from orchestrator.plan import RunPlan
+from orchestrator.tls import RunCerts
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,22 @@ def int_option(options: Mapping[str, Any], key: str, default: int, minimum: int 
     return number
 
 
+def agent_channel(agent: str, address: str, certs: RunCerts | None) -> grpc.Channel:
+    """A channel to ``agent`` as the operator: mutual TLS checking that it is that agent, or
+    plaintext for an ``--insecure`` run."""
+    if certs is None:
+        return create_sync_channel(address, tls=None)
+    return create_sync_channel(
+        address, tls=certs.operator, expected_identity=spiffe_agent(agent, certs.trust_domain)
+    )
+
+
 def wait_healthy(
-    addresses: Mapping[str, str], timeout: float, alive: AliveAgents | None = None, what: str = "agent"
+    addresses: Mapping[str, str],
+    timeout: float,
+    alive: AliveAgents | None = None,
+    what: str = "agent",
+    certs: RunCerts | None = None,
 ) -> None:
     """Until every agent's grpc.health.v1 says SERVING for ``mtl.v1.Node``.
 
@@ -81,7 +97,7 @@ def wait_healthy(
         for agent_id, address in list(pending.items()):
             if agent_id not in running:
                 raise DeploymentError(f"{agent_id}: its {what} exited before serving")
-            with create_sync_channel(address) as channel:
+            with agent_channel(agent_id, address, certs) as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service=SERVICE), timeout=min(RPC_TIMEOUT_S, 2.0)
@@ -109,7 +125,7 @@ def follow(plan: RunPlan, ctx: RunContext, addresses: Mapping[str, str], alive: 
     An agent whose process/container is gone counts as finished (its neighbours carry on without
     it); only losing every agent is an error.
     """
-    channels = {a: create_sync_channel(addr) for a, addr in addresses.items()}
+    channels = {a: agent_channel(a, addr, ctx.certs) for a, addr in addresses.items()}
     stubs = {a: pb_grpc.NodeStub(ch) for a, ch in channels.items()}
     normal = set(plan.normal_ids)
     finished: set[str] = set()

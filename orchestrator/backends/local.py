@@ -2,8 +2,11 @@
 
 Agents are spread over a few ``mtl-node serve-many`` processes (one torch process per agent costs
 ~230 MB); each agent still has its own gRPC server on its own port, so every exchange crosses the
-network stack. Ports are reserved before start (mtl_node.ports) so every agent knows its
-neighbours' addresses up front. Every process is stopped on completion, error or Ctrl-C.
+network stack. Every agent binds a free port of its own (port 0) and waits for ``peers.json``, which
+is written once all of them printed their bound ports (mtl_node.ports: no two processes ever share
+a port, and there is no reservation to race). Agents talk mutual TLS with the run's certificates
+(``ctx.certs``) unless the run is ``--insecure``. Every process is stopped on completion, error or
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mtl_node.ports import reserved_ports
+from mtl_node.ports import serving_addresses, write_peers_file
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import (  # noqa: F401  (collect, DeploymentError: used from here too)
     POLL_INTERVAL_S,
@@ -103,15 +106,17 @@ class LocalBackend(Backend):
         processes = int(options.get("processes") or default_processes(len(ids)))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         hosts: list[HostProcess] = []
+        peers = ctx.workdir / "peers.json"
+        peers.unlink(missing_ok=True)
         try:
-            with reserved_ports(len(ids), HOST) as ports:
-                addresses = {agent_id: f"{HOST}:{port}" for agent_id, port in zip(ids, ports, strict=True)}
-                for index, group in enumerate(split(ids, processes)):
-                    hosts.append(self._start_host(plan, ctx, index, group, addresses))
-                write_pids(ctx.workdir, hosts)
-                self._wait_serving(hosts)
+            for index, group in enumerate(split(ids, processes)):
+                hosts.append(self._start_host(plan, ctx, index, group, peers))
+            write_pids(ctx.workdir, hosts)
+            ports = self._wait_serving(hosts)
+            addresses = {agent_id: f"{HOST}:{ports[agent_id]}" for agent_id in ids}
+            write_peers_file(peers, addresses)
             alive = _alive_agents(hosts)
-            wait_healthy(addresses, START_TIMEOUT_S, alive)
+            wait_healthy(addresses, START_TIMEOUT_S, alive, certs=ctx.certs)
             follow(plan, ctx, addresses, alive)
         finally:
             stop_hosts(hosts)
@@ -120,15 +125,17 @@ class LocalBackend(Backend):
     # -- start ------------------------------------------------------------------------------------
 
     def _start_host(
-        self, plan: RunPlan, ctx: RunContext, index: int, group: list[str], addresses: dict[str, str]
+        self, plan: RunPlan, ctx: RunContext, index: int, group: list[str], peers: Path
     ) -> HostProcess:
         agents: list[dict[str, Any]] = []
         for agent_id in group:
             agent = plan.agent(agent_id)
             data = plan.node_config_data(agent, ctx.rule)
-            data["listen"] = addresses[agent_id]
-            data["neighbors"] = {n: addresses[n] for n in agent.neighbors}
+            data["listen"] = f"{HOST}:0"
+            data["neighbors"] = {n: f"{HOST}:0" for n in agent.neighbors}  # from peers.json
+            data["peers_file"] = str(peers.resolve())
             data["results_dir"] = str(ctx.workdir / "agents" / agent_id)
+            data |= tls_fields(ctx, agent_id)
             agents.append(data)
         config_path = ctx.workdir / f"host-{index}.json"
         config_path.write_text(json.dumps({"agents": agents}, indent=1))
@@ -147,15 +154,18 @@ class LocalBackend(Backend):
         )
         return HostProcess(index, group, popen, stdout_path, log_path, (out, err))
 
-    def _wait_serving(self, hosts: list[HostProcess]) -> None:
+    def _wait_serving(self, hosts: list[HostProcess]) -> dict[str, int]:
+        """Until every agent printed its serving line; returns each agent's bound port."""
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = {h.index for h in hosts}
+        ports: dict[str, int] = {}
         while pending:
             for h in hosts:
                 if h.index not in pending:
                     continue
-                served = h.stdout_path.read_text(errors="replace").count("mtl-node: serving ")
-                if served >= len(h.agents):
+                served = serving_addresses(h.stdout_path.read_text(errors="replace"))
+                if all(a in served for a in h.agents):
+                    ports.update({a: int(served[a].rpartition(":")[2]) for a in h.agents})
                     pending.discard(h.index)
                 elif h.popen.poll() is not None:
                     tail = h.log_path.read_text(errors="replace")[-2000:]
@@ -165,7 +175,17 @@ class LocalBackend(Backend):
                     )
             if time.monotonic() > deadline:
                 raise DeploymentError(f"agents did not start within {START_TIMEOUT_S:.0f}s")
-            time.sleep(0.1)
+            if pending:
+                time.sleep(0.1)
+        return ports
+
+
+def tls_fields(ctx: RunContext, agent_id: str, directory: str | None = None) -> dict[str, Any]:
+    """An agent's TLS config fields: its certificate files (``directory``: where they are for the
+    agent, if elsewhere than here), or ``insecure`` for an ``--insecure`` run."""
+    if ctx.certs is None:
+        return {"insecure": True}
+    return ctx.certs.node_fields(agent_id, directory)
 
 
 def _alive_agents(hosts: list[HostProcess]) -> Callable[[], set[str]]:

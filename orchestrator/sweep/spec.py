@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtl_node import catalog
+from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError, UnknownNameError
 from orchestrator.spec import GRAPH_KINDS, GraphSpec, GroupSpec, parse_spec
 

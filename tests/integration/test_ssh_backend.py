@@ -202,6 +202,14 @@ def test_ssh_backend_runs_a_topology_end_to_end(sshd: SSHServer, tmp_path: Path)
             assert (run_dir / "agents" / agent / "metrics.jsonl").stat().st_size > 0
     # Nothing is left running on the "remote" side.
     assert processes_mentioning(str(run_dir)) == []
+    # The agents talked mutual TLS with the run's certificates, copied for the run and removed
+    # at its end (keys never outlive it on the host).
+    for index, agents in ((0, ["a0", "a1"]), (1, ["a2", "a3"])):
+        configs = json.loads((work / f"host-{index}.json").read_text())["agents"]
+        assert [c["cert"] for c in configs] == [f"certs/{a}.pem" for a in agents]
+        assert not any(c.get("insecure") for c in configs)
+    assert not (run_dir / "certs").exists()
+    assert (out / "certs" / "ca.pem").exists()
 
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert len(rows) == 4 * 20

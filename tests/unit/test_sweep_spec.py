@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mtl_node import catalog
+from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError
 from orchestrator.planner import plan_topology
 from orchestrator.spec import parse_spec
