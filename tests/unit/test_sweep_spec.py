@@ -235,3 +235,18 @@ def test_an_agent_whose_neighbourhood_admits_no_f_falls_back_with_a_warning() ->
         "rules": ["none", "krum"],
     }
     assert parse_sweep(data).cells()
+
+
+def test_the_robustness_sweep_file_is_what_the_benchmark_generates(tmp_path: Path) -> None:
+    """benchmarks/robustness.py is a thin caller of the sweep; its grid is examples/sweep-robustness.yaml."""
+    out = tmp_path / "sweep-robustness.yaml"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--write-sweep", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == (ROOT / "examples" / "sweep-robustness.yaml").read_text()
+    spec = load_sweep(out)
+    assert len(spec.cells()) == 4 * 3 * (10 + 13 * 4 * 10)
