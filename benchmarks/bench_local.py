@@ -154,6 +154,7 @@ def main() -> None:
             show_progress=False,
             backend_options=options,
             certs=None if args.insecure else certs,
+            insecure=args.insecure,
         )
         wall = time.perf_counter() - start
         sampler.stop()
