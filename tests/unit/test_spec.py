@@ -55,6 +55,23 @@ def test_the_paper_examples_and_quickstart_exist() -> None:
     } <= names
 
 
+@pytest.mark.parametrize("n", [0, 20, 99])
+def test_paper_examples_give_five_agents_the_reference_direction_noise(n: int) -> None:
+    """As the reference code: direction-noise std drawn in [0.01, 0.02] per agent, except five
+    agents at 0.1 (docs/results.md, case study 1)."""
+    from mtl_node.tasks import make_task
+
+    plan = plan_topology(load_topology(ROOT / "examples" / f"target-localization-{n}.yaml"))
+    stds = {}
+    for agent in plan.agents:
+        data = plan.node_config_data(agent, plan.rules[0])
+        task = make_task(data["task"], agent.id, data["seed"], data["task_params"])
+        stds[agent.id] = task.r.direction_noise_std  # type: ignore[attr-defined]
+    noisy = sorted(a for a, std in stds.items() if std == 0.1)
+    assert noisy == ["a26", "a30", "a50", "a61", "a81"]
+    assert all(0.01 <= std <= 0.02 for a, std in stds.items() if a not in noisy)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_every_example_loads_plans_and_gives_valid_node_configs(path: Path) -> None:
     from mtl_node.attack_api import ATTACKS, load_plugins
