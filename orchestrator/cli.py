@@ -131,6 +131,7 @@ def up(
             show_progress=progress,
             backend_options=options,
             certs=run_certs,
+            insecure=insecure,
         )
     except KeyboardInterrupt:
         typer.echo("interrupted: every agent was stopped", err=True)

@@ -101,12 +101,20 @@ def run_plan(
     backend_options: dict[str, Any] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     certs: RunCerts | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
-    """Run every rule of ``plan`` on ``backend``; write the results directory; return the summary."""
+    """Run every rule of ``plan`` on ``backend``; write the results directory; return the summary.
+
+    Agents of real backends talk mutual TLS with ``certs``, or with a CA made for the run in
+    ``out/certs`` when none are given, unless ``insecure``.
+    """
     from orchestrator.results import ResultsWriter
+    from orchestrator.tls import run_certs
 
     backend_impl = BACKENDS.get(backend, field="--backend")()
     out.mkdir(parents=True, exist_ok=True)
+    if certs is None and not insecure and backend != "sim":
+        certs = run_certs(out, [a.id for a in plan.agents], None, None)
     writer = ResultsWriter(directory=out, plan=plan)
     progress_file = ProgressFile(out / "progress.json", plan.rules)
     started = time.perf_counter()
