@@ -25,6 +25,7 @@ from mtl_node.batched.result import (
 )
 from mtl_node.config import NodeConfig
 from mtl_node.kernels import robust as kernel_robust
+from mtl_node.kernels import target_localization as tl
 from mtl_node.kernels.decisions import (
     ACCEPTED,
     ACCEPTED_CODES,
@@ -75,8 +76,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     u, d = b.sample(i)
 
     # adapt: psi = w + mu (q - w), q = x + d u
-    q = b.x + d[:, None] * u
-    psi = st.theta + b.mu * (q - st.theta)
+    psi = tl.adapt(st.theta, b.x, b.mu, u, d)
 
     # exchange: what each agent receives in each slot; a non-finite model is left out as missing
     received = psi[b.nbr]
@@ -95,7 +95,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     # score each received model on the receiver's own sample / against its previous model
     losses = None
     if b.need_loss:
-        losses = (d[:, None] - np.einsum("ksj,kj->ks", received - b.x[:, None, :], u)) ** 2
+        losses = tl.residual(received, b.x[:, None, :], u[:, None, :], d[:, None]) ** 2
     distances = ((st.theta[:, None, :] - received) ** 2).sum(axis=2) if b.need_distance else None
     if losses is not None and distances is not None:
         score = np.where(b.by_distance, distances, losses)
@@ -204,9 +204,8 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
         st.theta[rows] = z
     if clipped_combined is not None:
         st.theta[clipped_combined[0]] = clipped_combined[1]
-    offset = st.theta - b.x
-    loss = (d - np.einsum("kj,kj->k", offset, u)) ** 2
-    residual = b.test_d - np.einsum("ktj,kj->kt", b.test_u, offset)
+    loss = tl.residual(st.theta, b.x, u, d) ** 2
+    residual = tl.residual(st.theta[:, None, :], b.x[:, None, :], b.test_u, b.test_d)
     if b.equal_tests:
         test_loss = np.mean(residual**2, axis=1)
     else:
