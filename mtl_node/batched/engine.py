@@ -26,6 +26,7 @@ from mtl_node.batched.result import (
 from mtl_node.config import NodeConfig
 from mtl_node.kernels import robust as kernel_robust
 from mtl_node.kernels import target_localization as tl
+from mtl_node.kernels.combine import combine_rows
 from mtl_node.kernels.decisions import (
     ACCEPTED,
     ACCEPTED_CODES,
@@ -199,7 +200,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     weights[self_only, 0] = 1.0
 
     # combine, then evaluate the combined model on this round's sample and the held-out set
-    st.theta = np.einsum("ks,ksj->kj", weights, received)
+    st.theta = combine_rows(weights, received)
     for rows, z in combined:
         st.theta[rows] = z
     if clipped_combined is not None:
@@ -207,7 +208,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     loss = tl.residual(st.theta, b.x, u, d) ** 2
     residual = tl.residual(st.theta[:, None, :], b.x[:, None, :], b.test_u, b.test_d)
     if b.equal_tests:
-        test_loss = np.mean(residual**2, axis=1)
+        test_loss = tl.mean_square(residual)
     else:
         test_loss = (residual**2 * b.test_mask).sum(axis=1) / b.test_count
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 A = Any  # a numpy array or a torch tensor
 
 
@@ -25,3 +27,10 @@ def residual(w: A, x: A, u: A, d: A) -> A:
     several times more than these four element-wise operations on (agents x samples) arrays."""
     e = w - x
     return d - (e[..., 0] * u[..., 0] + e[..., 1] * u[..., 1])
+
+
+def mean_square(residual: np.ndarray) -> np.ndarray:
+    """Mean of the squared residuals over the last axis (the held-out test loss); numpy, so that
+    one agent's and a batch's means are summed the same way."""
+    with np.errstate(over="ignore", invalid="ignore"):  # huge crafted models overflow to inf
+        return np.mean(residual**2, axis=-1)

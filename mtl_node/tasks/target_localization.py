@@ -130,4 +130,4 @@ class TargetLocalization(Task):
     def evaluate(self, model: StateDict, round_: int) -> Metrics:
         loss = self.losses([model], round_)[0]
         residual = tl.residual(model["w"], self._x, self._test_u, self._test_d)
-        return Metrics(loss=loss, test_loss=float(torch.mean(residual**2)))
+        return Metrics(loss=loss, test_loss=float(tl.mean_square(residual.cpu().numpy())))
