@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,12 @@ class _EmaRule(Rule):
 
     def score(self, c: Candidate) -> float | None:
         raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {"ema": dict(self.ema)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.ema = {str(k): float(v) for k, v in state.get("ema", {}).items()}
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         own = candidates[0]

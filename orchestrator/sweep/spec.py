@@ -40,6 +40,7 @@ DEFAULT_METRIC: dict[str, Metric] = {"har": "test_accuracy", "digits": "test_acc
 # Higher is better for these; "worse than alone" flips for them.
 HIGHER_IS_BETTER = frozenset({"test_accuracy"})
 NO_ATTACK = "-"  # the attack label of the 0% cells
+AUTO = "auto"  # rule_params.f: each agent's true Byzantine neighbour count (see strongest_f)
 
 
 class _Model(BaseModel):
@@ -198,6 +199,26 @@ def byzantine_count(fraction: float, agents: int) -> int:
     return round(fraction * agents)
 
 
+def strongest_f(topology: dict[str, Any], rule: str) -> dict[str, Any]:
+    """``overrides`` that give every agent of ``topology`` the strongest f for ``rule``: its true
+    number of Byzantine neighbours, capped at the most its neighbourhood admits (median and
+    trimmed-mean need 2f+1 members, krum 2f+3), so the robust baselines run at their best."""
+    from mtl_node.aggregation.robust import max_f
+    from orchestrator.planner import plan_topology
+
+    if max_f(rule, 1_000_000) is None:
+        return {}  # the rule has no f
+    plan = plan_topology(parse_spec({**topology, "rules": ["none"]}))
+    bad = {a.id for a in plan.agents if a.role == "byzantine"}
+    out: dict[str, Any] = {}
+    for a in plan.agents:
+        cap = max_f(rule, len(a.neighbors) + 1)
+        assert cap is not None
+        f = max(0, min(sum(nb in bad for nb in a.neighbors), cap))
+        out[a.id] = {"rule_params": {"f": f}}
+    return out
+
+
 def _unique(field: str, values: list[str], fix: str | None = None) -> None:
     dup = sorted({v for v in values if values.count(v) > 1})
     if dup:
@@ -258,7 +279,7 @@ class Cell:
             "seed": self.seed,
             "nu": t.nu,
             "ema_init": t.ema_init,
-            "rule_params": dict(t.rule_params),
+            "rule_params": {k: v for k, v in t.rule_params.items() if not (k == "f" and v == AUTO)},
             "window": self.window,
         }
         if t.groups is not None:
@@ -270,6 +291,10 @@ class Cell:
             if self.attack.params is not None:
                 byz["attack_params"] = dict(self.attack.params)
             data["byzantine"] = byz
+        if t.rule_params.get("f") == AUTO:
+            overrides = strongest_f(data, self.rule)
+            if overrides:
+                data["overrides"] = overrides
         return data
 
     def labels(self) -> dict[str, Any]:
@@ -305,15 +330,20 @@ def check_topologies(spec: SweepSpec) -> None:
     for i, task in enumerate(spec.tasks):
         for j, topo in enumerate(spec.topologies):
             for seed in spec.seeds:
-                # Fraction 0 with every rule checks every agent's neighbourhood (all are normal).
-                cell = Cell(task, topo, spec.rules[0], None, 0.0, seed, spec.rounds, spec.window)
-                data = {**cell.topology_spec(), "rules": list(spec.rules)}
-                try:
-                    plan_topology(parse_spec(data))
-                except ConfigError as exc:
-                    where = f"tasks.{i}" if exc.field.split(".")[0] in _TASK_FIELDS else f"topologies.{j}"
-                    field = exc.field if exc.field.startswith("rules") else f"{where}.{exc.field}"
-                    raise ConfigError(f"{field} (seed {seed})", exc.problem, exc.fix) from None
+                # Fraction 0 checks every agent's neighbourhood (all of them are normal).
+                for rule in spec.rules:
+                    cell = Cell(task, topo, rule, None, 0.0, seed, spec.rounds, spec.window)
+                    try:
+                        plan_topology(parse_spec(cell.topology_spec()))
+                    except ConfigError as exc:
+                        top = exc.field.split(".")[0]
+                        if top in ("rule", "rules"):
+                            field = f"rules.{spec.rules.index(rule)}"
+                        elif top in _TASK_FIELDS:
+                            field = f"tasks.{i}.{exc.field}"
+                        else:
+                            field = f"topologies.{j}.{exc.field}"
+                        raise ConfigError(f"{field} (seed {seed})", exc.problem, exc.fix) from None
 
 
 _TASK_FIELDS = frozenset(SweepTask.model_fields) | {"rule_params"}

@@ -162,3 +162,91 @@ def test_cli_bad_sweep_is_one_line_and_exit_2(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "--executor: unknown executor 'dask'" in out.stderr and "local, ray" in out.stderr
+
+
+def test_agent_rule_params_override_reaches_only_that_agent() -> None:
+    plan = plan_topology(
+        parse_spec(
+            {
+                "name": "t",
+                "agents": 6,
+                "graph": "complete",
+                "rule": "median",
+                "overrides": {"a2": {"rule_params": {"f": 2}}},
+            }
+        )
+    )
+    configs = {a.id: plan.node_config_data(a, "median")["rule_params"] for a in plan.agents}
+    assert configs["a2"]["f"] == 2
+    assert {configs[a]["f"] for a in configs if a != "a2"} == {1}
+    with pytest.raises(ConfigError) as info:
+        parse_spec_and_plan({"overrides": {"a2": {"rule_params": {"f": -1}}}})
+    assert info.value.field == "overrides.a2.rule_params.f"
+    # The assumption is checked with the agent's own f: 3 members admit f = 1, not 2.
+    with pytest.raises(ConfigError) as info:
+        parse_spec_and_plan(
+            {"graph": {"kind": "ring", "k": 1}, "overrides": {"a2": {"rule_params": {"f": 2}}}}
+        )
+    assert "agent a2" in str(info.value)
+
+
+def parse_spec_and_plan(changes: dict[str, Any]) -> Any:
+    return plan_topology(
+        parse_spec({"name": "t", "agents": 6, "graph": "complete", "rule": "median", **changes})
+    )
+
+
+def test_f_auto_gives_each_agent_its_true_byzantine_count_capped() -> None:
+    from mtl_node.aggregation.robust import max_f
+
+    data = {
+        **BASE,
+        "tasks": [{"task": "target-localization", "rule_params": {"f": "auto"}}],
+        "topologies": [{"agents": 12, "graph": {"kind": "ring", "k": 2}}],
+        "rules": ["krum", "median"],
+        "fractions": [0.0, 0.5],
+    }
+    cells = parse_sweep(data).cells()
+    seen = set()
+    for cell in cells:
+        plan = plan_topology(parse_spec(cell.topology_spec()))
+        bad = {a.id for a in plan.agents if a.role == "byzantine"}
+        for a in plan.agents:
+            f = plan.node_config_data(a, cell.rule)["rule_params"]["f"]
+            cap = max_f(cell.rule, len(a.neighbors) + 1)
+            assert f == max(0, min(sum(n in bad for n in a.neighbors), cap))
+            seen.add(f)
+    assert seen == {0, 1, 2}  # ring k=2: 5 members admit krum f=1, median f=2
+
+
+def test_an_agent_whose_neighbourhood_admits_no_f_falls_back_with_a_warning() -> None:
+    # One link: a0 and a1 have 2 members, the rest 1; krum needs 2f+3 >= 3. Without an own f: an error.
+    graph = {"kind": "edges", "edges": [["a0", "a1"]]}
+    with pytest.raises(ConfigError):
+        parse_spec_and_plan({"graph": graph, "rule": "krum"})
+    overrides = {f"a{i}": {"rule_params": {"f": 0}} for i in range(6)}
+    plan = parse_spec_and_plan({"graph": graph, "rule": "krum", "overrides": overrides})
+    assert any("keep their own model" in w and "a0" in w for w in plan.warnings)
+    # An f: auto sweep over such a graph plans (and runs: the rule keeps the agent's own model).
+    data = {
+        **BASE,
+        "tasks": [{"task": "target-localization", "rule_params": {"f": "auto"}}],
+        "topologies": [{"agents": 6, "graph": graph}],
+        "rules": ["none", "krum"],
+    }
+    assert parse_sweep(data).cells()
+
+
+def test_the_robustness_sweep_file_is_what_the_benchmark_generates(tmp_path: Path) -> None:
+    """benchmarks/robustness.py is a thin caller of the sweep; its grid is examples/sweep-robustness.yaml."""
+    out = tmp_path / "sweep-robustness.yaml"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "robustness.py"), "--write-sweep", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == (ROOT / "examples" / "sweep-robustness.yaml").read_text()
+    spec = load_sweep(out)
+    assert len(spec.cells()) == 4 * 3 * (10 + 13 * 4 * 10)
