@@ -59,8 +59,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A loopback-only test cluster: no token authentication. Ray >= 2.5x turns it on for a head when a
+# token exists (~/.ray/auth_token, written by any earlier ray.init()), and a second node started
+# from the CLI then fails to join; the driver (the sweep) must use the same mode.
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
 def _ray(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +117,7 @@ def _sweep(spec: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[st
         capture_output=True,
         text=True,
         timeout=600,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -139,6 +146,7 @@ def test_unreachable_ray_address_is_a_clear_error(cluster: str, tmp_path: Path) 
         capture_output=True,
         text=True,
         timeout=600,
+        env=ENV,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "--address: cannot join the Ray cluster" in done.stderr
