@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--rule", default="loss-filtered")
     parser.add_argument("--processes", type=int, default=None)
     parser.add_argument("--insecure", action="store_true", help="agents and bare pair in plaintext")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/local.json")
     args = parser.parse_args()
 
     from orchestrator.cli import load_plan
@@ -154,6 +155,7 @@ def main() -> None:
             show_progress=False,
             backend_options=options,
             certs=None if args.insecure else certs,
+            insecure=args.insecure,
         )
         wall = time.perf_counter() - start
         sampler.stop()
@@ -180,9 +182,8 @@ def main() -> None:
         "command": "python benchmarks/bench_local.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=1))
-    out = ROOT / "benchmarks/results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "local.json").write_text(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,12 @@ def check_agent(cfg: NodeConfig) -> None:
         expect=agent_id(cfg.id, cfg.trust_domain),
         who=f"agent {cfg.id}",
     )
-    make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+    task = make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+    if cfg.state_path is not None:
+        # A state directory from another run is refused before anything serves (exit 2).
+        from mtl_node import state, wire
+
+        state.check(cfg.state_path, state.fingerprint(cfg, wire.manifest_of(task.init_model())))
     if cfg.attack:
         make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
     else:
@@ -105,7 +110,15 @@ def serve(
     attack: Annotated[str | None, typer.Option(help="make this agent Byzantine")] = None,
     attack_param: Annotated[list[str] | None, typer.Option(help="attack parameter KEY=VALUE")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="write metrics/decisions here")] = None,
-    save_models_every: Annotated[int | None, typer.Option(help="checkpoint every N rounds")] = None,
+    save_models_every: Annotated[
+        int | None, typer.Option(help="export the model every N rounds (results_dir/models)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="crash-only state, resumed on start (default RESULTS_DIR/state)")
+    ] = None,
+    state_every: Annotated[
+        int | None, typer.Option(help="write the state every N rounds (0: never; default: auto)")
+    ] = None,
     fetch_timeout: Annotated[float | None, typer.Option(help="deadline per fetch, s")] = None,
     exit_when_done: Annotated[
         bool | None, typer.Option("--exit-when-done/--keep-serving", help="exit after last round")
@@ -148,6 +161,8 @@ def serve(
             "attack": attack,
             "results_dir": results_dir,
             "save_models_every": save_models_every,
+            "state_dir": state_dir,
+            "state_every": state_every,
             "fetch_timeout": fetch_timeout,
             "exit_when_done": exit_when_done,
             "ca": ca,

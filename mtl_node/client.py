@@ -107,7 +107,6 @@ async def fetch_payload(
 
 # Round 1: how often a neighbour that is not listening yet is tried again.
 STARTUP_RETRY_S = 0.25
-_NOT_LISTENING = "failed to connect to all addresses"
 
 
 class GrpcTransport(Transport):
@@ -152,17 +151,11 @@ class GrpcTransport(Transport):
         if self.manifest is None:
             raise RuntimeError("GrpcTransport.expect(manifest) must be called before fetch")
         stub = self._stub(neighbor)
-        channel = self._channels[neighbor]
-        if neighbor in self._seen and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            # A neighbour that went away: fail now instead of paying the retry policy's backoff
-            # every round. The channel keeps reconnecting in the background (capped at 2 s), so a
-            # restarted neighbour is back within a round or two.
-            channel.get_state(try_to_connect=True)
-            raise FetchError(f"{neighbor}: connection failing", reason="unavailable")
-        if round_ == 1 and neighbor not in self._seen:
-            header, payload = await self._fetch_at_startup(stub, round_, requester, timeout)
-        else:
-            header, payload = await fetch_payload(stub, round_, requester, timeout, self.manifest)
+        # Crash-only (DESIGN §5): a neighbour that is not listening or whose stream broke (it was
+        # killed and is restarting) is asked again until the deadline, in every round, so a restart
+        # within the deadline changes no result (rounds are idempotent to fetch). An UNAVAILABLE its
+        # own server sent (a refusal: "<id>: ..."), an identity failure or a deadline ends it at once.
+        header, payload = await self._fetch_retrying(stub, neighbor, round_, requester, timeout)
         if header.agent_id != neighbor:
             raise FetchError(
                 f"{neighbor}: the model's header names {header.agent_id[:64]!r}", reason="identity"
@@ -171,13 +164,12 @@ class GrpcTransport(Transport):
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
 
-    async def _fetch_at_startup(
-        self, stub: ModelStub, round_: int, requester: str, timeout: float
+    async def _fetch_retrying(
+        self, stub: ModelStub, neighbor: str, round_: int, requester: str, timeout: float
     ) -> tuple[pb.ModelHeader, bytearray]:
-        """In round 1 wait for a neighbour's server to come up instead of failing fast: try again
-        while nothing listens at its address, until ``timeout``. Unlike gRPC's wait_for_ready this
-        sees why a connection failed, so a certificate naming someone else fails at once
-        (reason ``identity``) instead of after the whole startup wait."""
+        """Try again while the neighbour is unreachable, until ``timeout``. Unlike gRPC's
+        wait_for_ready this sees why a connection failed, so a certificate naming someone else
+        fails at once (reason ``identity``) instead of after the whole wait."""
         assert self.manifest is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -186,9 +178,10 @@ class GrpcTransport(Transport):
             try:
                 return await fetch_payload(stub, round_, requester, max(remaining, 0.01), self.manifest)
             except FetchError as exc:
-                retry = exc.reason == "unavailable" and _NOT_LISTENING in str(exc)
-                if not retry or deadline - loop.time() <= STARTUP_RETRY_S:
+                refused = str(exc).startswith(f"UNAVAILABLE: {neighbor}: ")
+                if exc.reason != "unavailable" or refused or deadline - loop.time() <= STARTUP_RETRY_S:
                     raise
+                log.debug("%s: round %d: unreachable (%s); asking again", neighbor, round_, exc)
             await asyncio.sleep(STARTUP_RETRY_S)
 
     async def close(self) -> None:

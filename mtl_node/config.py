@@ -55,7 +55,18 @@ class NodeConfig(BaseModel):
     )
     keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
     results_dir: Path | None = None
-    save_models_every: int = Field(0, ge=0, description="write model checkpoints every N rounds")
+    save_models_every: int = Field(
+        0, ge=0, description="export the combined model every N rounds (results_dir/models, safetensors)"
+    )
+    state_dir: Path | None = Field(
+        None, description="crash-only state (resumed on start); default results_dir/state"
+    )
+    state_every: int | None = Field(
+        None,
+        ge=0,
+        description="write the state every N rounds (0: never; unset: auto, at most ~10% of the "
+        "time and at most keep-2 rounds apart; see docs/performance.md)",
+    )
     exit_when_done: bool = False
     linger: float = Field(
         5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
@@ -136,6 +147,15 @@ class NodeConfig(BaseModel):
     @property
     def role(self) -> str:
         return "byzantine" if self.attack else "normal"
+
+    @property
+    def state_path(self) -> Path | None:
+        """Where the agent's crash-only state lives (None: nowhere, e.g. in-process runs)."""
+        if self.state_every == 0:
+            return None
+        if self.state_dir is not None:
+            return self.state_dir
+        return self.results_dir / "state" if self.results_dir is not None else None
 
 
 def _format_validation_error(exc: ValidationError) -> ConfigError:

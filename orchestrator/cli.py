@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -120,6 +118,11 @@ def up(
         f"{plan.rounds} rounds, rules {', '.join(plan.rules)}, backend {backend} -> {out}"
     )
     options = {**backend_options, **({"processes": processes} if processes else {})} or None
+    from orchestrator.deployment import write_deployment
+    from orchestrator.runner import LostAgents
+
+    # Before any agent starts: status/attach/down work from here even if this process dies.
+    write_deployment(out, backend, options)
     try:
         summary = run_plan(
             plan,
@@ -128,12 +131,20 @@ def up(
             show_progress=progress,
             backend_options=options,
             certs=run_certs,
+            insecure=insecure,
         )
     except KeyboardInterrupt:
         typer.echo("interrupted: every agent was stopped", err=True)
         raise typer.Exit(130) from None
+    except LostAgents as exc:
+        typer.echo(f"mtl-orchestrate: error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except MTLError as exc:
         raise _fail(exc) from None
+    _finish(summary, out, report)
+
+
+def _finish(summary: dict[str, Any], out: Path, report: bool) -> None:
     _print_summary(summary)
     if report:
         from orchestrator.report import write_report
@@ -322,49 +333,35 @@ def _detach(argv: list[str], out: Path) -> None:
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    (out / DEPLOYMENT_FILE).write_text(
-        json.dumps({"pid": proc.pid, "argv": args, "started": time.time()}, indent=1)
-    )
+    from orchestrator.deployment import write_deployment
+
+    write_deployment(out, "detached", {"argv": args}, pid=proc.pid)  # the child rewrites it
     typer.echo(f"started in the background (pid {proc.pid}); results in {out}")
     typer.echo(f"  mtl-orchestrate status {out}   mtl-orchestrate logs {out}   mtl-orchestrate down {out}")
 
 
-def _read_deployment(out: Path) -> dict[str, Any]:
-    path = out / DEPLOYMENT_FILE
-    if not path.exists():
-        raise ConfigError("DIR", f"{path} not found", "give the --out directory of `up --detach`")
-    return json.loads(path.read_text())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours is not alive.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 @app.command()
-def status(out: Annotated[Path, typer.Argument(help="results directory of a detached run")]) -> None:
-    """Show whether a detached run is still going and how far it got."""
+def status(out: Annotated[Path, typer.Argument(help="results directory of a run")]) -> None:
+    """Show whether a run is still going and how far it got (works after `up` died)."""
+    from orchestrator.deployment import orchestrator_alive, read_deployment, running_agents
+
     try:
-        dep = _read_deployment(out)
+        dep = read_deployment(out)
+        agents = running_agents(out)
     except MTLError as exc:
         raise _fail(exc) from None
     progress_path = out / "progress.json"
+    if dep is None and not progress_path.exists():
+        raise _fail(ConfigError("DIR", f"{out} holds no run", "give the --out directory of `up`"))
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-    alive = _alive(dep["pid"])
+    alive = orchestrator_alive(dep)
     state = progress.get("state", "starting")
-    if not alive and state == "running":
-        state = "stopped"
-    typer.echo(f"state: {state} (supervisor pid {dep['pid']} {'running' if alive else 'exited'})")
+    if not alive and state in ("running", "starting"):
+        # Nobody updates progress.json any more: never report a dead run as running.
+        state = "orphaned (orchestrator died; `attach` finishes it, `down` stops it)" if agents else "stopped"
+    pid = dep.get("pid") if dep else "?"
+    typer.echo(f"state: {state} (orchestrator pid {pid} {'running' if alive else 'gone'})")
+    typer.echo(f"agent processes running: {len(agents)}")
     current = progress.get("current")
     if current:
         loss = current["mean_loss"]
@@ -373,6 +370,33 @@ def status(out: Annotated[Path, typer.Argument(help="results directory of a deta
             f"mean loss {'-' if loss is None else f'{loss:.4g}'}, accepted {current['accepted']:.1f}, "
             f"filtered {current['filtered']:.1f}, missing {current['missing']:.1f}"
         )
+    if progress.get("lost_agents"):
+        typer.echo(f"lost agents: {progress['lost_agents']}")
+
+
+@app.command()
+def attach(
+    out: Annotated[Path, typer.Argument(help="results directory of a run whose `up` died")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    report: Annotated[bool, typer.Option(help="write plots and report.md at the end")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+) -> None:
+    """Follow a run to its end and collect it, as if `up` had never died (local backend)."""
+    from orchestrator.deployment import attach as attach_run
+    from orchestrator.runner import LostAgents
+
+    _setup_logging(log_level)
+    try:
+        summary = attach_run(out, show_progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every agent was stopped", err=True)
+        raise typer.Exit(130) from None
+    except LostAgents as exc:
+        typer.echo(f"mtl-orchestrate: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except MTLError as exc:
+        raise _fail(exc) from None
+    _finish(summary, out, report)
 
 
 @app.command()
@@ -394,28 +418,32 @@ def logs(
 
 @app.command()
 def down(
-    out: Annotated[Path, typer.Argument(help="results directory of a detached run")],
+    out: Annotated[Path, typer.Argument(help="results directory of a run")],
     timeout: Annotated[float, typer.Option(help="seconds to wait before killing")] = 20.0,
 ) -> None:
-    """Stop a detached run and every agent it started."""
+    """Stop a run: its orchestrator and every agent process it started, and nothing else.
+
+    A listed pid is signalled only if its start time and command line match the record."""
+    from orchestrator.deployment import orchestrator_alive, read_deployment, running_agents, stop_verified
+
     try:
-        dep = _read_deployment(out)
+        dep = read_deployment(out)
+        if dep is None and not (out / "work").is_dir():
+            raise ConfigError("DIR", f"{out} holds no run", "give the --out directory of `up`")
     except MTLError as exc:
         raise _fail(exc) from None
-    pid = dep["pid"]
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    # Agents whose supervisor died without cleaning up.
-    for pids_file in (out / "work").glob("*/pids.json"):
-        for agent_pid in json.loads(pids_file.read_text()):
-            if _alive(agent_pid):
-                os.kill(agent_pid, signal.SIGKILL)
-    typer.echo(f"stopped {out}")
+    if dep is not None and orchestrator_alive(dep):
+        stop_verified([dep], timeout)  # it stops its own agents on SIGTERM
+    stopped = stop_verified(running_agents(out), timeout)
+    progress_path = out / "progress.json"
+    if progress_path.exists():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("state") in ("running", "starting"):
+            progress["state"] = "stopped"
+            from orchestrator.backends.common import write_atomic
+
+            write_atomic(progress_path, json.dumps(progress))
+    typer.echo(f"stopped {out}" + (f" ({stopped} orphaned agent processes)" if stopped else ""))
 
 
 @app.command()

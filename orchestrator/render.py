@@ -211,6 +211,9 @@ def render_compose(
             ],
             "environment": {"MTL_HEALTH_ADDRESSES": f"127.0.0.1:{HEALTH_PORT}"},
             "stop_grace_period": "10s",
+            # Crash-only: a crashed agent is started again and resumes from /results/<id>/state
+            # (the named volume outlives the container); a clean exit is not restarted.
+            "restart": "on-failure",
             "init": False,  # the image's entrypoint is tini already
         }
     if certs is not None:
@@ -251,9 +254,11 @@ def render_k8s(
     """A Namespace, one ConfigMap (the plan and every agent's config), one Service + Pod per agent,
     and with ``certs`` one TLS Secret per agent (its key is in no other object).
 
-    Pods, not a Deployment or StatefulSet: every agent has its own config, and an agent that
-    dies stays dead (restartPolicy Never), as a failed device would; a restarted agent would
-    start again at round 1 while its neighbours are far ahead.
+    Pods, not a Deployment or StatefulSet: every agent has its own config. A crashed agent's
+    container is restarted in its Pod (restartPolicy OnFailure) and resumes from its state in
+    /results/<id>/state, an emptyDir, which lives as long as the Pod and so survives container
+    restarts (crash-only, DESIGN §5). A deleted or evicted Pod loses it, as a device that lost its
+    disk would.
     """
     rule = pick_rule(plan, rule)
     if not _NAMESPACE.match(namespace):
@@ -378,7 +383,7 @@ def _pod(
             "annotations": {"resilient-mtl.io/agent-id": agent.id},
         },
         "spec": {
-            "restartPolicy": "Never",
+            "restartPolicy": "OnFailure",
             "enableServiceLinks": False,
             "securityContext": {
                 "runAsNonRoot": True,

@@ -68,6 +68,18 @@ class Task(ABC):
     def evaluate(self, model: StateDict, round_: int) -> Metrics:
         """Metrics of the agent's combined model after ``round_``."""
 
+    # -- crash-only state hooks (mtl_node/state.py) ----------------------------------------------
+    # Data streams need nothing here: they are keyed by (seed, agent, round), so the round counter
+    # is their position. A task with state that outlives a round (optimizer moments) returns it.
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able part, tensors) a resumed agent needs to continue exactly."""
+        return {}, {}
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state()`` returned."""
+        return None  # stateless by default
+
 
 class TaskRegistry(Registry[type[Task]]):
     """The built-in tasks by name, plus custom tasks by import path (``package.module:factory``).

@@ -38,7 +38,7 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -284,6 +284,32 @@ class TorchTask(Task):
                 acc = self.accuracy(out, y)
                 correct = None if acc is None or correct is None else correct + float(acc) * len(y)
         return total_loss / n, None if correct is None else correct / n
+
+    # -- crash-only state: the optimizer's moments and step counts -------------------------------
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        sd = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in sd["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        meta = {"param_groups": sd["param_groups"], "scalars": scalars, "vmap_ok": self._vmap_ok}
+        return meta, tensors
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        entries: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            _, index, key = name.split("/", 2)
+            entries.setdefault(int(index), {})[key] = value
+        for index, values in meta.get("scalars", {}).items():
+            entries.setdefault(int(index), {}).update(values)
+        if "param_groups" in meta:
+            self.optimizer.load_state_dict({"state": entries, "param_groups": meta["param_groups"]})
+        self._vmap_ok = bool(meta.get("vmap_ok", True))
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ AGENTS_LABEL = "org.resilient-mtl.agents"
 START_TIMEOUT_S = 300.0  # containers import torch concurrently; a small machine needs a while
 DOCKER_TIMEOUT_S = 120.0  # any single docker CLI call
 STOP_GRACE_S = 10
-OPTIONS = ("image", "agents_per_container", "docker")
+OPTIONS = ("image", "agents_per_container", "docker", "max_restarts")
 
 
 def image_name(options: dict[str, Any]) -> str:
@@ -218,6 +218,10 @@ class DockerBackend(Backend):
             f"{config.resolve()}:/etc/mtl/agents.json:ro",
             "--volume",
             f"{(ctx.workdir / 'agents').resolve()}:/results",
+            # Crash-only: a crashed container is started again and its agents resume from
+            # /results/<id>/state (a host directory, so it outlives the container).
+            "--restart",
+            f"on-failure:{int_option(ctx.options or {}, 'max_restarts', 5, minimum=0)}",
             *tls_mounts,
         ]
         for agent_id in c.agents:

@@ -50,7 +50,14 @@ from orchestrator.backends.common import (
     int_option,
     wait_healthy,
 )
-from orchestrator.backends.local import HostProcess, LocalBackend, stop_hosts, tls_fields, write_pids
+from orchestrator.backends.local import (
+    HostProcess,
+    LocalBackend,
+    Supervisor,
+    stop_hosts,
+    tls_fields,
+    write_pids,
+)
 from orchestrator.plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ DEFAULT_BASE_PORT = 50051
 START_TIMEOUT_S = 300.0  # remote machines may be small (torch's import alone takes a while)
 SSH_TIMEOUT_S = 60.0  # one short SSH command (write configs, kill, copy results)
 STOP_GRACE_S = 15.0
-OPTIONS = ("hosts", "ssh_config", "remote_command", "remote_dir", "base_port", "ssh")
+OPTIONS = ("hosts", "ssh_config", "remote_command", "remote_dir", "base_port", "ssh", "max_restarts")
 
 
 @dataclass(frozen=True)
@@ -166,8 +173,11 @@ def _is_loopback(address: str) -> bool:
 class SSHBackend(LocalBackend):
     name = "ssh"
 
+    max_restarts = 5
+
     def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
         options = check_options(self.name, ctx.options or {}, OPTIONS)
+        self.max_restarts = int_option(options, "max_restarts", 5, minimum=0)
         ssh = SSH(str(options.get("ssh") or "ssh"), options.get("ssh_config"))
         spread = [h for h in str(options.get("hosts") or "").split(",") if h.strip()]
         remote_command = str(options.get("remote_command") or DEFAULT_REMOTE_COMMAND)
@@ -198,7 +208,7 @@ class SSHBackend(LocalBackend):
             for h in hosts:
                 procs.append(self._start(ssh, ctx, h, remote_dir, remote_command))
             write_pids(ctx.workdir, procs)
-            ports = self._wait_serving(procs)
+            ports = self._wait_serving(procs, Supervisor(procs, ctx.workdir, max_restarts=0))
             addresses = {a: f"{_host_part(h.address)}:{ports[a]}" for h in hosts for a in h.agents}
             peers = json.dumps(addresses, indent=1).encode()
             d = remote_path(remote_dir)
@@ -206,6 +216,8 @@ class SSHBackend(LocalBackend):
                 ssh.run(
                     h.destination, f"cat > {d}/.peers.tmp && mv {d}/.peers.tmp {d}/peers.json", stdin=peers
                 )
+                # A restarted daemon listens where peers.json says (read at its next start only).
+                self._pin_ports(ssh, ctx, h, d, ports)
 
             def alive() -> set[str]:
                 return {a for p in procs if p.popen.poll() is None for a in p.agents}
@@ -258,10 +270,18 @@ class SSHBackend(LocalBackend):
 
     def _start(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str, remote_command: str) -> HostProcess:
         d = remote_path(remote_dir)
-        # $$ is the remote shell, which exec turns into mtl-node: the pid file names the daemon.
+        # Crash-only: a supervisor loop started detached on the remote host (setsid nohup, so it
+        # does not depend on this ssh session) restarts the daemon when it dies; the daemon's
+        # output goes to files there, which this session follows until the supervisor exits.
+        loop = supervisor_loop(h.index, remote_command, self.max_restarts)
         command = (
-            f"cd {d} && echo $$ > host-{h.index}.pid && "
-            f"exec {remote_command} serve-many --config host-{h.index}.json --log-level info"
+            f"cd {d} && rm -f host-{h.index}.stop && : >> host-{h.index}.out && : >> host-{h.index}.log && "
+            f"setsid nohup sh -c {shlex.quote(loop)} > /dev/null 2>&1 < /dev/null & "
+            f"sup=$! && cd {d} && echo $sup > host-{h.index}.supervisor && "
+            f"{{ tail -n +1 -F --pid=$sup host-{h.index}.log >&2 & t=$!; }} && "
+            f"tail -n +1 -F --pid=$sup host-{h.index}.out; wait $t; "
+            # The session ends with the supervisor, with the daemon's last exit code.
+            f"exit $(cat host-{h.index}.exit 2>/dev/null || echo 1)"
         )
         stdout_path = ctx.workdir / f"host-{h.index}.out"
         log_path = ctx.workdir / f"host-{h.index}.log"
@@ -277,6 +297,20 @@ class SSHBackend(LocalBackend):
         )
         log.info("ssh %s (%s): started %s", h.destination, h.address, ", ".join(h.agents))
         return HostProcess(h.index, list(h.agents), popen, stdout_path, log_path, (out, err))
+
+    def _pin_ports(self, ssh: SSH, ctx: RunContext, h: Host, d: str, ports: dict[str, int]) -> None:
+        path = ctx.workdir / f"host-{h.index}.json"
+        data = json.loads(path.read_text())
+        for agent in data["agents"]:
+            host = agent["listen"].rpartition(":")[0]
+            agent["listen"] = f"{host}:{ports[agent['id']]}"
+        config = json.dumps(data, indent=1)
+        path.write_text(config)
+        ssh.run(
+            h.destination,
+            f"cat > {d}/.host-{h.index}.tmp && mv {d}/.host-{h.index}.tmp {d}/host-{h.index}.json",
+            stdin=config.encode(),
+        )
 
     # -- stop and collect -------------------------------------------------------------------------
 
@@ -297,6 +331,11 @@ class SSHBackend(LocalBackend):
                 except DeploymentError as exc:
                     log.warning("stopping agents on %s: %s", h.destination, exc)
 
+        for h in hosts:  # the remote supervisors must not restart what is stopped now
+            try:
+                ssh.run(h.destination, f"touch {d}/host-{h.index}.stop")
+            except DeploymentError as exc:
+                log.warning("stopping the supervisor on %s: %s", h.destination, exc)
         signal_all("TERM", only_running=False)
         deadline = time.monotonic() + STOP_GRACE_S
         while any(p.popen.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -323,6 +362,27 @@ class SSHBackend(LocalBackend):
             log.warning("results of %s: %s", h.destination, exc)
             return
         extract_results(data, ctx.workdir, h.agents)
+
+
+def supervisor_loop(index: int, remote_command: str, max_restarts: int) -> str:
+    """The remote host's supervisor (POSIX sh): runs the daemon, restarts it when it exits with an
+    error (backoff 1, 2, ... 5 s), gives up after ``max_restarts`` restarts or at once when the
+    command cannot run (126/127), stops for good once ``host-N.stop`` exists. ``host-N.pid`` always
+    names the current daemon; ``host-N.exit`` gets its last exit code."""
+    n = f"host-{index}"
+    return (
+        "n=0; code=0; while :; do "
+        f"[ -e {n}.stop ] && break; "
+        f"{remote_command} serve-many --config {n}.json --log-level info >> {n}.out 2>> {n}.log & "
+        f"echo $! > {n}.pid; wait $!; code=$?; "
+        f"[ -e {n}.stop ] && break; [ $code -eq 0 ] && break; "
+        "[ $code -eq 126 ] && break; [ $code -eq 127 ] && break; "
+        f"n=$((n+1)); if [ $n -gt {max_restarts} ]; then "
+        f'echo "mtl supervisor: the daemon exited with code $code after {max_restarts} restarts" >> {n}.log; '
+        "break; fi; "
+        f'echo "mtl supervisor: the daemon exited with code $code; restart $n" >> {n}.log; '
+        f"sleep $(( n < 5 ? n : 5 )); done; echo $code > {n}.exit"
+    )
 
 
 def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
