@@ -151,6 +151,7 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        env=ENV,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "--address: cannot join the Ray cluster" in done.stderr
