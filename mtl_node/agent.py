@@ -35,6 +35,11 @@ T = TypeVar("T")
 
 # Models above this size are adapted/scored in a worker thread so the event loop keeps serving.
 OFFLOAD_BYTES = 1 << 20
+# A task call that holds the event loop longer than this moves every later call of the agent to a
+# worker thread: health, status and GetModel must be answered during a round, however costly the
+# task (a CNN's local step takes ~0.1 s; target localization's takes microseconds and stays inline,
+# where a thread hop would cost more than the call).
+INLINE_BUDGET_S = 0.02
 # Attack nodes: rounds of fetched neighbour models (and on-demand requester models) kept for crafting.
 KEEP_FETCHED_ROUNDS = 4
 
@@ -90,6 +95,9 @@ class Agent:
         self._requester_fetching: set[tuple[str, int]] = set()
         self._craft_failed = False
         self._offload = self.manifest.data_bytes > OFFLOAD_BYTES
+        # One task call at a time per agent, as when every call ran inline: an attack crafting
+        # while the round's adapt runs in a thread must not share the task's module with it.
+        self._compute_lock = asyncio.Lock()
         # Byzantine agents fetch too (and discard): it keeps them in step with their victims and
         # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
         self.fetches = self.attack is not None or self.rule.name != "none"
@@ -114,10 +122,10 @@ class Agent:
         deadline = asyncio.get_running_loop().time() + timeout
         published = await self.store.wait_for(round_, timeout)
         if self.attack is None:
-            payload, digest = await self._compute(published.payload)
+            payload, digest = await self._compute(published.payload, exclusive=False)
             return published.round, payload, digest
         crafted = await self._craft(published.round, requester, published.state, deadline)
-        payload = await self._compute(wire.encode, crafted)
+        payload = await self._compute(wire.encode, crafted, exclusive=False)
         return published.round, payload, wire.digest(payload)
 
     # -- Byzantine: what the attack sees and how its answer is served ----------------------------
@@ -202,12 +210,29 @@ class Agent:
         self._set_status(_replace(self.status, state="done"))
         self.done.set()
 
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _compute(self, fn: Callable[..., T], *args: Any, exclusive: bool = True) -> T:
+        """``fn(*args)``: inline while it is cheap, else in a worker thread (INLINE_BUDGET_S).
+
+        ``exclusive=False`` for work that touches no task state (encoding a payload), which may
+        then run alongside the round's own computation.
+        """
         if self._offload:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+            if not exclusive:
+                return await asyncio.to_thread(fn, *args)
+            async with self._compute_lock:
+                return await asyncio.to_thread(fn, *args)
+        started = time.perf_counter()
+        result = fn(*args)
+        if time.perf_counter() - started > INLINE_BUDGET_S:
+            log.debug("%s: %s took over %.3fs; in a thread from now on", self.id, fn, INLINE_BUDGET_S)
+            self._offload = True
+        return result
 
     async def run_round(self, i: int) -> None:
+        # A fair turn for the event loop every round: an agent that fetches nothing (rule none,
+        # no neighbours) would otherwise never await, and its server, its signal handlers and the
+        # other agents of a serve-many process would wait for its last round.
+        await asyncio.sleep(0)
         started = time.perf_counter()
         theta_prev = self.theta
         psi = await self._compute(self.task.adapt, theta_prev, i)

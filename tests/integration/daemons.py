@@ -297,3 +297,79 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+class ServeMany:
+    """One ``mtl-node serve-many`` process hosting ``configs`` (NodeConfig field dicts), each agent
+    on its own reserved loopback port; ``links`` gives each agent's neighbours (ids of ``configs``);
+    ``addresses`` maps agent id to HOST:PORT once started."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        configs: Sequence[dict[str, Any]],
+        args: Sequence[str] = (),
+        links: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.base_dir = base_dir
+        self.configs = [dict(c) for c in configs]
+        self.links = links or {}
+        self.args = list(args)
+        self.addresses: dict[str, str] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stdio: list[Any] = []
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.base_dir / "serve-many.out"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.base_dir / "serve-many.err"
+
+    def __enter__(self) -> ServeMany:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        with reserved_ports(len(self.configs), HOST) as ports:
+            for cfg, port in zip(self.configs, ports, strict=True):
+                cfg["listen"] = self.addresses[cfg["id"]] = f"{HOST}:{port}"
+            for cfg in self.configs:
+                cfg["neighbors"] = {n: self.addresses[n] for n in self.links.get(cfg["id"], [])}
+            config_path = self.base_dir / "serve-many.json"
+            config_path.write_text(json.dumps({"agents": self.configs}))
+            out = open(self.stdout_path, "wb")
+            err = open(self.stderr_path, "wb")
+            self._stdio += [out, err]
+            self.proc = subprocess.Popen(
+                [*mtl_node_command(), "serve-many", "--config", str(config_path), *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=os.environ | {"PYTHONUNBUFFERED": "1"},
+            )
+            try:
+                deadline = time.monotonic() + START_TIMEOUT_S
+                while self.stdout_path.read_text(errors="replace").count("mtl-node: serving ") < len(
+                    self.configs
+                ):
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(
+                            f"serve-many did not serve (exit {self.proc.poll()}):\n"
+                            f"{self.stderr_path.read_text(errors='replace')[-4000:]}"
+                        )
+                    time.sleep(0.05)
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+        for f in self._stdio:
+            f.close()
+        self._stdio.clear()
