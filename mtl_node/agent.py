@@ -24,6 +24,7 @@ from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
 from mtl_node.errors import FetchError, WireError
+from mtl_node.liveness import LoopWatch, NeighbourLiveness
 from mtl_node.recorder import MemoryRecorder, Recorder, RoundRecord
 from mtl_node.store import ModelStore
 from mtl_node.tasks import Metrics, Task, make_task
@@ -102,6 +103,8 @@ class Agent:
         # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
         self.fetches = self.attack is not None or self.rule.name != "none"
         self._last_failure: dict[str, str] = {}
+        self.liveness = NeighbourLiveness(config.id, transport.latest_round, config.fetch_timeout)
+        self.loop_watch = LoopWatch()
         self.done = asyncio.Event()
         self.store.publish(0, self.theta)
         if self.attack is not None:
@@ -199,6 +202,7 @@ class Agent:
 
     async def run(self) -> None:
         self._set_status(_replace(self.status, state="running"))
+        self.loop_watch.start()
         try:
             for i in range(1, self.config.rounds + 1):
                 await self.run_round(i)
@@ -207,6 +211,8 @@ class Agent:
             raise
         finally:
             self.recorder.close()
+            await self.liveness.close()
+            await self.loop_watch.close()
         self._set_status(_replace(self.status, state="done"))
         self.done.set()
 
@@ -285,6 +291,7 @@ class Agent:
         )
 
     async def _fetch_all(self, i: int) -> dict[str, StateDict | Exception]:
+        self.liveness.round = i
         results = await asyncio.gather(*(self._fetch_one(n, i) for n in self.neighbors))
         return dict(zip(self.neighbors, results, strict=True))
 
@@ -294,16 +301,32 @@ class Agent:
         # them. Afterwards every fetch has the normal deadline, so a neighbour that never answers
         # (dead from the start, or an attacker that hangs) costs at most fetch_timeout a round.
         timeout = self.config.startup_timeout if i == 1 else self.config.fetch_timeout
+        skipped = self.liveness.skip(neighbor, i)
+        if skipped is not None:
+            log.debug("%s: round %d: left out %s: %s", self.id, i, neighbor, skipped)
+            return skipped
+        started = asyncio.get_running_loop().time()
         try:
-            state = await self.transport.fetch(neighbor, i, self.id, timeout)
+            try:
+                state = await self.transport.fetch(neighbor, i, self.id, timeout)
+            except FetchError as exc:
+                # Our own deadline ran out while this process was stopped: that says nothing
+                # about the neighbour, so ask again with a fresh deadline.
+                if exc.reason != "timeout" or not self.loop_watch.paused_since(started):
+                    raise
+                log.info("%s: round %d: was paused; asking %s again", self.id, i, neighbor)
+                state = await self.transport.fetch(neighbor, i, self.id, self.config.fetch_timeout)
             wire.validate_state(state, self.manifest)
         except (FetchError, WireError) as exc:
+            if isinstance(exc, FetchError) and exc.reason == "timeout":
+                self.liveness.timed_out(neighbor, i, str(exc))
             # Warn when a neighbour starts failing (or fails differently), not every round.
             reason = getattr(exc, "reason", "error")
             level = logging.DEBUG if self._last_failure.get(neighbor) == reason else logging.WARNING
             log.log(level, "%s: round %d: left out %s: %s", self.id, i, neighbor, exc)
             self._last_failure[neighbor] = reason
             return exc
+        self.liveness.answered(neighbor)
         if self._last_failure.pop(neighbor, None):
             log.info("%s: round %d: %s is back", self.id, i, neighbor)
         return state

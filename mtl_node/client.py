@@ -108,7 +108,7 @@ class GrpcTransport(Transport):
         self.device = device
         self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._seen: set[str] = set()
+        self._info_stubs: dict[str, pb_grpc.NodeStub] = {}
 
     def _stub(self, neighbor: str) -> ModelStub:
         stub = self._stubs.get(neighbor)
@@ -127,25 +127,23 @@ class GrpcTransport(Transport):
         if self.manifest is None:
             raise RuntimeError("GrpcTransport.expect(manifest) must be called before fetch")
         stub = self._stub(neighbor)
-        channel = self._channels[neighbor]
-        if neighbor in self._seen and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            # A neighbour that went away: fail now instead of paying the retry policy's backoff
-            # every round. The channel keeps reconnecting in the background (capped at 2 s), so a
-            # restarted neighbour is back within a round or two.
-            channel.get_state(try_to_connect=True)
-            raise FetchError(f"{neighbor}: connection failing", reason="unavailable")
-        # In round 1 (startup) wait for a neighbour's server to come up instead of failing fast.
-        _, payload = await fetch_payload(
-            stub,
-            round_,
-            requester,
-            timeout,
-            self.manifest,
-            wait_for_ready=round_ == 1 and neighbor not in self._seen,
-        )
-        self._seen.add(neighbor)
+        # A neighbour that is starting, restarting or went away is waited for within the deadline
+        # (wait_for_ready): one restarted within it changes nothing. One that never comes back
+        # costs one deadline; the round loop then skips it until it answers (mtl_node.liveness).
+        _, payload = await fetch_payload(stub, round_, requester, timeout, self.manifest, wait_for_ready=True)
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
+
+    async def latest_round(self, neighbor: str, timeout: float) -> int:
+        self._stub(neighbor)
+        info = self._info_stubs.get(neighbor)
+        if info is None:
+            info = self._info_stubs[neighbor] = pb_grpc.NodeStub(self._channels[neighbor])
+        try:
+            reply = await info.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise FetchError(f"{exc.code().name}: {exc.details()}", reason="unavailable") from None
+        return int(reply.round)
 
     async def close(self) -> None:
         for channel in self._channels.values():

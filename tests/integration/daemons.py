@@ -244,6 +244,28 @@ class DaemonSet:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=STOP_TIMEOUT_S)
 
+    def pause(self, agent_id: str) -> None:
+        """SIGSTOP the daemon (resume with ``resume``)."""
+        proc = self.daemons[agent_id].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, agent_id: str) -> None:
+        proc = self.daemons[agent_id].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGCONT)
+
+    def restart(self, agent_id: str) -> None:
+        """Start the daemon again on its port (after ``kill``), with the same command line."""
+        spec = next(s for s in self.specs if s.id == agent_id)
+        self._launch(spec)
+        d = self.daemons[agent_id]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while f"mtl-node: serving {agent_id} on {d.address}" not in d.stdout_path.read_text(errors="replace"):
+            assert d.proc is not None and d.proc.poll() is None, d.stderr()[-4000:]
+            assert time.monotonic() < deadline, f"{agent_id} not serving after restart"
+            time.sleep(0.05)
+
     def status(self, agent_id: str) -> pb.NodeStatus:
         with create_sync_channel(self.daemons[agent_id].address) as channel:
             return pb_grpc.NodeStub(channel).GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
