@@ -25,6 +25,7 @@ from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
 from mtl_node.errors import FetchError, WireError
 from mtl_node.liveness import LoopWatch, NeighbourLiveness
+from mtl_node.metrics import AgentObserver
 from mtl_node.recorder import MemoryRecorder, Recorder, RoundRecord
 from mtl_node.store import ModelStore
 from mtl_node.tasks import Metrics, Task, make_task
@@ -105,6 +106,8 @@ class Agent:
         self._last_failure: dict[str, str] = {}
         self.liveness = NeighbourLiveness(config.id, transport.latest_round, config.fetch_timeout)
         self.loop_watch = LoopWatch()
+        # Metrics hooks (mtl_node.metrics); the daemon swaps in a Prometheus one.
+        self.observer = AgentObserver()
         self.done = asyncio.Event()
         self.store.publish(0, self.theta)
         if self.attack is not None:
@@ -202,6 +205,8 @@ class Agent:
 
     async def run(self) -> None:
         self._set_status(_replace(self.status, state="running"))
+        self.observer.started("start")
+        self.loop_watch.on_stall = lambda: self.observer.paused()
         self.loop_watch.start()
         try:
             for i in range(1, self.config.rounds + 1):
@@ -274,6 +279,8 @@ class Agent:
             seconds=time.perf_counter() - started,
         )
         self.recorder.record(record, self.theta)
+        self.observer.round_done(record)
+        self.observer.suspects(len(self.liveness.suspects))
         self._set_status(
             AgentStatus(
                 self.id,
@@ -304,6 +311,7 @@ class Agent:
         skipped = self.liveness.skip(neighbor, i)
         if skipped is not None:
             log.debug("%s: round %d: left out %s: %s", self.id, i, neighbor, skipped)
+            self.observer.fetched(neighbor, "skipped", 0.0)
             return skipped
         started = asyncio.get_running_loop().time()
         try:
@@ -325,7 +333,9 @@ class Agent:
             level = logging.DEBUG if self._last_failure.get(neighbor) == reason else logging.WARNING
             log.log(level, "%s: round %d: left out %s: %s", self.id, i, neighbor, exc)
             self._last_failure[neighbor] = reason
+            self.observer.fetched(neighbor, reason, asyncio.get_running_loop().time() - started)
             return exc
+        self.observer.fetched(neighbor, "ok", asyncio.get_running_loop().time() - started)
         self.liveness.answered(neighbor)
         if self._last_failure.pop(neighbor, None):
             log.info("%s: round %d: %s is back", self.id, i, neighbor)

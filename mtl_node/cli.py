@@ -98,6 +98,9 @@ def serve(
     results_dir: Annotated[Path | None, typer.Option(help="write metrics/decisions here")] = None,
     save_models_every: Annotated[int | None, typer.Option(help="checkpoint every N rounds")] = None,
     fetch_timeout: Annotated[float | None, typer.Option(help="deadline per fetch, s")] = None,
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for Prometheus metrics (port 0: any; default off)")
+    ] = None,
     exit_when_done: Annotated[
         bool | None, typer.Option("--exit-when-done/--keep-serving", help="exit after last round")
     ] = None,
@@ -122,6 +125,7 @@ def serve(
             "results_dir": results_dir,
             "save_models_every": save_models_every,
             "fetch_timeout": fetch_timeout,
+            "metrics_listen": metrics_listen,
             "exit_when_done": exit_when_done,
         }
         data |= {k: v for k, v in flags.items() if v is not None}
@@ -157,6 +161,10 @@ def serve_many(
     config: Annotated[Path, typer.Option(help="YAML/JSON file: {agents: [agent config, ...]}")],
     exit_when_done: Annotated[bool, typer.Option(help="exit after every agent finished")] = False,
     linger: Annotated[float, typer.Option(help="with --exit-when-done: keep serving N s")] = 5.0,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT for the process's Prometheus metrics, one `agent` label per agent"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
 ) -> None:
     """Host several agents in one process, each with its own gRPC server and port.
@@ -169,6 +177,14 @@ def serve_many(
     setup_logging(log_level)
     try:
         data = load_yaml(config)
+        unknown = sorted(set(data) - {"agents", "metrics_listen"})
+        if unknown:
+            raise ConfigError(unknown[0], "unknown field", "valid fields: agents, metrics_listen")
+        metrics_listen = metrics_listen or data.get("metrics_listen")
+        if metrics_listen is not None:
+            from mtl_node.config import parse_hostport
+
+            parse_hostport(str(metrics_listen), "--metrics-listen")
         items = data.get("agents")
         if not isinstance(items, list) or not items:
             raise ConfigError("agents", "must be a non-empty list of agent configs", f"in {config}")
@@ -182,7 +198,7 @@ def serve_many(
             configs.append(cfg)
     except MTLError as exc:
         raise _fail(exc) from None
-    raise typer.Exit(run_daemon(configs, exit_when_done, linger))
+    raise typer.Exit(run_daemon(configs, exit_when_done, linger, metrics_listen))
 
 
 @app.command()

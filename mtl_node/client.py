@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -109,6 +109,8 @@ class GrpcTransport(Transport):
         self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._info_stubs: dict[str, pb_grpc.NodeStub] = {}
+        # Told the size of every payload received (metrics); None: nobody is counting.
+        self.on_received: Callable[[int], None] | None = None
 
     def _stub(self, neighbor: str) -> ModelStub:
         stub = self._stubs.get(neighbor)
@@ -131,6 +133,8 @@ class GrpcTransport(Transport):
         # (wait_for_ready): one restarted within it changes nothing. One that never comes back
         # costs one deadline; the round loop then skips it until it answers (mtl_node.liveness).
         _, payload = await fetch_payload(stub, round_, requester, timeout, self.manifest, wait_for_ready=True)
+        if self.on_received is not None:
+            self.on_received(len(payload))
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
 

@@ -55,6 +55,9 @@ class NodeConfig(BaseModel):
     keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
     results_dir: Path | None = None
     save_models_every: int = Field(0, ge=0, description="write model checkpoints every N rounds")
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT of the Prometheus metrics endpoint (port 0 = any free; none: off)"
+    )
     exit_when_done: bool = False
     linger: float = Field(
         5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
@@ -64,6 +67,13 @@ class NodeConfig(BaseModel):
     @classmethod
     def _listen(cls, v: str) -> str:
         parse_hostport(v, "listen")
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v, "metrics_listen")
         return v
 
     @field_validator("neighbors")

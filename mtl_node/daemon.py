@@ -23,6 +23,7 @@ from mtl_node.agent import Agent
 from mtl_node.allocator import keep_freed_memory
 from mtl_node.client import GrpcTransport
 from mtl_node.config import NodeConfig
+from mtl_node.metrics import PrometheusMetrics
 from mtl_node.recorder import FileRecorder, Recorder
 from mtl_node.server import create_server, set_serving, stop_server
 
@@ -40,13 +41,16 @@ class RunningAgent:
     recorder: Recorder
 
 
-async def start_agent(config: NodeConfig) -> RunningAgent:
+async def start_agent(config: NodeConfig, metrics: PrometheusMetrics | None = None) -> RunningAgent:
     """Build the agent, bind its server and mark it SERVING; rounds are not started yet."""
     recorder: Recorder = (
         FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
     )
     transport = GrpcTransport(config.neighbors, device=config.device)
     agent = Agent(config, transport, recorder)
+    if metrics is not None:
+        agent.observer = metrics.agent(config.id, config.neighbors)
+        transport.on_received = agent.observer.received
     server, port, health_servicer = await create_server(agent, config.listen)
     host = config.listen.rsplit(":", 1)[0]
     # One parseable line per agent: orchestrators and scripts read the bound port from it.
@@ -62,7 +66,25 @@ async def stop_agent(running: RunningAgent) -> None:
     await stop_server(running.server)
 
 
-async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: float) -> int:
+def start_metrics(configs: Sequence[NodeConfig], address: str | None) -> PrometheusMetrics | None:
+    """One Prometheus endpoint for the process: ``address``, else the first agent's
+    ``metrics_listen``; None when neither is set."""
+    address = address or next((c.metrics_listen for c in configs if c.metrics_listen), None)
+    if address is None:
+        return None
+    metrics = PrometheusMetrics()
+    try:
+        port = metrics.serve(address)
+    except OSError as exc:
+        raise OSError(f"metrics_listen: cannot listen on {address}: {exc.strerror or exc}") from None
+    host = address.rsplit(":", 1)[0]
+    print(f"mtl-node: metrics on {host}:{port}", flush=True)
+    return metrics
+
+
+async def serve(
+    configs: Sequence[NodeConfig], exit_when_done: bool, linger: float, metrics_listen: str | None = None
+) -> int:
     """Serve every agent until SIGTERM/SIGINT, or with ``exit_when_done`` until all finished
     their rounds and ``linger`` seconds passed (neighbours may still be fetching the last round).
     Returns the exit code: 0, or 1 if any round loop failed."""
@@ -72,9 +94,10 @@ async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: flo
         loop.add_signal_handler(sig, stop.set)
 
     running: list[RunningAgent] = []
+    metrics = start_metrics(configs, metrics_listen)
     try:
         for cfg in configs:
-            running.append(await start_agent(cfg))
+            running.append(await start_agent(cfg, metrics))
         runs = [asyncio.create_task(r.agent.run(), name=f"rounds-{r.config.id}") for r in running]
         all_runs = asyncio.gather(*runs, return_exceptions=True)
         stopper = asyncio.ensure_future(stop.wait())
@@ -105,12 +128,19 @@ async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: flo
         return code
     finally:
         await asyncio.gather(*(stop_agent(r) for r in running), return_exceptions=True)
+        if metrics is not None:
+            metrics.close()
 
 
-def run_daemon(configs: Sequence[NodeConfig], exit_when_done: bool = False, linger: float = 5.0) -> int:
+def run_daemon(
+    configs: Sequence[NodeConfig],
+    exit_when_done: bool = False,
+    linger: float = 5.0,
+    metrics_listen: str | None = None,
+) -> int:
     keep_freed_memory()  # large models: reuse receive buffers' pages across rounds
     try:
-        return asyncio.run(serve(configs, exit_when_done, linger))
+        return asyncio.run(serve(configs, exit_when_done, linger, metrics_listen))
     except OSError as exc:
         print(f"mtl-node: error: listen: {exc}", file=sys.stderr)
         return 2

@@ -153,6 +153,7 @@ class LoopWatch:
         self._last_tick = 0.0
         self._last_stall_end = -1.0
         self.stalls = 0
+        self.on_stall: Callable[[], None] | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,6 +169,8 @@ class LoopWatch:
                 self.stalls += 1
                 self._last_stall_end = now
                 log.warning("this process did not run for %.1fs (paused?)", now - self._last_tick)
+                if self.on_stall is not None:
+                    self.on_stall()
             self._last_tick = now
 
     def paused_since(self, started: float) -> bool:

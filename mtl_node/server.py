@@ -58,6 +58,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         # three times per request by protobuf.
         for frame in wire.frames(payload, header):
             yield frame
+        self.agent.observer.served(len(payload))
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext

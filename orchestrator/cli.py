@@ -64,7 +64,7 @@ def up(
         typer.Option(
             "--option",
             "-o",
-            help="backend option KEY=VALUE (docker: image, agents_per_container; "
+            help="backend option KEY=VALUE (local: metrics_port; docker: image, agents_per_container; "
             "ssh: ssh_config, remote_command, remote_dir; k8s: image, namespace, kubectl)",
         ),
     ] = None,
@@ -79,6 +79,8 @@ def up(
     _setup_logging(log_level)
     try:
         BACKENDS.get(backend, field="--backend")
+        if processes is not None and processes < 1:
+            raise ConfigError("--processes", f"{processes} is below 1", "give 1 or more agent processes")
         plan = load_plan(topology, seed, rounds, rule)
         backend_options = _parse_options(option or [])
     except MTLError as exc:
@@ -132,7 +134,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 @app.command()
 def render(
     topology: Annotated[Path, typer.Argument(help="topology YAML file")],
-    format: Annotated[str, typer.Option("--format", help="compose or k8s")],
+    format: Annotated[str, typer.Option("--format", help="compose, k8s or prometheus (a scrape config)")],
     out: Annotated[Path, typer.Option(help="directory to write the manifests to")],
     image: Annotated[str, typer.Option(help="agent image (push it where the cluster can pull it)")] = (
         "resilient-mtl-node:latest"
@@ -141,13 +143,31 @@ def render(
     namespace: Annotated[str, typer.Option(help="k8s: namespace of every object")] = "resilient-mtl",
     seed: Annotated[int | None, typer.Option(help="override the topology's seed")] = None,
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
+    backend: Annotated[str, typer.Option(help="prometheus: targets for local, docker or k8s")] = "local",
+    metrics_port: Annotated[
+        int, typer.Option(help="prometheus, local: the -o metrics_port of `up` (process k: PORT+k)")
+    ] = 9464,
+    processes: Annotated[int | None, typer.Option(help="prometheus, local: the --processes of `up`")] = None,
+    scrape_interval: Annotated[str, typer.Option(help="prometheus: scrape interval")] = "15s",
 ) -> None:
-    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects."""
+    """Write deployment manifests for TOPOLOGY: a compose project, Kubernetes objects, or a
+    Prometheus scrape config for its agents."""
     from orchestrator.render import render as render_plan
 
     try:
         plan = load_plan(topology, seed, rounds, None)
-        rendered = render_plan(plan, format, out, image=image, rule=rule, namespace=namespace)
+        rendered = render_plan(
+            plan,
+            format,
+            out,
+            image=image,
+            rule=rule,
+            namespace=namespace,
+            backend=backend,
+            metrics_port=metrics_port,
+            processes=processes,
+            scrape_interval=scrape_interval,
+        )
     except MTLError as exc:
         raise _fail(exc) from None
     for warning in plan.warnings:

@@ -76,7 +76,9 @@ class SimBackend(Backend):
         from mtl_node.engine import run_agents_async
         from mtl_node.recorder import Recorder, RoundRecord
         from mtl_node.wire import StateDict
+        from orchestrator.backends.common import check_options
 
+        check_options(self.name, ctx.options or {}, ())
         collector = _ProgressRecorder(plan, ctx)
         configs = plan_configs(plan, ctx.rule)
 
