@@ -14,6 +14,8 @@ import torch
 from pydantic import ConfigDict
 
 from mtl_node.attack_api import AttackView
+from mtl_node.kernels.attacks import pool_moments
+from mtl_node.kernels.attacks import towards as kernel_towards
 from mtl_node.wire import StateDict
 
 PARAMS_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -44,9 +46,20 @@ def honest_pool(view: AttackView, round_: int, honest: StateDict) -> list[StateD
     return [honest, *(neighbors[a] for a in sorted(neighbors))]
 
 
-def stack(models: Sequence[StateDict], name: str) -> torch.Tensor:
-    """(len(models), *shape) float64 stack of one tensor of every model."""
-    return torch.stack([m[name].to(torch.float64) for m in models])
+def moments(pool: Sequence[StateDict], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std of tensor ``name`` over ``pool`` (its first model the attacker's own),
+    float64 and shaped like the tensor: ``mtl_node.kernels.attacks.pool_moments`` with one row."""
+    flat = [m[name].detach().to("cpu", torch.float64).reshape(-1).numpy() for m in pool]
+    own = flat[0][None, :]
+    others = np.stack(flat[1:])[None] if len(flat) > 1 else np.zeros((1, 0, own.shape[1]))
+    mean, std = pool_moments(own, others, np.ones(others.shape[:2], dtype=bool))
+    shape = tuple(pool[0][name].shape)
+    return mean[0].reshape(shape), std[0].reshape(shape)
+
+
+def like(values: np.ndarray, t: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor with ``t``'s dtype and device."""
+    return torch.as_tensor(values).to(dtype=t.dtype, device=t.device)
 
 
 def victim_model(view: AttackView, round_: int, requester: str) -> StateDict | None:
@@ -81,4 +94,4 @@ def goal_like(state: StateDict, value: float | Sequence[float]) -> StateDict:
 
 def towards(base: StateDict, goal: StateDict, step: float) -> StateDict:
     """base + step * (goal - base), tensor by tensor."""
-    return per_tensor(base, lambda name, t: t + step * (goal[name] - t))
+    return per_tensor(base, lambda name, t: kernel_towards(t, goal[name], step))

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from attacks._common import PARAMS_CONFIG, goal_like, towards, victim_model
 from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.kernels.attacks import budget_step
 from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
 
@@ -32,7 +34,7 @@ class EchoParams(BaseModel):
     model_config = PARAMS_CONFIG
 
 
-@ATTACKS.register("echo", "returns the requester its own model (accepted by the loss filter, adds nothing)")
+@ATTACKS.register("echo")
 class Echo(Attack):
     """x = w_k: the victim's own model of the round.
 
@@ -56,9 +58,7 @@ class DistanceCaptureParams(BaseModel):
     goal: Goal = Field(15.5, description=GOAL_HELP)
 
 
-@ATTACKS.register(
-    "distance-capture", "per victim w_k + r (g - w_k): close to the victim, so distance weights pick it"
-)
+@ATTACKS.register("distance-capture")
 class DistanceCapture(Attack):
     """x = w_k + r (g - w_k), per requester k (two-faced); Li et al. 2020 against distance weights.
 
@@ -95,10 +95,7 @@ class LossBudgetParams(BaseModel):
     window: int = Field(1, ge=1, le=100, description="rounds of the attacker's own data in the proxy loss")
 
 
-@ATTACKS.register(
-    "loss-budget",
-    "largest step from the victim's model towards a goal keeping the proxy loss within the victim's",
-)
+@ATTACKS.register("loss-budget")
 class LossBudget(Attack):
     """x = w_k + s* (g - w_k), s* = max s in [0, 1] with L(w_k + s (g - w_k)) <= slack * L(w_k).
 
@@ -127,20 +124,12 @@ class LossBudget(Attack):
         if not math.isfinite(budget):
             return base
 
-        def feasible(step: float) -> bool:
-            loss = proxy_loss(task, towards(base, goal, step), round_, p.window)
-            return math.isfinite(loss) and loss <= budget
+        def feasible(steps: np.ndarray) -> np.ndarray:
+            loss = proxy_loss(task, towards(base, goal, float(steps[0])), round_, p.window)
+            return np.array([math.isfinite(loss) and loss <= budget])
 
-        if feasible(1.0):
-            return towards(base, goal, 1.0)
-        lo, hi = 0.0, 1.0
-        for _ in range(p.iters):
-            mid = (lo + hi) / 2
-            if feasible(mid):
-                lo = mid
-            else:
-                hi = mid
-        return towards(base, goal, lo) if lo > 0 else base
+        step = float(budget_step(feasible, np.array([p.iters]))[0])
+        return towards(base, goal, step) if step > 0 else base
 
 
 class LowLossParams(BaseModel):
@@ -149,7 +138,7 @@ class LowLossParams(BaseModel):
     steps: int = Field(10, ge=1, le=1000, description="extra local steps on the attacker's data of the round")
 
 
-@ATTACKS.register("low-loss", "the honest model over-fitted to the round's data: tiny loss, so 1/loss wins")
+@ATTACKS.register("low-loss")
 class LowLoss(Attack):
     """x = adapt^steps(h, i): ``steps`` more local steps of the attacker's task on its round-i data.
 

@@ -17,8 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attacks._common import PARAMS_CONFIG, draw, per_tensor
-from mtl_node import seeding
-from mtl_node.attack_api import ATTACKS, Attack, Redraw
+from mtl_node.attack_api import ATTACKS, Attack, Redraw, draw_generator
+from mtl_node.kernels.attacks import scaled
 from mtl_node.wire import StateDict
 
 REDRAW_HELP = (
@@ -45,13 +45,13 @@ class ConstantParams(BaseModel):
         return self
 
 
-@ATTACKS.register("constant", "per-coordinate values drawn from [low, high] (paper: [15,16])")
+@ATTACKS.register("constant")
 class Constant(Attack):
     """x_j ~ U[low, high] for every coordinate j of every tensor (integer tensors: cast).
 
     Generator: ``seeding.generator(seed, attacker, ATTACK, *c)`` with c = () for redraw=never,
     (i,) for round, (i, *id_key(requester)) for request; one ``uniform(low, high, shape)`` per tensor
-    in sorted name order. (No name salt: the batched engine reproduces this stream.)
+    in sorted name order. (No name salt: ``draw_generator(..., salted=False)``; see there why.)
     """
 
     name = "constant"
@@ -60,12 +60,9 @@ class Constant(Attack):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, ConstantParams)
-        counters: tuple[int, ...] = ()
-        if p.redraw in ("round", "request"):
-            counters = (round_,)
-        if p.redraw == "request":
-            counters += tuple(seeding.id_key(requester))
-        rng = seeding.generator(self.ctx.seed, self.ctx.agent_id, seeding.ATTACK, *counters)
+        rng = draw_generator(
+            self.ctx.seed, self.ctx.agent_id, self.name, p.redraw, round_, requester, salted=False
+        )
         out: StateDict = {}
         for name in sorted(honest):
             t = honest[name]
@@ -88,7 +85,7 @@ class ScaledParams(BaseModel):
         return self
 
 
-@ATTACKS.register("scaled", "honest parameters times U[low, high] per coordinate (paper: U[0,0.1])")
+@ATTACKS.register("scaled")
 class Scaled(Attack):
     """x_j = h_j * s_j, s_j ~ U[low, high], h the attacker's honest model of round i.
 
@@ -103,4 +100,4 @@ class Scaled(Attack):
         p = self.params
         assert isinstance(p, ScaledParams)
         rng = self.generator(round_, requester, p.redraw)
-        return per_tensor(honest, lambda _, t: t * draw(rng, t, "uniform", p.low, p.high))
+        return per_tensor(honest, lambda _, t: scaled(t, draw(rng, t, "uniform", p.low, p.high)))

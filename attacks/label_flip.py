@@ -25,7 +25,7 @@ class LabelFlipParams(BaseModel):
     model_config = PARAMS_CONFIG
 
 
-@ATTACKS.register("label-flip", "a model trained alone on flipped labels (classification tasks)")
+@ATTACKS.register("label-flip")
 class LabelFlip(Attack):
     """x(i) = f(i), f(0) = the task's init_model(), f(r) = task.adapt_flipped(f(r - 1), r): the
     attacker's own learning-alone trajectory with flipped labels, served to every requester.

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from attacks._common import PARAMS_CONFIG, draw, per_tensor
 from attacks.constant import REDRAW_HELP
 from mtl_node.attack_api import ATTACKS, Attack, Redraw
+from mtl_node.kernels.attacks import perturbed
 from mtl_node.wire import StateDict
 
 
@@ -27,7 +28,7 @@ class GaussianParams(BaseModel):
     redraw: Redraw = Field("round", description=REDRAW_HELP)
 
 
-@ATTACKS.register("gaussian", "a random model: every coordinate ~ N(mean, std^2) (default std 200)")
+@ATTACKS.register("gaussian")
 class Gaussian(Attack):
     """x_j ~ N(mean, std^2) independently of the honest model (Blanchard et al. 2017 use std 200).
 
@@ -51,7 +52,7 @@ class SmallPerturbationParams(BaseModel):
     redraw: Redraw = Field("round", description=REDRAW_HELP)
 
 
-@ATTACKS.register("small-perturbation", "the honest model plus tiny Gaussian noise N(0, std^2)")
+@ATTACKS.register("small-perturbation")
 class SmallPerturbation(Attack):
     """x_j = h_j + e_j, e_j ~ N(0, std^2): hard to tell from an honest model by its loss.
 
@@ -65,7 +66,7 @@ class SmallPerturbation(Attack):
         p = self.params
         assert isinstance(p, SmallPerturbationParams)
         rng = self.generator(round_, requester, p.redraw)
-        return per_tensor(honest, lambda _, t: t + draw(rng, t, "normal", 0.0, p.std))
+        return per_tensor(honest, lambda _, t: perturbed(t, draw(rng, t, "normal", 0.0, p.std)))
 
 
 class NanParams(BaseModel):
@@ -78,7 +79,7 @@ class NanParams(BaseModel):
     redraw: Redraw = Field("round", description="which coordinates: " + REDRAW_HELP)
 
 
-@ATTACKS.register("nan", "NaN or Inf payloads: a fraction of coordinates set to nan, inf or -inf")
+@ATTACKS.register("nan")
 class Nan(Attack):
     """x = h except k = max(1, ceil(fraction * numel)) coordinates per floating tensor set to value.
 

@@ -13,8 +13,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from attacks._common import PARAMS_CONFIG, honest_pool, per_tensor, stack
+from attacks._common import PARAMS_CONFIG, honest_pool, like, moments, per_tensor
 from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.kernels.attacks import alie, ipm, sign_flip
 from mtl_node.wire import StateDict
 
 
@@ -24,7 +25,7 @@ class SignFlipParams(BaseModel):
     scale: float = Field(1.0, gt=0.0, description="the served model is -scale times the honest one")
 
 
-@ATTACKS.register("sign-flip", "the honest model with its sign flipped: -scale * h")
+@ATTACKS.register("sign-flip")
 class SignFlip(Attack):
     """x = -scale * h, h the attacker's honest model of round i."""
 
@@ -34,7 +35,7 @@ class SignFlip(Attack):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, SignFlipParams)
-        return per_tensor(honest, lambda _, t: -p.scale * t)
+        return per_tensor(honest, lambda _, t: sign_flip(t, p.scale))
 
 
 class IpmParams(BaseModel):
@@ -43,7 +44,7 @@ class IpmParams(BaseModel):
     epsilon: float = Field(0.1, gt=0.0, description="the served model is -epsilon times the honest mean")
 
 
-@ATTACKS.register("ipm", "inner-product manipulation: -epsilon * mean of the honest models it knows")
+@ATTACKS.register("ipm")
 class Ipm(Attack):
     """x = -epsilon * mean(H_i) (Xie et al. 2020, "Fall of empires", applied to models).
 
@@ -58,7 +59,7 @@ class Ipm(Attack):
         p = self.params
         assert isinstance(p, IpmParams)
         pool = honest_pool(self.view, round_, honest)
-        return per_tensor(honest, lambda n, t: (-p.epsilon * stack(pool, n).mean(0)).to(t.dtype))
+        return per_tensor(honest, lambda n, t: like(ipm(moments(pool, n)[0], p.epsilon), t))
 
 
 class AlieParams(BaseModel):
@@ -68,7 +69,7 @@ class AlieParams(BaseModel):
     sign: Literal[-1, 1] = Field(-1, description="-1: mean - z * std; 1: mean + z * std")
 
 
-@ATTACKS.register("alie", "a little is enough: mean +- z * std of the honest models, per coordinate")
+@ATTACKS.register("alie")
 class Alie(Attack):
     """x_j = mean_j(H_i) + sign * z * std_j(H_i) (Baruch et al. 2019), population std (ddof 0).
 
@@ -84,8 +85,8 @@ class Alie(Attack):
         pool = honest_pool(self.view, round_, honest)
 
         def shift(name: str, t: torch.Tensor) -> torch.Tensor:
-            s = stack(pool, name)
-            return (s.mean(0) + p.sign * p.z * s.std(0, correction=0)).to(t.dtype)
+            mean, std = moments(pool, name)
+            return like(alie(mean, std, p.sign, p.z), t)
 
         return per_tensor(honest, shift)
 
@@ -98,7 +99,7 @@ class MimicParams(BaseModel):
     )
 
 
-@ATTACKS.register("mimic", "copies an honest neighbour's model (over-weighs one agent's data)")
+@ATTACKS.register("mimic")
 class Mimic(Attack):
     """x = psi_t(i-1), t = target (default: min id of the neighbours fetched in round i-1).
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 from attacks._common import PARAMS_CONFIG
 from mtl_node.attack_api import ATTACKS, Attack, AttackContext, AttackView, Withhold, make_attack
 from mtl_node.errors import ConfigError
+from mtl_node.kernels.attacks import on_off_attacking, stale_round
 from mtl_node.wire import StateDict
 
 
@@ -28,7 +29,7 @@ class OnOffParams(BaseModel):
         return v
 
 
-@ATTACKS.register("on-off", "honest for honest_rounds rounds, then another attack (optionally in cycles)")
+@ATTACKS.register("on-off")
 class OnOff(Attack):
     """Round i is an attack round iff
     attack_rounds = 0: i > honest_rounds;
@@ -62,9 +63,7 @@ class OnOff(Attack):
     def attacking(self, round_: int) -> bool:
         p = self.params
         assert isinstance(p, OnOffParams)
-        if p.attack_rounds == 0:
-            return round_ > p.honest_rounds
-        return (round_ - 1) % (p.honest_rounds + p.attack_rounds) >= p.honest_rounds
+        return on_off_attacking(round_, p.honest_rounds, p.attack_rounds)
 
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         if self.attacking(round_):
@@ -80,7 +79,7 @@ class OmissionParams(BaseModel):
     )
 
 
-@ATTACKS.register("omission", "never sends a model: refuses at once, or hangs until the requester's deadline")
+@ATTACKS.register("omission")
 class Omission(Attack):
     """x = nothing: raises Withhold. The node answers UNAVAILABLE (refuse) or holds the request until
     the requester's deadline and then fails it (hang); either way the requester counts the attacker
@@ -102,7 +101,7 @@ class StaleParams(BaseModel):
     lag: int = Field(10, ge=1, le=10_000_000, description="rounds behind: serves round max(1, i - lag)")
 
 
-@ATTACKS.register("stale", "replays its own honest model of an old round, max(1, i - lag)")
+@ATTACKS.register("stale")
 class Stale(Attack):
     """x = h(max(1, i - lag)), the attacker's own honest model of that round; when the node no
     longer keeps that round, the oldest round it keeps after it (small models are kept for the
@@ -114,5 +113,5 @@ class Stale(Attack):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, StaleParams)
-        old = self.view.own(max(1, round_ - p.lag))
+        old = self.view.own(int(stale_round(round_, p.lag)))
         return old if old is not None else honest

@@ -43,8 +43,9 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from mtl_node import seeding
+from mtl_node.core import names
+from mtl_node.core.registry import Registry
 from mtl_node.errors import ConfigError
-from mtl_node.registry import Registry
 from mtl_node.wire import StateDict
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack", names.ATTACKS)
 _loaded = False
 
 Redraw = Literal["never", "round", "request"]
@@ -141,6 +142,19 @@ def attack_generator(seed: int, agent_id: str, name: str, *counters: int) -> np.
     return seeding.generator(seed, agent_id, seeding.ATTACK, name_salt(name), *counters)
 
 
+def draw_generator(
+    seed: int, agent_id: str, name: str, redraw: Redraw, round_: int, requester: str, salted: bool = True
+) -> np.random.Generator:
+    """The generator of one random attack's draws for (round, requester): the one place that keys
+    them, for the attack classes and the vectorized engine alike. ``salted=False`` leaves the name
+    salt out (``constant`` only: its stream predates the salt, and the published case-study results
+    were drawn from it)."""
+    counters = draw_counters(redraw, round_, requester)
+    if salted:
+        return attack_generator(seed, agent_id, name, *counters)
+    return seeding.generator(seed, agent_id, seeding.ATTACK, *counters)
+
+
 class Attack(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
@@ -162,9 +176,7 @@ class Attack(ABC):
         return None
 
     def generator(self, round_: int, requester: str, redraw: Redraw) -> np.random.Generator:
-        return attack_generator(
-            self.ctx.seed, self.ctx.agent_id, self.name, *draw_counters(redraw, round_, requester)
-        )
+        return draw_generator(self.ctx.seed, self.ctx.agent_id, self.name, redraw, round_, requester)
 
     @abstractmethod
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:

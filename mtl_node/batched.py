@@ -39,9 +39,29 @@ import torch
 
 from mtl_node import seeding
 from mtl_node.aggregation import NeighborDecision, RuleParams, hardened, robust
-from mtl_node.aggregation.base import Decision
-from mtl_node.attack_api import make_attack, name_salt
+from mtl_node.attack_api import draw_generator, make_attack
 from mtl_node.config import NodeConfig
+from mtl_node.kernels import attacks as ka
+from mtl_node.kernels import decisions as reasons
+from mtl_node.kernels import robust as kernel_robust
+from mtl_node.kernels.decisions import (
+    ACCEPTED,
+    ACCEPTED_CODES,
+    CAPPED,
+    CLIPPED,
+    DECISION_NAMES,
+    FILTERED,
+    KRUM_OTHER,
+    LEFT_OUT,
+    MISSING,
+    MISSING_CODES,
+    NOT_FINITE,
+    RADIUS_CLIPPED,
+    REFUSED,
+    UNBOUNDED,
+)
+from mtl_node.kernels.ema import ema_step
+from mtl_node.kernels.hardened import cap_weights, clip_pulls, own_step_ema
 from mtl_node.recorder import RoundRecord
 from mtl_node.tasks import Metrics, TaskContext
 from mtl_node.tasks.base import parse_params
@@ -66,38 +86,16 @@ RULES = (
     *robust.ROBUST_RULES,
 )
 
-# What a slot's decision was, finer than the three public decisions so that reasons can be
-# reconstructed exactly: FILTERED = worse than self, NOT_FINITE = score NaN/inf (filtered),
-# LEFT_OUT = the row kept only its own model (non-cooperative, own score not finite, too few
-# members for a robust rule, combined model not finite), KRUM_OTHER = not the member Krum selected,
-# CLIPPED = accepted with its pull clipped (self-clipping), UNBOUNDED = pull not finite (filtered).
-# CAPPED = accepted with its weight capped, RADIUS_CLIPPED = accepted with its pull clipped to the
-# row's adaptive radius (loss-filtered-capped / -clipped).
-ACCEPTED, FILTERED, MISSING, NOT_FINITE, LEFT_OUT, KRUM_OTHER, CLIPPED, UNBOUNDED, REFUSED = range(9)
-CAPPED, RADIUS_CLIPPED = 9, 10
-DECISION_NAMES: tuple[Decision, ...] = (
-    "accepted",
-    "filtered",
-    "missing",
-    "filtered",
-    "filtered",
-    "filtered",
-    "accepted",
-    "filtered",
-    "missing",
-    "accepted",
-    "accepted",
-)
-_ACCEPTED_CODES = (ACCEPTED, CLIPPED, CAPPED, RADIUS_CLIPPED)
-_MISSING_CODES = (MISSING, REFUSED)
+_ACCEPTED_CODES = ACCEPTED_CODES
+_MISSING_CODES = MISSING_CODES
 # Why a whole row kept only its own model (per round and agent).
 ROW_COOPERATED, ROW_NON_COOPERATIVE, ROW_OWN_NOT_FINITE, ROW_TOO_FEW, ROW_COMBINED_NOT_FINITE = range(5)
 _ROW_REASONS = (
     "",
-    "non-cooperative",
-    "own score not finite; keeping own model",
+    reasons.NON_COOPERATIVE,
+    reasons.OWN_NOT_FINITE,
     "",  # built from the row: robust.too_few_reason
-    robust.NOT_FINITE_REASON,
+    reasons.COMBINED_NOT_FINITE,
 )
 
 # Row kinds: how an agent aggregates (Byzantine agents learn alone, like Agent does).
@@ -251,19 +249,19 @@ class BatchedResult:
             if code == MISSING:
                 reason = self._missing_reason(k, s)
             elif code == FILTERED:
-                reason = f"ema {ema:.4g} > own {float(d.ema[r, k, 0]):.4g}"
+                reason = reasons.worse_than_self(ema, float(d.ema[r, k, 0]))
             elif code == NOT_FINITE:
-                reason = "score not finite"
+                reason = reasons.SCORE_NOT_FINITE
             elif code == KRUM_OTHER:
-                reason = f"krum selected {self.slots[k][int(d.chosen[r, k])]}"
+                reason = reasons.krum_selected(self.slots[k][int(d.chosen[r, k])])
             elif code == CLIPPED:
-                reason = robust.clip_reason(self.rule_params[k].clip_tau)
+                reason = reasons.pull_clipped(self.rule_params[k].clip_tau)
             elif code == UNBOUNDED:
-                reason = robust.UNBOUNDED
+                reason = reasons.PULL_NOT_FINITE
             elif code == CAPPED:
-                reason = hardened.cap_reason(self.rule_params[k].weight_cap)
+                reason = reasons.weight_capped(self.rule_params[k].weight_cap)
             elif code == RADIUS_CLIPPED:
-                reason = robust.clip_reason(float(d.radius[r, k]))
+                reason = reasons.pull_clipped(float(d.radius[r, k]))
             elif code == REFUSED:
                 reason = f"unavailable: {neighbor}: round {r + 1}: refused (omission)"
             else:
@@ -325,12 +323,7 @@ class _Sender:
     on_off: tuple[int, int] | None
 
     def attacking(self, round_: int) -> bool:
-        if self.on_off is None:
-            return True
-        honest, attack = self.on_off
-        if attack == 0:
-            return round_ > honest
-        return (round_ - 1) % (honest + attack) >= honest
+        return self.on_off is None or ka.on_off_attacking(round_, *self.on_off)
 
 
 def _sender(cfg: NodeConfig) -> _Sender:
@@ -462,13 +455,7 @@ class _Attackers:
             if redraw == "never" and key in self._never:
                 values[j] = self._never[key]
                 continue
-            counters: tuple[int, ...] = ()
-            if redraw in ("round", "request"):
-                counters = (round_,)
-            if redraw == "request":
-                counters += tuple(seeding.id_key(requester))
-            salt = (name_salt(kind),) if salted else ()
-            rng = seeding.generator(seed, agent, seeding.ATTACK, *salt, *counters)
+            rng = draw_generator(seed, agent, kind, redraw, round_, requester or "", salted=salted)
             values[j] = rng.uniform(first, second, 2) if dist == "uniform" else rng.normal(first, second, 2)
             if redraw == "never":
                 self._never[key] = values[j]
@@ -497,24 +484,24 @@ class _Attackers:
                 if kind == "constant" or kind == "gaussian":
                     out[idx] = draws
                 elif kind == "small-perturbation":
-                    out[idx] = own + draws
+                    out[idx] = ka.perturbed(own, draws)
                 else:
-                    out[idx] = own * draws
+                    out[idx] = ka.scaled(own, draws)
             elif kind == "nan":
                 out[idx] = math.nan
             elif kind == "omission":
                 out[idx] = 0.0
                 withheld[idx] = True
             elif kind == "sign-flip":
-                out[idx] = self._param(a, "scale", neg=True)[:, None] * own
+                out[idx] = ka.sign_flip(own, self._param(a, "scale")[:, None])
             elif kind in ("ipm", "alie"):
                 mean, std = self._pool(psi, prev)
                 pos = np.searchsorted(self.pool_rows, a)
                 if kind == "ipm":
-                    out[idx] = self._param(a, "epsilon", neg=True)[:, None] * mean[pos]
+                    out[idx] = ka.ipm(mean[pos], self._param(a, "epsilon")[:, None])
                 else:
-                    sz = self._param(a, "sign") * self._param(a, "z")
-                    out[idx] = mean[pos] + sz[:, None] * std[pos]
+                    sign, z = self._param(a, "sign")[:, None], self._param(a, "z")[:, None]
+                    out[idx] = ka.alie(mean[pos], std[pos], sign, z)
             elif kind == "mimic":
                 copied = self._mimic(psi, prev)
                 out[idx] = copied[np.searchsorted(self.mimic_rows, a)]
@@ -522,7 +509,7 @@ class _Attackers:
                 out[idx] = self._low_loss(a, own)
             elif kind == "stale":
                 lag = self._param(a, "lag").astype(np.intp)
-                back = np.maximum(1, round_ - lag)
+                back = ka.stale_round(round_, lag)
                 pos = np.searchsorted(self.stale_rows, a)
                 hist = np.stack(self.history)  # (rounds so far, stale senders, 2)
                 out[idx] = hist[back - 1, pos]
@@ -531,7 +518,7 @@ class _Attackers:
                 if kind == "echo":
                     out[idx] = base
                 elif kind == "distance-capture":
-                    out[idx] = base + self._param(a, "r")[:, None] * (self._goal(a) - base)
+                    out[idx] = ka.towards(base, self._goal(a), self._param(a, "r")[:, None])
                 else:
                     out[idx] = self._loss_budget(a, base, round_)
         if len(self.on_off_pairs):
@@ -573,13 +560,7 @@ class _Attackers:
         if prev is None:
             return own, np.zeros_like(own)
         received, present = prev
-        m = present[rows] & self.b.neighbours[rows]
-        X = np.where(m[:, :, None], received[rows], 0.0)
-        count = 1 + m.sum(axis=1, keepdims=True)
-        mean = (own + X.sum(axis=1)) / count
-        dev = np.where(m[:, :, None], received[rows] - mean[:, None, :], 0.0)
-        var = ((own - mean) ** 2 + (dev**2).sum(axis=1)) / count
-        return mean, np.sqrt(var)
+        return ka.pool_moments(own, received[rows], present[rows] & self.b.neighbours[rows])
 
     def _mimic(self, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Per mimic row: the model fetched last round from its target (the smallest id present)."""
@@ -628,7 +609,7 @@ class _Attackers:
             return total / count
 
         def towards(step: np.ndarray) -> np.ndarray:
-            return base + step[:, None] * (goal - base)
+            return ka.towards(base, goal, step[:, None])
 
         budget = slack * proxy(base)
         ok_budget = np.isfinite(budget)
@@ -637,17 +618,8 @@ class _Attackers:
             loss = proxy(towards(step))
             return np.isfinite(loss) & (loss <= budget)
 
-        one = np.ones(len(base))
-        full = feasible(one)
-        lo, hi = np.zeros(len(base)), np.ones(len(base))
-        for it in range(int(iters.max(initial=0))):
-            mid = (lo + hi) / 2
-            good = feasible(mid)
-            active = it < iters
-            lo = np.where(active & good, mid, lo)
-            hi = np.where(active & ~good, mid, hi)
-        out = np.where((lo > 0)[:, None], towards(lo), base)
-        out = np.where(full[:, None], towards(one), out)
+        step = ka.budget_step(feasible, iters)
+        out = np.where((step > 0)[:, None], towards(step), base)
         return np.where(ok_budget[:, None], out, base)
 
 
@@ -862,29 +834,24 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
     own_ok = np.isfinite(score[:, 0])
     cooperating = b.ema_rows & own_ok
     finite_score = np.isfinite(score)
-    update = present & finite_score & cooperating[:, None]
-    prev = np.where(st.seen, st.ema, b.ema_init)
-    new = np.where(b.init_is_first & ~st.seen, score, (1.0 - b.nu) * prev + b.nu * score)
-    st.ema = np.where(update, new, st.ema)
-    st.seen |= update
-    worse = b.filtering & (st.ema > st.ema[:, :1])  # ties are accepted
-    keep = update & ~worse
-    # Scaled by the row's smallest kept score, as the rules do, so that no inverse overflows.
-    scale = np.maximum(np.where(keep, st.ema, np.inf).min(axis=1, keepdims=True), b.floor)
-    inverse = np.where(keep, scale / np.maximum(st.ema, b.floor), 0.0)
-    weights = inverse / inverse.sum(axis=1, keepdims=True).clip(min=np.finfo(float).tiny)
-    # hardened loss-filtered rules (mtl_node.aggregation.hardened), on rows that cooperate
+    ema = ema_step(
+        score,
+        present,
+        st.ema,
+        st.seen,
+        nu=b.nu,
+        ema_init=b.ema_init,
+        floor=b.floor,
+        filtering=b.filtering,
+        cooperating=cooperating,
+    )
+    st.ema, st.seen = ema.ema, ema.seen
+    update, worse, keep, weights = ema.updated, ema.worse, ema.kept, ema.weights
+    # hardened loss-filtered rules (mtl_node.kernels.hardened), on rows that cooperate
     capped_code = None
     if len(b.capped_rows):
         rows = b.capped_rows[cooperating[b.capped_rows]]
-        w = weights[rows]
-        cap = b.weight_cap[rows] * w[:, 0]
-        limited = np.minimum(w[:, 1:], cap[:, None])
-        hit = limited < w[:, 1:]
-        some = hit.any(axis=1)
-        rows, limited, hit = rows[some], limited[some], hit[some]
-        weights[rows, 1:] = limited
-        weights[rows, 0] = 1.0 - limited.sum(axis=1)
+        weights[rows], hit = cap_weights(weights[rows], b.weight_cap[rows])
         capped_code = (rows, hit)
     radius = np.full(b.n, math.nan)
     clipped_combined: tuple[np.ndarray, np.ndarray] | None = None
@@ -893,32 +860,19 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
         # the own-step EMA of every clipped row, then clipping on the rows that cooperate
         rows = b.clipped_rows
         step = ((st.theta[rows] - psi[rows]) ** 2).sum(axis=1)
-        fine = np.isfinite(step)
-        prev_step = st.step[rows]
-        nu = b.nu[rows, 0]
-        new = np.where(np.isnan(prev_step), step, (1.0 - nu) * prev_step + nu * step)
-        st.step[rows] = np.where(fine, new, prev_step)
+        st.step[rows] = own_step_ema(st.step[rows], step, b.nu[rows, 0])
         rows = rows[cooperating[rows] & ~np.isnan(st.step[rows])]
         kept = keep[rows] & (weights[rows] > 0.0)
         kept[:, 0] = False
-        some = kept.any(axis=1)
-        rows, kept = rows[some], kept[some]
-        pulls = np.where(kept[:, :, None], received[rows] - received[rows, :1, :], 0.0)
-        dist = robust.norms(pulls)
+        rows, kept = rows[kept.any(axis=1)], kept[kept.any(axis=1)]
         tau = b.clip_scale[rows] * np.sqrt(st.step[rows])
-        ok = kept & np.isfinite(dist)
-        clip = ok & (dist > tau[:, None])
-        scale = np.where(clip, tau[:, None] / np.where(clip, dist, 1.0), np.where(ok, 1.0, 0.0))
-        eff = weights[rows] * scale
-        z = received[rows, 0, :] + (eff[:, :, None] * np.where(ok[:, :, None], pulls, 0.0)).sum(axis=1)
-        good = np.isfinite(z).all(axis=1)
-        rows, eff, z, clip, tau = rows[good], eff[good], z[good], clip[good], tau[good]
-        dropped = (kept & ~ok)[good]
-        eff[:, 0] = 1.0 - eff[:, 1:].sum(axis=1)
-        weights[rows] = eff
-        radius[rows] = tau
-        clipped_combined = (rows, z)
-        clipped_code = (rows, clip, dropped)
+        out = clip_pulls(received[rows], kept, weights[rows], tau)
+        good = out.finite
+        rows = rows[good]
+        weights[rows] = out.weights[good]
+        radius[rows] = tau[good]
+        clipped_combined = (rows, out.combined[good])
+        clipped_code = (rows, out.clipped[good], out.dropped[good])
 
     # average: equal weights over the present members; self-only rows keep their own model
     avg = b.average_rows
@@ -941,19 +895,19 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
             continue
         X = received[rows]
         if rule == "krum":
-            pick = robust.krum_select(X, mask, b.f[rows])
+            pick = kernel_robust.krum_select(X, mask, b.f[rows])
             weights[rows] = 0.0
             weights[rows, pick] = 1.0
             chosen[rows] = pick
             continue
         if rule == "median":
-            z = robust.coordinate_median(X, mask)
+            z = kernel_robust.coordinate_median(X, mask)
         elif rule == "trimmed-mean":
-            z = robust.trimmed_mean(X, mask, b.f[rows])
+            z = kernel_robust.trimmed_mean(X, mask, b.f[rows])
         elif rule == "geometric-median":
-            z = robust.geometric_median(X, mask, b.iters[rows], b.eps[rows])
+            z = kernel_robust.geometric_median(X, mask, b.iters[rows], b.eps[rows])
         else:
-            z, scale = robust.self_clip(X, mask, b.tau[rows])
+            z, scale = kernel_robust.self_clip(X, mask, b.tau[rows])
         bad = ~np.isfinite(z).all(axis=1)
         row_reason[rows[bad]] = ROW_COMBINED_NOT_FINITE
         rows, mask, z = rows[~bad], mask[~bad], z[~bad]
@@ -1008,7 +962,7 @@ def _step(b: _Batch, st: _State, i: int) -> _Round:
         code[rows] = np.where(clip, np.where(scale > 0.0, CLIPPED, UNBOUNDED), code[rows])
     if capped_code is not None:
         rows, hit = capped_code
-        code[rows, 1:] = np.where(hit, CAPPED, code[rows, 1:])
+        code[rows] = np.where(hit, CAPPED, code[rows])
     if clipped_code is not None:
         rows, clip, dropped = clipped_code
         code[rows] = np.where(clip, RADIUS_CLIPPED, np.where(dropped, UNBOUNDED, code[rows]))

@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
-from mtl_node.wire import MAX_MESSAGE_BYTES
+from mtl_node.core.protocol import MAX_MESSAGE_BYTES, SERVICE
 
-SERVICE = "mtl.v1.Node"
+__all__ = ["CHANNEL_OPTIONS", "SERVER_OPTIONS", "SERVICE", "create_channel", "create_sync_channel"]
 
 # Retry transient UNAVAILABLE (a peer restarting, a refused connection during startup) a few
 # times with backoff; every call still carries its own deadline.

@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_node.aggregation import RULES, RuleParams
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
+from mtl_node.core.ids import ID_PATTERN
 from mtl_node.tasks import TASKS
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
+from mtl_node.core.protocol import AGENT_PORT, SERVICE
 from orchestrator.plan import AgentPlan, RunPlan
 
-AGENT_PORT = 50051
 METRICS_PORT = 9464  # every agent's Prometheus endpoint in its container/Pod (mtl_node.metrics)
 IMAGE_UID = 10001  # the image's non-root user (deploy/Dockerfile)
 DEFAULT_IMAGE = "resilient-mtl-node:latest"
@@ -36,7 +36,7 @@ CONFIGMAP_LIMIT = 1_000_000  # Kubernetes refuses ConfigMaps over 1 MiB
 APP_LABEL = "app.kubernetes.io/name"
 AGENT_LABEL = "resilient-mtl.io/agent"
 RUN_LABEL = "resilient-mtl.io/run"
-HEALTH_SERVICE = "mtl.v1.Node"
+HEALTH_SERVICE = SERVICE
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 

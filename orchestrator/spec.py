@@ -6,7 +6,7 @@ problem surfaces as one ``ConfigError`` (field path, problem, what is allowed) w
 on one line before exiting 2.
 
 This module must stay torch-free (the orchestrator plans and renders deployments on machines
-without torch): names are checked against ``mtl_node.catalog``, rule knobs against ``RuleParams``.
+without torch): names are checked against ``mtl_node.core.names``, rule knobs against ``RuleParams``.
 Task parameters are passed through unvalidated here; the agent validates them against its task.
 """
 
@@ -29,14 +29,13 @@ from pydantic import (
     model_validator,
 )
 
-from mtl_node import catalog
-from mtl_node.errors import ConfigError, UnknownNameError
+from mtl_node.core import names as catalog
+from mtl_node.core.errors import ConfigError, UnknownNameError
+from mtl_node.core.ids import ID_RE
 
 log = logging.getLogger(__name__)
 
-# Same pattern as mtl_node.config.ID_PATTERN (not imported: that module imports torch).
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
-_ID = re.compile(ID_PATTERN)
+_ID = ID_RE
 _CUSTOM = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _HOST = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-@]+)$")

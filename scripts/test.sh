@@ -11,6 +11,7 @@ bash scripts/setup.sh --dev
 ruff check .
 ruff format --check .
 mypy mtl_node attacks orchestrator
+lint-imports  # the layering contracts in pyproject.toml ([tool.importlinter])
 python -m pytest --ignore=tests/containers "$@"
 echo "== container tests: tests/containers (Docker engine, image resilient-mtl-node) =="
 python -m pytest tests/containers -rfEsxp "$@"

@@ -6,14 +6,16 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtl_node.registry import Registry
+from mtl_node.core import names
+from mtl_node.core.registry import Registry
+from mtl_node.kernels.decisions import Decision
 
-Decision = Literal["accepted", "filtered", "missing"]
+__all__ = ["RULES", "Aggregation", "Candidate", "Decision", "NeighborDecision", "Rule", "RuleParams"]
 
 
 class RuleParams(BaseModel):
@@ -137,7 +139,7 @@ class Rule(ABC):
         """``candidates[0]`` is the agent itself; it is always present."""
 
 
-RULES: Registry[type[Rule]] = Registry("rule")
+RULES: Registry[type[Rule]] = Registry("rule", names.RULES)
 
 
 def make_rule(name: str, params: RuleParams | None = None) -> Rule:

@@ -32,17 +32,16 @@ from dataclasses import replace
 import numpy as np
 
 from mtl_node.aggregation.base import RULES, Aggregation, Candidate
-from mtl_node.aggregation.robust import clip_reason, norms
 from mtl_node.aggregation.rules import LossFiltered
+from mtl_node.kernels import decisions as reasons
+from mtl_node.kernels.hardened import cap_weights, clip_pulls, own_step_ema
+
+NAN = math.nan
 
 HARDENED_RULES = ("loss-filtered-capped", "loss-filtered-clipped")
 
 
-def cap_reason(cap: float) -> str:
-    return f"weight capped at {cap:.4g} x own"
-
-
-@RULES.register("loss-filtered-capped", "loss-filtered, no neighbour weighing more than weight_cap x self")
+@RULES.register("loss-filtered-capped")
 class LossFilteredCapped(LossFiltered):
     """a'_l = min(a_l, c a_k) for every kept neighbour l, a'_k = 1 - sum_l a'_l (c = weight_cap).
 
@@ -52,28 +51,27 @@ class LossFilteredCapped(LossFiltered):
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         agg = super().aggregate(candidates)
-        own = candidates[0].agent_id
         if len(agg.weights) <= 1:
             return agg
-        cap = self.params.weight_cap * agg.weights[own]
-        capped = {a: min(w, cap) for a, w in agg.weights.items() if a != own}
-        if all(capped[a] == agg.weights[a] for a in capped):
+        ids = [c.agent_id for c in candidates]
+        row = np.array([[agg.weights.get(a, 0.0) for a in ids]])
+        capped, hit = cap_weights(row, np.array([self.params.weight_cap]))
+        if not hit.any():
             return agg
-        weights = {own: 1.0 - math.fsum(capped.values()), **capped}
-        why = cap_reason(self.params.weight_cap)
+        values = capped[0].tolist()
+        weights = {a: values[s] for s, a in enumerate(ids) if a in agg.weights}
+        why = reasons.weight_capped(self.params.weight_cap)
+        flags = dict(zip(ids, hit[0].tolist(), strict=True))
         decisions = [
-            replace(d, weight=weights.get(d.agent_id, 0.0))
-            if d.decision != "accepted" or d.agent_id == own or capped[d.agent_id] == agg.weights[d.agent_id]
-            else replace(d, weight=weights[d.agent_id], reason=why)
+            replace(d, weight=weights[d.agent_id], reason=why)
+            if d.decision == "accepted" and flags[d.agent_id]
+            else replace(d, weight=weights.get(d.agent_id, 0.0))
             for d in agg.decisions
         ]
         return Aggregation(weights, decisions)
 
 
-@RULES.register(
-    "loss-filtered-clipped",
-    "loss-filtered, kept neighbours' pulls clipped to clip_scale x the agent's own step",
-)
+@RULES.register("loss-filtered-clipped")
 class LossFilteredClipped(LossFiltered):
     """theta = psi_k + sum_{l kept} a_l s_l (psi_l - psi_k), s_l = min(1, tau / ||psi_l - psi_k||),
     tau = clip_scale x sqrt(EMA of ||psi_k - theta_k(i-1)||^2): the agent's own adaptation step,
@@ -89,40 +87,37 @@ class LossFilteredClipped(LossFiltered):
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         own = candidates[0]
-        step = own.sq_distance
-        if step is not None and math.isfinite(step):
-            nu = self.params.nu
-            self.step = step if self.step is None else (1.0 - nu) * self.step + nu * step
+        step = NAN if own.sq_distance is None else own.sq_distance
+        prev = NAN if self.step is None else self.step
+        new = float(own_step_ema(np.array([prev]), np.array([step]), np.array([self.params.nu]))[0])
+        self.step = None if math.isnan(new) else new
         agg = super().aggregate(candidates)
-        kept = [c for c in candidates[1:] if agg.weights.get(c.agent_id, 0.0) > 0.0]
-        if not kept or self.step is None:
+        members = [c for c in candidates if c is own or agg.weights.get(c.agent_id, 0.0) > 0.0]
+        if len(members) == 1 or self.step is None:
             return agg
-        for c in (own, *kept):
+        for c in members:
             if c.model is None:
                 raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
         tau = self.params.clip_scale * math.sqrt(self.step)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            base = np.asarray(own.model, dtype=np.float64)
-            pulls = np.stack([np.asarray(c.model, dtype=np.float64) - base for c in kept])
-            dist = norms(pulls[None, :, :])[0]
-            a = np.array([agg.weights[c.agent_id] for c in kept])
-            ok = np.isfinite(dist)
-            clipped = ok & (dist > tau)
-            scale = np.where(clipped, tau / np.where(clipped, dist, 1.0), np.where(ok, 1.0, 0.0))
-            eff = a * scale
-            combined = base + (eff[:, None] * np.where(ok[:, None], pulls, 0.0)).sum(axis=0)
-        if not np.isfinite(combined).all():
+        X = np.stack([np.asarray(c.model, dtype=np.float64) for c in members])[None, :, :]
+        kept = np.ones((1, len(members)), dtype=bool)
+        kept[0, 0] = False
+        a = np.array([[agg.weights[c.agent_id] for c in members]])
+        out = clip_pulls(X, kept, a, np.array([tau]))
+        if not out.finite[0]:
             return agg
-        weights = {own.agent_id: 1.0 - math.fsum(eff.tolist())}
-        weights.update({c.agent_id: float(w) for c, w in zip(kept, eff, strict=True) if w > 0.0})
-        flags = {c.agent_id: bool(f) for c, f in zip(kept, clipped, strict=True)}
-        dropped = {c.agent_id for c, good in zip(kept, ok, strict=True) if not good}
+        ids = [c.agent_id for c in members]
+        eff = out.weights[0].tolist()
+        weights = {ids[0]: eff[0]}
+        weights.update({a: w for a, w in zip(ids[1:], eff[1:], strict=True) if w > 0.0})
+        flags = dict(zip(ids, out.clipped[0].tolist(), strict=True))
+        dropped = {a for a, d in zip(ids, out.dropped[0].tolist(), strict=True) if d}
         decisions = []
         for d in agg.decisions:
             if d.agent_id in dropped:
-                decisions.append(replace(d, decision="filtered", weight=0.0, reason="pull not finite"))
+                decisions.append(replace(d, decision="filtered", weight=0.0, reason=reasons.PULL_NOT_FINITE))
             elif flags.get(d.agent_id):
-                decisions.append(replace(d, weight=weights[d.agent_id], reason=clip_reason(tau)))
+                decisions.append(replace(d, weight=weights[d.agent_id], reason=reasons.pull_clipped(tau)))
             else:
                 decisions.append(replace(d, weight=weights.get(d.agent_id, 0.0)))
-        return Aggregation(weights, decisions, combined=combined)
+        return Aggregation(weights, decisions, combined=out.combined[0])

@@ -35,9 +35,10 @@ who was part of it. Krum accepts the member it selects (weight 1) and marks the 
 (the agent itself included when another member is selected). Self-clipping accepts every member
 with weight 1/n and says in the reason when a pull was clipped.
 
-The maths is written once, over batches of neighbourhoods (``(rows, slots, dim)`` arrays and a
-``present`` mask), so that the vectorized engine (mtl_node/batched.py) runs the very same kernels
-on every agent at once; a rule here calls them with one row.
+The maths lives in ``mtl_node.kernels.robust``, written once over batches of neighbourhoods
+(``(rows, slots, dim)`` arrays and a ``present`` mask), so that the vectorized engine
+(mtl_node/batched.py) runs the very same kernels on every agent at once; a rule here calls them
+with one row and turns the result into decisions (reasons from ``mtl_node.kernels.decisions``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,15 @@ from mtl_node.aggregation.base import (
     Rule,
     RuleParams,
 )
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
+from mtl_node.kernels import decisions as reasons
+from mtl_node.kernels.robust import (
+    coordinate_median,
+    geometric_median,
+    krum_select,
+    self_clip,
+    trimmed_mean,
+)
 
 NAN = math.nan
 
@@ -101,9 +110,6 @@ def too_few_reason(rule: str, f: int, present: int) -> str | None:
     return f"{rule} needs {need} members ({_formula(rule)}, f={f}), {present} present; keeping own model"
 
 
-NOT_FINITE_REASON = "combined model not finite; keeping own model"
-
-
 def check_neighbourhood(
     rule: str, params: RuleParams, degree: int, agent: str | None = None, field: str = "rule"
 ) -> None:
@@ -136,121 +142,6 @@ def check_topology(
         where = f"rules.{i}" if field == "rules" else field
         for agent, degree in degrees.items():
             check_neighbourhood(rule, params, degree, agent, where)
-
-
-# -- kernels over batches of neighbourhoods ------------------------------------------------------------
-#
-# X: (rows, slots, dim) float64, present: (rows, slots) bool with slot 0 (the agent) always present.
-# Absent slots may hold anything finite; they never reach a result.
-
-
-def norms(v: np.ndarray) -> np.ndarray:
-    """Euclidean norms over the last axis, without overflow or underflow for finite vectors: the
-    plain sqrt(sum v^2) where the sum is a normal float, rescaled by max |v| where it is not."""
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        sq = (v * v).sum(axis=-1)
-        out = np.sqrt(sq)
-        if np.isfinite(sq).all() and sq.min(initial=np.inf) >= 1e-290:
-            return out
-        bad = ~np.isfinite(sq) | (sq < 1e-290)
-        w = v[bad]
-        scale = np.abs(w).max(axis=-1)
-        safe = np.where(scale > 0.0, scale, 1.0)
-        out[bad] = scale * np.sqrt(((w / safe[..., None]) ** 2).sum(axis=-1))
-    return out
-
-
-def _sorted_present(X: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Each coordinate's values sorted over the slots, absent slots last (as +inf)."""
-    return np.sort(np.where(present[:, :, None], X, np.inf), axis=1)
-
-
-def _take(sorted_: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    return np.take_along_axis(sorted_, rank[:, None, None], axis=1)[:, 0, :]
-
-
-def coordinate_median(X: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """(rows, dim): the median of each coordinate over the present members (mean of the middle two
-    for an even count, written so that it cannot overflow)."""
-    s = _sorted_present(X, present)
-    n = present.sum(axis=1)
-    return 0.5 * _take(s, (n - 1) // 2) + 0.5 * _take(s, n // 2)
-
-
-def trimmed_mean(X: np.ndarray, present: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """(rows, dim): per coordinate, the mean of the present values less the f smallest and f
-    largest (``f`` per row; needs n >= 2f + 1)."""
-    s = _sorted_present(X, present)
-    n = present.sum(axis=1)
-    rank = np.arange(X.shape[1])[None, :]
-    keep = (rank >= f[:, None]) & (rank < (n - f)[:, None])
-    total = np.where(keep[:, :, None], s, 0.0).sum(axis=1)
-    return total / (n - 2 * f)[:, None]
-
-
-def pairwise_sq_distances(X: np.ndarray) -> np.ndarray:
-    """(rows, slots, slots): ||X_i - X_j||^2. Small problems at once, large models one slot at a time
-    (memory rows*slots*dim); each entry is the same sum over the last axis either way."""
-    rows, slots, dim = X.shape
-    if rows * slots * slots * dim <= 1 << 24:
-        diff = X[:, :, None, :] - X[:, None, :, :]
-        return (diff * diff).sum(axis=-1)
-    out = np.empty((rows, slots, slots))
-    for i in range(slots):
-        diff = X - X[:, i : i + 1, :]
-        out[:, i, :] = (diff * diff).sum(axis=-1)
-    return out
-
-
-def krum_scores(X: np.ndarray, present: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """(rows, slots): each present member's sum of squared distances to its n - f - 2 nearest other
-    present members (+inf for absent slots). Summed in order with cumsum so that every engine gets
-    bit-identical scores, and so the same member, on ties."""
-    d2 = pairwise_sq_distances(X)
-    slots = X.shape[1]
-    other = present[:, None, :] & ~np.eye(slots, dtype=bool)[None, :, :]
-    d2 = np.sort(np.where(other, d2, np.inf), axis=2)
-    m = present.sum(axis=1) - f - 2  # >= f + 1 >= 1 when n >= 2f + 3
-    cums = np.cumsum(d2, axis=2)
-    idx = np.clip(m - 1, 0, slots - 1)
-    scores = np.take_along_axis(cums, np.broadcast_to(idx[:, None, None], (X.shape[0], slots, 1)), axis=2)
-    return np.where(present, scores[:, :, 0], np.inf)
-
-
-def krum_select(X: np.ndarray, present: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """(rows,): the slot Krum selects (the first on ties; the agent itself if no score is finite)."""
-    scores = krum_scores(X, present, f)
-    chosen = np.argmin(scores, axis=1)
-    finite_any = np.isfinite(scores).any(axis=1)
-    return np.where(finite_any, chosen, 0)
-
-
-def geometric_median(X: np.ndarray, present: np.ndarray, iters: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    """(rows, dim): Weiszfeld's iterations z <- sum w_l X_l / sum w_l with w_l = 1/max(||X_l - z||, eps),
-    from the coordinate-wise median, ``iters`` times per row (a fixed count, no early stop: every
-    engine does exactly the same arithmetic)."""
-    z = coordinate_median(X, present)
-    for it in range(int(iters.max(initial=0))):
-        d = norms(X - z[:, None, :])
-        w = np.where(present, 1.0 / np.maximum(d, eps[:, None]), 0.0)
-        new = (w[:, :, None] * X).sum(axis=1) / w.sum(axis=1)[:, None]
-        z = np.where((it < iters)[:, None], new, z)
-    return z
-
-
-def self_clip(X: np.ndarray, present: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """((rows, dim) new models, (rows, slots) pull scales): psi_k + (1/n) sum_l clip(psi_l - psi_k, tau),
-    clip(v, tau) = s v with s = min(1, tau/||v||). The scale is 0 for absent slots and for a pull
-    whose length is not finite (left out). Since the result is (1 - sum_l s_l/n) psi_k +
-    sum_l (s_l/n) psi_l, the members' effective weights are s_l/n and the agent's own the rest."""
-    v = X - X[:, :1, :]
-    length = norms(v)
-    ok = present & np.isfinite(length)
-    clipped = ok & (length > tau[:, None])
-    scale = np.where(clipped, tau[:, None] / np.where(clipped, length, 1.0), np.where(ok, 1.0, 0.0))
-    pull = (scale[:, :, None] * np.where(ok[:, :, None], v, 0.0)).sum(axis=1)
-    n = present.sum(axis=1)
-    return X[:, 0, :] + pull / n[:, None], scale
 
 
 # -- the rules -----------------------------------------------------------------------------------------
@@ -307,7 +198,7 @@ class _RobustRule(Rule):
     ) -> Aggregation:
         """Every present member accepted with weight 1/n; the new model is ``combined``."""
         if not np.isfinite(combined).all():
-            return keep_own(candidates, NOT_FINITE_REASON)
+            return keep_own(candidates, reasons.COMBINED_NOT_FINITE)
         w = 1.0 / len(present)
         decisions = [
             NeighborDecision(c.agent_id, "accepted", w, NAN, _loss(c)) if c.present else _missing(c)
@@ -316,7 +207,7 @@ class _RobustRule(Rule):
         return Aggregation({c.agent_id: w for c in present}, decisions, combined=combined)
 
 
-@RULES.register("median", "coordinate-wise median of the neighbourhood (needs 2f+1 members)")
+@RULES.register("median")
 class Median(_RobustRule):
     name = "median"
 
@@ -326,7 +217,7 @@ class Median(_RobustRule):
         return self._statistic(candidates, present, coordinate_median(X, mask)[0])
 
 
-@RULES.register("trimmed-mean", "coordinate-wise mean less the f largest and f smallest (needs 2f+1)")
+@RULES.register("trimmed-mean")
 class TrimmedMean(_RobustRule):
     name = "trimmed-mean"
 
@@ -337,7 +228,7 @@ class TrimmedMean(_RobustRule):
         return self._statistic(candidates, present, trimmed_mean(X, mask, f)[0])
 
 
-@RULES.register("geometric-median", "Weiszfeld geometric median of the neighbourhood (needs 2f+1)")
+@RULES.register("geometric-median")
 class GeometricMedian(_RobustRule):
     name = "geometric-median"
 
@@ -349,7 +240,7 @@ class GeometricMedian(_RobustRule):
         return self._statistic(candidates, present, z[0])
 
 
-@RULES.register("krum", "the member closest to its n-f-2 nearest others (needs 2f+3 members)")
+@RULES.register("krum")
 class Krum(_RobustRule):
     name = "krum"
 
@@ -357,7 +248,7 @@ class Krum(_RobustRule):
         self, candidates: Sequence[Candidate], present: list[Candidate], X: np.ndarray, mask: np.ndarray
     ) -> Aggregation:
         chosen = present[int(krum_select(X, mask, np.array([self.params.f]))[0])].agent_id
-        why = f"krum selected {chosen}"
+        why = reasons.krum_selected(chosen)
         decisions = []
         for c in candidates:
             if not c.present:
@@ -369,7 +260,7 @@ class Krum(_RobustRule):
         return Aggregation({chosen: 1.0}, decisions)
 
 
-@RULES.register("self-clipping", "own model + mean of neighbours' pulls clipped to clip_tau (no assumption)")
+@RULES.register("self-clipping")
 class SelfClipping(_RobustRule):
     name = "self-clipping"
 
@@ -379,7 +270,7 @@ class SelfClipping(_RobustRule):
         tau = self.params.clip_tau
         z, scales = self_clip(X, mask, np.array([tau]))
         if not np.isfinite(z).all():
-            return keep_own(candidates, NOT_FINITE_REASON)
+            return keep_own(candidates, reasons.COMBINED_NOT_FINITE)
         n = len(present)
         scale = dict(zip([c.agent_id for c in present], scales[0].tolist(), strict=True))
         weights = {c.agent_id: scale[c.agent_id] / n for c in present[1:] if scale[c.agent_id] > 0.0}
@@ -389,17 +280,12 @@ class SelfClipping(_RobustRule):
             if not c.present:
                 decisions.append(_missing(c))
             elif scale[c.agent_id] == 0.0:
-                decisions.append(NeighborDecision(c.agent_id, "filtered", 0.0, NAN, _loss(c), UNBOUNDED))
+                decisions.append(
+                    NeighborDecision(c.agent_id, "filtered", 0.0, NAN, _loss(c), reasons.PULL_NOT_FINITE)
+                )
             else:
-                why = clip_reason(tau) if scale[c.agent_id] < 1.0 else ""
+                why = reasons.pull_clipped(tau) if scale[c.agent_id] < 1.0 else ""
                 decisions.append(
                     NeighborDecision(c.agent_id, "accepted", weights[c.agent_id], NAN, _loss(c), why)
                 )
         return Aggregation(weights, decisions, combined=z[0])
-
-
-UNBOUNDED = "pull not finite"
-
-
-def clip_reason(tau: float) -> str:
-    return f"pull clipped to tau={tau:.4g}"

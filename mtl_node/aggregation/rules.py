@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from mtl_node.aggregation.base import (
     RULES,
     Aggregation,
     Candidate,
-    Decision,
     NeighborDecision,
     Rule,
     finite,
 )
+from mtl_node.kernels import decisions as reasons
+from mtl_node.kernels.ema import ema_step
 
 NAN = math.nan
 
@@ -50,53 +53,55 @@ class _EmaRule(Rule):
     def score(self, c: Candidate) -> float | None:
         raise NotImplementedError
 
-    def _update(self, agent_id: str, value: float) -> float:
-        nu = self.params.nu
-        prev = self.ema.get(agent_id, self.params.ema_init)
-        new = value if prev is None else (1.0 - nu) * prev + nu * value
-        self.ema[agent_id] = new
-        return new
-
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         own = candidates[0]
         own_score = self.score(own)
         if not finite(own_score):
-            return _self_only(candidates, "own score not finite; keeping own model")
-        assert own_score is not None
-        own_ema = self._update(own.agent_id, own_score)
-
-        kept: list[tuple[Candidate, float]] = [(own, own_ema)]
-        rows: list[tuple[Candidate, Decision, float, str]] = [(own, "accepted", own_ema, "")]
-        for c in candidates[1:]:
+            return _self_only(candidates, reasons.OWN_NOT_FINITE)
+        # One row of the batched kernel: slot 0 the agent, then its neighbours in order.
+        p = self.params
+        ids = [c.agent_id for c in candidates]
+        scores = [self.score(c) if c.present else None for c in candidates]
+        step = ema_step(
+            np.array([[NAN if v is None else v for v in scores]], dtype=np.float64),
+            np.array([[c.present for c in candidates]]),
+            np.array([[self.ema.get(a, NAN) for a in ids]], dtype=np.float64),
+            np.array([[a in self.ema for a in ids]]),
+            nu=np.array([[p.nu]]),
+            ema_init=np.array([[NAN if p.ema_init is None else p.ema_init]]),
+            floor=np.array([[p.floor]]),
+            filtering=np.array([[self.filtered]]),
+            cooperating=np.array([True]),
+        )
+        ema, updated, worse = step.ema[0].tolist(), step.updated[0].tolist(), step.worse[0].tolist()
+        weights_row = step.weights[0].tolist()
+        for s, agent in enumerate(ids):
+            if updated[s]:
+                self.ema[agent] = ema[s]
+        weights = {ids[s]: weights_row[s] for s in range(len(ids)) if step.kept[0, s]}
+        decisions = []
+        for s, c in enumerate(candidates):
             prev = self.ema.get(c.agent_id, NAN)
             if not c.present:
-                rows.append((c, "missing", prev, c.missing_reason or "missing"))
-                continue
-            value = self.score(c)
-            if not finite(value):
+                decisions.append(
+                    NeighborDecision(c.agent_id, "missing", 0.0, prev, NAN, c.missing_reason or "missing")
+                )
+            elif not updated[s]:
                 # A NaN/Inf score is excluded and does not poison the neighbour's EMA.
-                rows.append((c, "filtered", prev, "score not finite"))
-                continue
-            assert value is not None
-            ema = self._update(c.agent_id, value)
-            if self.filtered and ema > own_ema:
-                rows.append((c, "filtered", ema, f"ema {ema:.4g} > own {own_ema:.4g}"))
-                continue
-            kept.append((c, ema))
-            rows.append((c, "accepted", ema, ""))
-
-        floor = self.params.floor
-        inverse = {c.agent_id: 1.0 / max(ema, floor) for c, ema in kept}
-        total = math.fsum(inverse.values())
-        weights = {agent: inv / total for agent, inv in inverse.items()}
-        decisions = [
-            NeighborDecision(c.agent_id, d, weights.get(c.agent_id, 0.0), ema, _loss(c), why)
-            for c, d, ema, why in rows
-        ]
+                decisions.append(
+                    NeighborDecision(c.agent_id, "filtered", 0.0, prev, _loss(c), reasons.SCORE_NOT_FINITE)
+                )
+            elif worse[s]:
+                why = reasons.worse_than_self(ema[s], ema[0])
+                decisions.append(NeighborDecision(c.agent_id, "filtered", 0.0, ema[s], _loss(c), why))
+            else:
+                decisions.append(
+                    NeighborDecision(c.agent_id, "accepted", weights[c.agent_id], ema[s], _loss(c))
+                )
         return Aggregation(weights, decisions)
 
 
-@RULES.register("loss", "eq. 9: inverse EMA loss on own data, no filter")
+@RULES.register("loss")
 class LossWeighted(_EmaRule):
     name = "loss"
     needs_loss = True
@@ -105,13 +110,13 @@ class LossWeighted(_EmaRule):
         return c.loss
 
 
-@RULES.register("loss-filtered", "eq. 10: inverse EMA loss on own data, neighbours worse than self dropped")
+@RULES.register("loss-filtered")
 class LossFiltered(LossWeighted):
     name = "loss-filtered"
     filtered = True
 
 
-@RULES.register("distance", "eq. 4: inverse EMA of ||theta_prev - psi_l||^2, no filter")
+@RULES.register("distance")
 class DistanceWeighted(_EmaRule):
     name = "distance"
     needs_distance = True
@@ -120,7 +125,7 @@ class DistanceWeighted(_EmaRule):
         return c.sq_distance
 
 
-@RULES.register("average", "equal weights over every neighbour whose model arrived")
+@RULES.register("average")
 class Average(Rule):
     name = "average"
 
@@ -134,9 +139,9 @@ class Average(Rule):
         return Aggregation({c.agent_id: w for c in present}, decisions)
 
 
-@RULES.register("none", "non-cooperative: every agent keeps its own model")
+@RULES.register("none")
 class NonCooperative(Rule):
     name = "none"
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
-        return _self_only(candidates, "non-cooperative")
+        return _self_only(candidates, reasons.NON_COOPERATIVE)

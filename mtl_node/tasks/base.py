@@ -8,15 +8,16 @@ Scoring a *neighbour's* model uses this agent's data: that is the heart of the l
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ValidationError
 
-from mtl_node.errors import ConfigError
-from mtl_node.registry import Registry
+from mtl_node.core import names
+from mtl_node.core.errors import ConfigError
+from mtl_node.core.registry import Registry
 from mtl_node.wire import StateDict
 
 
@@ -66,17 +67,22 @@ class TaskRegistry(Registry[type[Task]]):
 
     Resolving ``module:factory`` here, rather than in each caller, means every place that checks a
     task name (agent config, CLI, daemon) accepts a custom task and reports a broken one the same way.
+
+    The loader is plugged in by ``mtl_node.tasks.plugin`` when it is imported (``mtl_node.tasks``
+    imports it), so this module does not import the torch-task machinery that builds on it.
     """
+
+    custom_loader: Callable[[str, str], type[Task]] | None = None
 
     def get(self, name: str, field: str | None = None) -> type[Task]:
         if ":" in name:
-            from mtl_node.tasks.plugin import load_task
-
-            return load_task(name, field or "task")
+            if self.custom_loader is None:
+                raise ConfigError(field or "task", f"custom task {name!r} needs mtl_node.tasks imported")
+            return self.custom_loader(name, field or "task")
         return super().get(name, field)
 
 
-TASKS: Registry[type[Task]] = TaskRegistry("task")
+TASKS = TaskRegistry("task", names.TASKS)
 
 
 def parse_params(task_cls: type[Task], params: Mapping[str, Any]) -> BaseModel:

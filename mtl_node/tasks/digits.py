@@ -80,7 +80,7 @@ class DigitsParams(TorchTaskParams):
     test_samples: int = Field(300, ge=1, le=10_000, description="held-out test images of this agent")
 
 
-@TASKS.register("digits", "digit classification with the paper's CNN; MNIST-like or synthetic (paper 7.2)")
+@TASKS.register("digits")
 class DigitClassification(TorchTask):
     name = "digits"
     Params = DigitsParams

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from mtl_node.errors import ConfigError
-from mtl_node.tasks.base import Task, TaskContext
+from mtl_node.tasks.base import TASKS, Task, TaskContext
 from mtl_node.tasks.torch_task import Split, TorchTask, TorchTaskParams, as_split
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ def load_task(spec: str, field: str = "task") -> type[Task]:
         if exc.field == "task" and field != "task":
             raise ConfigError(field, exc.problem, exc.fix) from None
         raise
+
+
+TASKS.custom_loader = load_task
 
 
 @lru_cache(maxsize=64)

@@ -85,7 +85,7 @@ def sample_block(
     return u, d
 
 
-@TASKS.register("target-localization", "streaming LMS regression of a target location (paper 7.1)")
+@TASKS.register("target-localization")
 class TargetLocalization(Task):
     name = "target-localization"
     Params = TargetLocalizationParams

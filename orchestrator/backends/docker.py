@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtl_node.core.protocol import AGENT_PORT
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import (
     DeploymentError,
@@ -43,7 +44,6 @@ from orchestrator.render import DEFAULT_IMAGE, IMAGE_UID, agent_hostnames
 log = logging.getLogger(__name__)
 
 IMAGE_ENV = "MTL_IMAGE"
-AGENT_PORT = 50051  # inside the container; the n-th agent of a serve-many container uses 50051 + n
 RUN_LABEL = "org.resilient-mtl.run"
 AGENTS_LABEL = "org.resilient-mtl.agents"
 START_TIMEOUT_S = 300.0  # containers import torch concurrently; a small machine needs a while

@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from attacks.timing import OnOff
-from mtl_node import catalog
 from mtl_node.attack_api import ATTACKS, Attack, StaticView, Withhold, load_plugins, make_attack
 from mtl_node.config import NodeConfig, build_config
+from mtl_node.core import names as catalog
 from mtl_node.engine import IN_PROCESS, run_agents
 from mtl_node.errors import ConfigError, UnknownNameError
 from mtl_node.registry import Entry

@@ -1,13 +1,13 @@
-"""The torch-free name catalog (used by the orchestrator) must equal the real registries."""
+"""The torch-free names (mtl_node.core.names) (used by the orchestrator) must equal the real registries."""
 
 from __future__ import annotations
 
-from mtl_node import catalog
 from mtl_node.aggregation import RULES
 from mtl_node.attack_api import ATTACKS, load_plugins
+from mtl_node.core import names as catalog
 from mtl_node.tasks import TASKS
 
-FIX = "update mtl_node/catalog.py to match the registries"
+FIX = "update mtl_node/core/names.py to match the registries"
 
 
 def test_task_names() -> None:

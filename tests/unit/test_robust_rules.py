@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from mtl_node import catalog
 from mtl_node.aggregation import RULES, Aggregation, Candidate, RuleParams, make_rule
 from mtl_node.aggregation.robust import (
     ROBUST_RULES,
@@ -17,6 +16,7 @@ from mtl_node.aggregation.robust import (
     required_members,
 )
 from mtl_node.config import build_config
+from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError
 from orchestrator.planner import plan_topology
 from orchestrator.spec import parse_spec

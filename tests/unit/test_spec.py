@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mtl_node import catalog
+from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError
 from orchestrator.plan import RunPlan
 from orchestrator.planner import plan_file, plan_topology

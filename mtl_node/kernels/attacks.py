@@ -1,0 +1,106 @@
+"""What a Byzantine sender serves: the only copy of the attacks' maths.
+
+The attack classes in ``attacks/`` (one sender, one requester, tensor by tensor) and the vectorized
+engine (``mtl_node.batched``: every (receiver, slot) pair of a round at once, numpy) both call these.
+The element-wise kernels use only arithmetic operators, so they take numpy arrays and torch tensors
+alike; the others are numpy over (rows, slots, dim) batches with a ``present`` mask. Docstrings
+state each attack's formula; ``attacks/`` says where it comes from and what it is meant to defeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+A = Any  # a numpy array or a torch tensor: these kernels use only arithmetic operators
+
+
+# -- element-wise -----------------------------------------------------------------------------------
+
+
+def sign_flip(h: A, scale: float | np.ndarray) -> A:
+    """sign-flip: x = -scale * h."""
+    return -scale * h
+
+
+def ipm(mean: A, epsilon: float | np.ndarray) -> A:
+    """ipm: x = -epsilon * mean(H)."""
+    return -epsilon * mean
+
+
+def alie(mean: A, std: A, sign: float | np.ndarray, z: float | np.ndarray) -> A:
+    """alie: x = mean(H) + sign * z * std(H), per coordinate."""
+    return mean + (sign * z) * std
+
+
+def towards(base: A, goal: A, step: float | np.ndarray) -> A:
+    """distance-capture (and loss-budget's candidates): x = base + step * (goal - base)."""
+    return base + step * (goal - base)
+
+
+def perturbed(h: A, noise: A) -> A:
+    """small-perturbation: x = h + e."""
+    return h + noise
+
+
+def scaled(h: A, factor: A) -> A:
+    """scaled: x = h * u, u ~ U[low, high] per coordinate."""
+    return h * factor
+
+
+# -- schedules --------------------------------------------------------------------------------------
+
+
+def on_off_attacking(round_: int, honest_rounds: int, attack_rounds: int) -> bool:
+    """on-off: round i is an attack round iff attack_rounds = 0 and i > honest_rounds, or
+    (i - 1) mod (honest_rounds + attack_rounds) >= honest_rounds."""
+    if attack_rounds == 0:
+        return round_ > honest_rounds
+    return (round_ - 1) % (honest_rounds + attack_rounds) >= honest_rounds
+
+
+def stale_round(round_: int | np.ndarray, lag: int | np.ndarray) -> np.ndarray:
+    """stale: the round whose own honest model is replayed, max(1, i - lag)."""
+    return np.maximum(1, np.asarray(round_) - np.asarray(lag))
+
+
+# -- statistics of what the attacker knows ------------------------------------------------------------
+
+
+def pool_moments(own: np.ndarray, X: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std (ddof 0) per coordinate of H = [own] + the present members of X.
+
+    ``own``: (rows, dim); ``X``: (rows, slots, dim); ``present``: (rows, slots). ipm and alie build
+    on these; with nothing present the mean is ``own`` and the std 0."""
+    m = present[:, :, None]
+    count = 1 + present.sum(axis=1, keepdims=True)
+    mean = (own + np.where(m, X, 0.0).sum(axis=1)) / count
+    dev = np.where(m, X - mean[:, None, :], 0.0)
+    var = ((own - mean) ** 2 + (dev**2).sum(axis=1)) / count
+    return mean, np.sqrt(var)
+
+
+# -- loss-budget --------------------------------------------------------------------------------------
+
+
+def budget_step(feasible: Callable[[np.ndarray], np.ndarray], iters: np.ndarray) -> np.ndarray:
+    """loss-budget's step s* per row: 1 when s = 1 is feasible, else the bisection's feasible end
+    after ``iters`` (rows,) halvings of [0, 1] (0: nothing feasible found; the caller serves base).
+
+    ``feasible(steps)`` answers for every row at once; rows stop halving after their own ``iters``.
+    Assumes the feasible steps form an interval [0, s*] (true for convex losses)."""
+    rows = len(iters)
+    one = np.ones(rows)
+    full = feasible(one)
+    if full.all():
+        return one
+    lo, hi = np.zeros(rows), np.ones(rows)
+    for it in range(int(iters.max(initial=0))):
+        mid = (lo + hi) / 2
+        good = feasible(mid)
+        active = it < iters
+        lo = np.where(active & good, mid, lo)
+        hi = np.where(active & ~good, mid, hi)
+    return np.where(full, one, lo)
