@@ -29,6 +29,28 @@ def parse_hostport(value: str, field: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
+class ServerLimits(BaseModel):
+    """What one daemon's gRPC server accepts at once (mtl_node.limits; docs/operations.md).
+
+    A call over a limit is refused at once with RESOURCE_EXHAUSTED, never queued. "Peer" is the
+    caller's identity (its address until calls are authenticated).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent_rpcs: int = Field(256, ge=1, le=100_000, description="calls in progress, all peers")
+    max_rpcs_per_peer: int = Field(32, ge=1, le=100_000, description="calls in progress from one peer")
+    max_watchers: int = Field(16, ge=0, le=10_000, description="WatchStatus streams, all peers")
+    max_watchers_per_peer: int = Field(2, ge=0, le=10_000, description="WatchStatus streams from one peer")
+    max_rounds_ahead: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="GetModel waits at most this many rounds past the latest",
+    )
+    max_requester_bytes: int = Field(128, ge=1, le=4096, description="longest requester id accepted")
+
+
 class NodeConfig(BaseModel):
     """Everything one agent daemon needs. Keyword-only; unknown keys are errors."""
 
@@ -53,6 +75,7 @@ class NodeConfig(BaseModel):
         120.0, gt=0, description="how long round 1 waits for neighbours to come up, seconds"
     )
     keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
+    limits: ServerLimits = Field(default_factory=lambda: ServerLimits(), description="server limits")
     results_dir: Path | None = None
     save_models_every: int = Field(0, ge=0, description="write model checkpoints every N rounds")
     metrics_listen: str | None = Field(
