@@ -44,8 +44,10 @@ def _chunk_parts(
     if isinstance(message, pb.ModelChunk):
         return (message.header if want_header and message.HasField("header") else None), message.data
     raw_header, data = wire.split_chunk(message)
-    if not want_header or raw_header is None:
+    if raw_header is None:
         return None, data
+    if not want_header:  # servers send the header once; a later one is not even checked by us
+        raise wire.BadPayload("a chunk after the first carries a header")
     try:
         return pb.ModelHeader.FromString(raw_header), data
     except DecodeError:

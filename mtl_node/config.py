@@ -170,8 +170,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not a text file", "give a YAML or JSON file") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+    except RecursionError:
+        raise ConfigError(
+            "--config", f"{path} is nested too deeply", "a config is a few levels deep"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
