@@ -18,10 +18,12 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from attacks._common import PARAMS_CONFIG, goal_like, towards, victim_model
-from mtl_node.attack_api import ATTACKS, Attack
+from mtl_node.attack_api import ATTACKS, Attack, AttackContext
 from mtl_node.kernels.attacks import budget_step
 from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
+
+KEEP_ROUNDS = 4  # crafted models kept for requests of recent rounds
 
 GOAL_HELP = (
     "the model victims are driven towards: one value for every coordinate (15.5: the centre of the "
@@ -153,13 +155,24 @@ class LowLoss(Attack):
     name = "low-loss"
     Params = LowLossParams
 
+    def __init__(self, ctx: AttackContext, params: BaseModel) -> None:
+        super().__init__(ctx, params)
+        self._crafted: dict[int, StateDict] = {}
+
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         p = self.params
         assert isinstance(p, LowLossParams)
         task = self.view.task
         if task is None:
             return honest
-        model = honest
-        for _ in range(p.steps):
-            model = task.adapt(model, round_)
-        return model
+        # The same model for every requester of the round, made once: its extra steps run on a
+        # copy of the optimizer state (task.detached), so neither the number nor the order of the
+        # requests changes the attacker's own honest trajectory.
+        if round_ not in self._crafted:
+            model = honest
+            with task.detached():
+                for _ in range(p.steps):
+                    model = task.adapt(model, round_)
+            self._crafted = {r: m for r, m in self._crafted.items() if r > round_ - KEEP_ROUNDS}
+            self._crafted[round_] = model
+        return self._crafted[round_]

@@ -1,9 +1,10 @@
 """Label flipping: an honest-looking model trained on flipped labels (classification tasks only).
 
 The task does the flipping: a classification task offers ``adapt_flipped(model, round_)``, the same
-local update as ``adapt`` on the round's batch with every label y replaced by a wrong one (the
-task's documented map, e.g. C - 1 - y). Tasks without it (regression) cannot run this attack;
-``make_attack(..., task=NAME)`` says so before anything starts.
+local update as ``adapt`` on the round's batch with every label y replaced by a wrong one (every
+torch task, HAR, digits and custom ``module:factory`` ones: C - 1 - y for C classes, with an
+optimizer of its own; a custom task with ``classification=False`` serves h). Tasks without it
+(regression) cannot run this attack; ``make_attack(..., task=NAME)`` says so before anything starts.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class LabelFlip(Attack):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         task: Any = self.view.task
         if task is None or not callable(getattr(task, "adapt_flipped", None)):
+            return honest
+        if not getattr(task, "classifies", True):  # a custom task declared not to classify
             return honest
         if round_ in self._trajectory:
             return self._trajectory[round_]

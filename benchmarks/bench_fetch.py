@@ -9,6 +9,12 @@ two processes on 127.0.0.1:
               size checks, chunk assembly, xxh3-128 digest check (glibc told to keep freed memory,
               as the daemon does: mtl_node/allocator.py). GetInfo gives the client the
               manifest, as a daemon knows it from its own model.
+  grpc-tls    the same agent, the same server process and the same client process as grpc, over
+              mutual TLS (certificates from mtl_node.identity, the client checking the server's
+              identity, the server authorizing the requester): the server listens on a second,
+              TLS port and the client alternates plaintext and TLS fetches, so both columns share
+              the machine's state at the time. Server CPU of grpc and grpc-tls is their sum,
+              halved (one process serves both).
   grpc-plain  the same bytes as 1 MiB messages of a bare gRPC server-streaming method (no protobuf,
               no assembly, no digest: the client only counts them): what Python gRPC itself costs.
   tcp         the goal's baseline: the server sendall()s a prepared bytes object, the client
@@ -48,7 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "fetch.json"
 GOAL = 0.55  # the issue's target for grpc / tcp
-METHODS = ("grpc", "grpc-plain", "tcp", "tcp-fresh")
+TLS_GOAL = 0.85  # issue 9: grpc-tls keeps at least this share of grpc's throughput
+METHODS = ("grpc", "grpc-tls", "grpc-plain", "tcp", "tcp-fresh")
 CHUNK = 1 << 20
 
 
@@ -72,14 +79,16 @@ async def _until_stdin_closes() -> None:
 # -- servers: print {port, startup_rss}; on stdin EOF print {peak_rss, cpu_s} ---------------------
 
 
-def serve_grpc(params: int) -> None:
-    """An Agent whose published model is ``params`` float32 values; only round 0 is ever served."""
+def serve_grpc(params: int, certs: str) -> None:
+    """An Agent whose published model is ``params`` float32 values, served on a plaintext port and
+    a mutual-TLS port (certificates in ``certs``); only round 0 is ever served."""
     import torch
     from pydantic import BaseModel
 
     from mtl_node.agent import Agent
     from mtl_node.allocator import keep_freed_memory
     from mtl_node.config import NodeConfig
+    from mtl_node.identity import load_material
     from mtl_node.server import create_server, set_serving, stop_server
     from mtl_node.tasks import Metrics, Task, TaskContext
     from mtl_node.transport import InMemoryTransport
@@ -112,13 +121,18 @@ def serve_grpc(params: int) -> None:
         config = NodeConfig(id="bench-server", rule="none", rounds=0)
         task = BigModel(TaskContext("bench-server", 0, torch.device("cpu")), NoParams())
         agent = Agent(config, InMemoryTransport({}), task=task)
+        d = Path(certs)
+        tls = load_material(d / "ca.pem", d / "bench-server.pem", d / "bench-server.key")
         server, port, health = await create_server(agent, "127.0.0.1:0")
+        tls_server, tls_port, tls_health = await create_server(agent, "127.0.0.1:0", tls)
         await set_serving(health, True)
-        emit(port=port, startup_rss=startup_rss)
+        await set_serving(tls_health, True)
+        emit(port=port, tls_port=tls_port, startup_rss=startup_rss)
         cpu = cpu_seconds()
         await _until_stdin_closes()
         emit(peak_rss=max_rss_bytes(), cpu_s=cpu_seconds() - cpu)
         await stop_server(server, grace=0.1)
+        await stop_server(tls_server, grace=0.1)
 
     asyncio.run(main())
 
@@ -172,33 +186,44 @@ def serve_tcp(nbytes: int) -> None:
 # -- clients: print {bytes, seconds, cpu_s, startup_rss, peak_rss, ...} ---------------------------
 
 
-def fetch_grpc(port: int, repeat: int) -> None:
+def fetch_grpc(port: int, tls_port: int, certs: str, repeat: int) -> None:
+    """Alternate plaintext and TLS fetches of the same model from the same server process."""
     from mtl_node import messages, wire
     from mtl_node.allocator import keep_freed_memory
     from mtl_node.channel import create_channel
     from mtl_node.client import ModelStub, fetch_payload
+    from mtl_node.identity import agent_id, load_material
     from mtl_node.proto.v1 import node_pb2 as pb
     from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
     keep_freed_memory()  # as mtl_node.daemon.run_daemon does
+    d = Path(certs)
+    tls = load_material(d / "ca.pem", d / "bench-client.pem", d / "bench-client.key")
 
     async def main() -> None:
-        async with create_channel(f"127.0.0.1:{port}") as channel:
+        async with (
+            create_channel(f"127.0.0.1:{port}", tls=None) as channel,
+            create_channel(
+                f"127.0.0.1:{tls_port}", tls=tls, expected_identity=agent_id("bench-server")
+            ) as tls_channel,
+        ):
             info = await pb_grpc.NodeStub(channel).GetInfo(
                 pb.GetInfoRequest(), timeout=60, wait_for_ready=True
             )
             manifest = messages.manifest_from_pb(info.manifest)
-            models = ModelStub(channel)  # what GrpcTransport fetches with
+            stubs = {"grpc": ModelStub(channel), "grpc-tls": ModelStub(tls_channel)}
             startup_rss = max_rss_bytes()
-            seconds, cpu = [], 0.0
+            seconds: dict[str, list[float]] = {m: [] for m in stubs}
+            cpu = dict.fromkeys(stubs, 0.0)
             payload = bytearray()
             for attempt in range(repeat + 1):
-                payload = bytearray()  # the previous model is gone before the next arrives
-                started, cpu_started = time.perf_counter(), cpu_seconds()
-                header, payload = await fetch_payload(models, 0, "bench-client", 120.0, manifest)
-                if attempt:  # the first fetch is the warm-up
-                    seconds.append(time.perf_counter() - started)
-                    cpu += cpu_seconds() - cpu_started
+                for method, models in stubs.items():
+                    payload = bytearray()  # the previous model is gone before the next arrives
+                    started, cpu_started = time.perf_counter(), cpu_seconds()
+                    header, payload = await fetch_payload(models, 0, "bench-client", 120.0, manifest)
+                    if attempt:  # the first fetch of each is the warm-up
+                        seconds[method].append(time.perf_counter() - started)
+                        cpu[method] += cpu_seconds() - cpu_started
             started = time.perf_counter()
             wire.decode(payload, manifest)
             decode_s = time.perf_counter() - started
@@ -219,7 +244,7 @@ def fetch_plain(port: int, repeat: int) -> None:
     from mtl_node.channel import create_channel
 
     async def main() -> None:
-        async with create_channel(f"127.0.0.1:{port}") as channel:
+        async with create_channel(f"127.0.0.1:{port}", tls=None) as channel:
             get = channel.unary_stream("/bench.Plain/Get")
             startup_rss = max_rss_bytes()
             seconds, cpu, got = [], 0.0, 0
@@ -295,9 +320,46 @@ def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
+def _row(
+    client: dict[str, Any], stopped: dict[str, Any], ready: dict[str, Any], repeat: int, seconds: list[float],
+    client_cpu: float, server_cpu: float,
+) -> dict[str, Any]:  # fmt: skip
+    moved = client["bytes"]
+    return {
+        "bytes": moved,
+        "seconds": seconds,
+        "gbps_best": moved / min(seconds) / 1e9,
+        "gbps_median": moved / statistics.median(seconds) / 1e9,
+        "client_cpu_s_per_gb": client_cpu / (moved * repeat / 1e9),
+        "server_cpu_s_per_gb": server_cpu / (moved * (repeat + 1) / 1e9),
+        "client_peak_rss": client["peak_rss"],
+        "client_rss_after_startup": client["peak_rss"] - client["startup_rss"],
+        "server_peak_rss": stopped["peak_rss"],
+        "server_rss_after_startup": stopped["peak_rss"] - ready["startup_rss"],
+    }
+
+
+def transfer_grpc(params: int, repeat: int, certs: Path) -> dict[str, dict[str, Any]]:
+    """grpc and grpc-tls from one server process and one client process (alternating)."""
+    server = _spawn("_serve-grpc", str(params), str(certs))
+    try:
+        ready = _read(server)
+        client = _finish(
+            _spawn("_fetch-grpc", str(ready["port"]), str(ready["tls_port"]), str(certs), str(repeat))
+        )
+    finally:
+        stopped = _finish(server)
+    rows = {}
+    for method in ("grpc", "grpc-tls"):
+        row = _row(client, stopped, ready, repeat, client["seconds"][method], client["cpu_s"][method],
+                   stopped["cpu_s"] / 2)  # fmt: skip
+        row["decode_s"] = client["decode_s"]
+        rows[method] = row
+    return rows
+
+
 def transfer(method: str, params: int, nbytes: int, repeat: int) -> dict[str, Any]:
     server_role, server_arg = {
-        "grpc": ("_serve-grpc", params),
         "grpc-plain": ("_serve-plain", nbytes),
     }.get(method, ("_serve-tcp", nbytes))
     server = _spawn(server_role, str(server_arg))
@@ -305,7 +367,6 @@ def transfer(method: str, params: int, nbytes: int, repeat: int) -> dict[str, An
         ready = _read(server)
         port = str(ready["port"])
         client_args = {
-            "grpc": ("_fetch-grpc", port, str(repeat)),
             "grpc-plain": ("_fetch-plain", port, str(repeat)),
             "tcp": ("_fetch-tcp", port, str(nbytes), str(repeat), "reuse"),
             "tcp-fresh": ("_fetch-tcp", port, str(nbytes), str(repeat), "fresh"),
@@ -313,28 +374,13 @@ def transfer(method: str, params: int, nbytes: int, repeat: int) -> dict[str, An
         client = _finish(_spawn(*client_args))
     finally:
         stopped = _finish(server)
-    moved = client["bytes"]
-    row = {
-        "bytes": moved,
-        "seconds": client["seconds"],
-        "gbps_best": moved / min(client["seconds"]) / 1e9,
-        "gbps_median": moved / statistics.median(client["seconds"]) / 1e9,
-        "client_cpu_s_per_gb": client["cpu_s"] / (moved * repeat / 1e9),
-        "server_cpu_s_per_gb": stopped["cpu_s"] / (moved * (repeat + 1) / 1e9),
-        "client_peak_rss": client["peak_rss"],
-        "client_rss_after_startup": client["peak_rss"] - client["startup_rss"],
-        "server_peak_rss": stopped["peak_rss"],
-        "server_rss_after_startup": stopped["peak_rss"] - ready["startup_rss"],
-    }
-    if "decode_s" in client:
-        row["decode_s"] = client["decode_s"]
-    return row
+    return _row(client, stopped, ready, repeat, client["seconds"], client["cpu_s"], stopped["cpu_s"])
 
 
-def measure(params: int, repeat: int) -> dict[str, Any]:
-    rows: dict[str, Any] = {"grpc": transfer("grpc", params, 0, repeat)}
+def measure(params: int, repeat: int, certs: Path) -> dict[str, Any]:
+    rows: dict[str, Any] = transfer_grpc(params, repeat, certs)
     nbytes = rows["grpc"]["bytes"]  # the safetensors payload: the tensor bytes plus its header
-    for method in METHODS[1:]:
+    for method in METHODS[2:]:
         rows[method] = transfer(method, params, nbytes, repeat)
     tcp = rows["tcp"]
     return {
@@ -344,6 +390,8 @@ def measure(params: int, repeat: int) -> dict[str, Any]:
         "ratio_best": rows["grpc"]["gbps_best"] / tcp["gbps_best"],
         "ratio_median": rows["grpc"]["gbps_median"] / tcp["gbps_median"],
         "plain_ratio_best": rows["grpc-plain"]["gbps_best"] / tcp["gbps_best"],
+        "tls_ratio_best": rows["grpc-tls"]["gbps_best"] / rows["grpc"]["gbps_best"],
+        "tls_ratio_median": rows["grpc-tls"]["gbps_median"] / rows["grpc"]["gbps_median"],
     }
 
 
@@ -375,16 +423,19 @@ def _mib(n: float) -> str:
 
 
 def report(rows: list[dict[str, Any]], costs: dict[str, float], repeat: int) -> None:
-    print(f"best (median) GB/s of {repeat} transfers, 1 GB = 1e9 B; ratio = grpc / tcp")
+    print(
+        f"best (median) GB/s of {repeat} transfers, 1 GB = 1e9 B; ratio = grpc / tcp; tls = grpc-tls / grpc"
+    )
     print(
         f"{'params':>10} {'MiB':>4}"
         + "".join(f" {m:>14}" for m in METHODS)
-        + f" {'ratio':>11} {'decode s':>8}"
+        + f" {'ratio':>11} {'tls':>11} {'decode s':>8}"
     )
     for r in rows:
         line = f"{r['params']:>10} {_mib(r['payload_bytes']):>4}"
         line += "".join(f" {r[m]['gbps_best']:>6.2f} ({r[m]['gbps_median']:>5.2f})" for m in METHODS)
-        line += f" {r['ratio_best']:>4.0%} ({r['ratio_median']:>3.0%}) {r['grpc']['decode_s']:>8.3f}"
+        line += f" {r['ratio_best']:>4.0%} ({r['ratio_median']:>3.0%})"
+        line += f" {r['tls_ratio_best']:>4.0%} ({r['tls_ratio_median']:>3.0%}) {r['grpc']['decode_s']:>8.3f}"
         print(line)
     print("\nCPU s per GB moved, client / server")
     for r in rows:
@@ -407,6 +458,12 @@ def report(rows: list[dict[str, Any]], costs: dict[str, float], repeat: int) -> 
     )
     worst = min(r["ratio_best"] for r in rows)
     print(f"goal grpc/tcp >= {GOAL:.0%}: {'met' if worst >= GOAL else 'NOT met'} (worst size {worst:.0%})")
+    large = [r for r in rows if r["params"] >= 10_000_000] or rows
+    tls_worst = min(r["tls_ratio_best"] for r in large)
+    print(
+        f"goal grpc-tls/grpc >= {TLS_GOAL:.0%} at 10M+ params: "
+        f"{'met' if tls_worst >= TLS_GOAL else 'NOT met'} (worst {tls_worst:.0%})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,10 +473,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
+    load_before = os.getloadavg()
+
+    import tempfile
 
     from benchmarks.machine import describe
+    from mtl_node.identity import make_certs
 
-    rows = [measure(params, args.repeat) for params in sizes]
+    with tempfile.TemporaryDirectory(prefix="bench-fetch-certs-") as certs:
+        make_certs(Path(certs), ["bench-server", "bench-client"])
+        rows = [measure(params, args.repeat, Path(certs)) for params in sizes]
     costs = unit_costs(rows[-1]["payload_bytes"], args.repeat)
     result = {
         "benchmark": "fetch",
@@ -427,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe(),
         "repeat": args.repeat,
         "goal_ratio": GOAL,
+        "goal_tls_ratio": TLS_GOAL,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "unit_costs": costs,
         "sizes": rows,
     }
@@ -438,10 +504,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ROLES = {
-    "_serve-grpc": lambda a: serve_grpc(int(a[0])),
+    "_serve-grpc": lambda a: serve_grpc(int(a[0]), a[1]),
     "_serve-plain": lambda a: serve_plain(int(a[0])),
     "_serve-tcp": lambda a: serve_tcp(int(a[0])),
-    "_fetch-grpc": lambda a: fetch_grpc(int(a[0]), int(a[1])),
+    "_fetch-grpc": lambda a: fetch_grpc(int(a[0]), int(a[1]), a[2], int(a[3])),
     "_fetch-plain": lambda a: fetch_plain(int(a[0]), int(a[1])),
     "_fetch-tcp": lambda a: fetch_tcp(int(a[0]), int(a[1]), int(a[2]), a[3] == "fresh"),
 }

@@ -45,7 +45,7 @@ def main() -> None:
     result: dict[str, object] = {"load_before": loadavg(), **vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         specs = [AgentSpec(a, [n for n in ids if n != a]) for a in ids]
-        with DaemonSet(Path(tmp), specs, 10_000_000, seed=8, save_models_every=0) as ds:
+        with DaemonSet(Path(tmp), specs, 10_000_000, seed=8, save_models_every=0, insecure=True) as ds:
             ds.wait_until(ids, lambda s: s.round >= 20, 180, "round 20")
             pid = ds["victim"].proc.pid  # type: ignore[union-attr]
             result["rss_before_mib"] = rss_bytes(pid) / 2**20

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from mtl_node import state as agent_state
 from mtl_node import wire
 from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
@@ -42,6 +43,12 @@ OFFLOAD_BYTES = 1 << 20
 # task (a CNN's local step takes ~0.1 s; target localization's takes microseconds and stays inline,
 # where a thread hop would cost more than the call).
 INLINE_BUDGET_S = 0.02
+# state_every unset ("auto"): write the state once the time since the last write is this many times
+# what the last write took (bounding its share of the run to about 1/(1+AUTO_STATE_FACTOR)), at
+# most AUTO_STATE_MAX_ROUNDS and keep-2 rounds apart (so the neighbours still keep every round a
+# resumed agent re-runs). docs/performance.md has the measurements behind it.
+AUTO_STATE_FACTOR = 10.0
+AUTO_STATE_MAX_ROUNDS = 50
 # Attack nodes: rounds of fetched neighbour models (and on-demand requester models) kept for crafting.
 KEEP_FETCHED_ROUNDS = 4
 
@@ -109,9 +116,93 @@ class Agent:
         # Metrics hooks (mtl_node.metrics); the daemon swaps in a Prometheus one.
         self.observer = AgentObserver()
         self.done = asyncio.Event()
-        self.store.publish(0, self.theta)
         if self.attack is not None:
             self.attack.bind(_AgentView(self))
+        # Crash-only (mtl_node/state.py): continue after the last round whose state is on disk.
+        self.state_dir = config.state_path
+        self.fingerprint = agent_state.fingerprint(config, self.manifest)
+        self.start_round = 0
+        self._state_round = 0  # last round whose state was written
+        self._state_written_at = time.perf_counter()
+        self._state_write_s = 0.0  # what the last write took (auto interval)
+        saved = agent_state.load(self.state_dir, self.fingerprint, config.device) if self.state_dir else None
+        if saved is not None:
+            self.restore(saved)
+        else:
+            self.store.publish(0, self.theta)
+        self.recorder.resume(self.start_round)
+
+    # -- crash-only state -----------------------------------------------------------------------
+
+    def snapshot(self, i: int) -> agent_state.AgentState:
+        """Everything needed to continue after round ``i`` exactly (see mtl_node/state.py)."""
+        # Published rounds back to where a neighbour restarted from its own (older) state may ask:
+        # the state interval plus a few rounds, within what the store keeps anyway.
+        interval = self.config.state_every or self._auto_cap()
+        window = min(self.store.keep, interval + self.config.keep_rounds + 2)
+        published = {}
+        for r in range(max(1, i - window + 1), i + 1):
+            p = self.store.get(r)
+            if p is not None:
+                published[r] = p.state
+        task_meta, task_tensors = self.task.state()
+        attack_meta, attack_tensors = self.attack.state() if self.attack is not None else ({}, {})
+        return agent_state.AgentState(
+            round=i,
+            fingerprint=self.fingerprint,
+            theta=self.theta,
+            published=published,
+            fetched=dict(self.fetched_rounds),
+            rule=self.rule.state(),
+            task=task_meta,
+            task_tensors=task_tensors,
+            attack=attack_meta,
+            attack_tensors=attack_tensors,
+        )
+
+    def restore(self, saved: agent_state.AgentState) -> None:
+        self.theta = saved.theta
+        for r in sorted(saved.published):
+            self.store.publish(r, saved.published[r])
+        self.fetched_rounds = OrderedDict(sorted(saved.fetched.items()))
+        self.rule.load_state(saved.rule)
+        self.task.load_state(saved.task, saved.task_tensors)
+        if self.attack is not None:
+            self.attack.load_state(saved.attack, saved.attack_tensors)
+        self.start_round = self._state_round = saved.round
+        self.status = _replace(self.status, round=saved.round)
+        log.info("%s: resumed after round %d from %s", self.id, saved.round, self.state_dir)
+
+    def _auto_cap(self) -> int:
+        return min(AUTO_STATE_MAX_ROUNDS, max(1, self.store.keep - 2))
+
+    def _state_due(self, i: int) -> bool:
+        if self.state_dir is None:
+            return False
+        every = self.config.state_every
+        if i == self.config.rounds:
+            return True
+        if every is not None:
+            return every > 0 and i % every == 0
+        if self.attack is not None:
+            # An attack node crafts from the neighbour models of the previous round, which it keeps
+            # for a few rounds only: its state is written every round (attack nodes are few).
+            return True
+        if i - self._state_round >= self._auto_cap():
+            return True
+        return time.perf_counter() - self._state_written_at >= AUTO_STATE_FACTOR * self._state_write_s
+
+    async def _save_state(self, i: int) -> None:
+        if not self._state_due(i):
+            return
+        assert self.state_dir is not None
+        started = time.perf_counter()
+        snap = self.snapshot(i)
+        self.recorder.sync()  # rows up to i durable before the state that says "after round i"
+        await self._compute(agent_state.write, self.state_dir, snap, self.id)
+        self._state_written_at = time.perf_counter()
+        self._state_write_s = self._state_written_at - started
+        self._state_round = i
 
     # -- what the server side asks --------------------------------------------------------------
 
@@ -209,7 +300,7 @@ class Agent:
         self.loop_watch.on_stall = lambda: self.observer.paused()
         self.loop_watch.start()
         try:
-            for i in range(1, self.config.rounds + 1):
+            for i in range(self.start_round + 1, self.config.rounds + 1):
                 await self.run_round(i)
         except Exception:
             self._set_status(_replace(self.status, state="failed"))
@@ -281,6 +372,7 @@ class Agent:
         self.recorder.record(record, self.theta)
         self.observer.round_done(record)
         self.observer.suspects(len(self.liveness.suspects))
+        await self._save_state(i)
         self._set_status(
             AgentStatus(
                 self.id,

@@ -182,6 +182,18 @@ class Attack(ABC):
     def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
         """The model served to ``requester`` for ``round_``; ``honest`` is what we would send."""
 
+    # -- crash-only state hooks (mtl_node/state.py) ----------------------------------------------
+    # Random draws need nothing here (keyed by seed, attacker, round, requester); caches that are
+    # recomputed deterministically (label-flip's trajectory) need nothing either.
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(JSON-able part, tensors) a resumed attack node needs to serve exactly the same."""
+        return {}, {}
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Restore what ``state()`` returned."""
+        return None  # stateless by default
+
 
 def load_plugins() -> None:
     """Import every package that registers attacks (idempotent)."""

@@ -72,9 +72,23 @@ def check_agent(cfg: NodeConfig) -> None:
     a rule whose assumptions the neighbourhood cannot meet exit 2 with one clear line."""
     from mtl_node.aggregation.robust import check_neighbourhood
     from mtl_node.attack_api import make_attack
+    from mtl_node.identity import agent_id, party_tls
     from mtl_node.tasks import make_task
 
-    make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+    party_tls(
+        cfg.ca,
+        cfg.cert,
+        cfg.key,
+        insecure=cfg.insecure,
+        expect=agent_id(cfg.id, cfg.trust_domain),
+        who=f"agent {cfg.id}",
+    )
+    task = make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, "cpu")
+    if cfg.state_path is not None:
+        # A state directory from another run is refused before anything serves (exit 2).
+        from mtl_node import state, wire
+
+        state.check(cfg.state_path, state.fingerprint(cfg, wire.manifest_of(task.init_model())))
     if cfg.attack:
         make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
     else:
@@ -96,7 +110,15 @@ def serve(
     attack: Annotated[str | None, typer.Option(help="make this agent Byzantine")] = None,
     attack_param: Annotated[list[str] | None, typer.Option(help="attack parameter KEY=VALUE")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="write metrics/decisions here")] = None,
-    save_models_every: Annotated[int | None, typer.Option(help="checkpoint every N rounds")] = None,
+    save_models_every: Annotated[
+        int | None, typer.Option(help="export the model every N rounds (results_dir/models)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="crash-only state, resumed on start (default RESULTS_DIR/state)")
+    ] = None,
+    state_every: Annotated[
+        int | None, typer.Option(help="write the state every N rounds (0: never; default: auto)")
+    ] = None,
     fetch_timeout: Annotated[float | None, typer.Option(help="deadline per fetch, s")] = None,
     metrics_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT for Prometheus metrics (port 0: any; default off)")
@@ -104,10 +126,28 @@ def serve(
     exit_when_done: Annotated[
         bool | None, typer.Option("--exit-when-done/--keep-serving", help="exit after last round")
     ] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate(s) to trust (PEM)")] = None,
+    cert: Annotated[Path | None, typer.Option(help="this agent's certificate (PEM)")] = None,
+    key: Annotated[Path | None, typer.Option(help="this agent's private key (PEM)")] = None,
+    trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain")] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option("--insecure", help="plaintext, unauthenticated gRPC (not for real networks)"),
+    ] = None,
+    health_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for plaintext health checks only (probes)")
+    ] = None,
+    peers_file: Annotated[
+        Path | None, typer.Option(help="JSON {id: HOST:PORT} of neighbours, waited for after binding")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these fields")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """Run one agent: serve its model over gRPC, learn for ROUNDS rounds, keep serving."""
+    """Run one agent: serve its model over gRPC, learn for ROUNDS rounds, keep serving.
+
+    Mutual TLS is the default: give --ca/--cert/--key (made by `mtl-orchestrate certs`, or any CA
+    issuing the URI SAN spiffe://<trust-domain>/agent/<id>), or --insecure to opt out.
+    """
     from mtl_node.config import build_config, load_yaml
 
     setup_logging(log_level)
@@ -124,9 +164,18 @@ def serve(
             "attack": attack,
             "results_dir": results_dir,
             "save_models_every": save_models_every,
+            "state_dir": state_dir,
+            "state_every": state_every,
             "fetch_timeout": fetch_timeout,
             "metrics_listen": metrics_listen,
             "exit_when_done": exit_when_done,
+            "ca": ca,
+            "cert": cert,
+            "key": key,
+            "trust_domain": trust_domain,
+            "insecure": insecure,
+            "health_listen": health_listen,
+            "peers_file": peers_file,
         }
         data |= {k: v for k, v in flags.items() if v is not None}
         if neighbors is not None:
@@ -233,12 +282,42 @@ def attacks() -> None:
             typer.echo(f"    {pname:20} {f.description or ''} (default {f.default!r})")
 
 
+CaOpt = Annotated[Path | None, typer.Option(help="CA certificate(s) to trust (PEM)")]
+CertOpt = Annotated[Path | None, typer.Option(help="operator certificate (PEM)")]
+KeyOpt = Annotated[Path | None, typer.Option(help="operator private key (PEM)")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="plaintext (agents started with --insecure)")]
+AgentOpt = Annotated[str | None, typer.Option("--agent", help="the agent expected at ADDRESS (default: any)")]
+TrustOpt = Annotated[str, typer.Option(help="SPIFFE trust domain")]
+
+
+def operator_channel_args(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    insecure: bool,
+    agent: str | None,
+    trust_domain: str,
+) -> dict[str, Any]:
+    """``tls`` and ``expected_identity`` for channel.create_*channel from the tool's flags."""
+    from mtl_node.identity import agent_id, check_trust_domain, party_tls
+
+    tls = party_tls(ca, cert, key, insecure=insecure, who="this tool (an operator certificate)")
+    expected = agent_id(agent, check_trust_domain(trust_domain, "--trust-domain")) if agent and tls else None
+    return {"tls": tls, "expected_identity": expected}
+
+
 @app.command()
 def status(
     address: Annotated[str, typer.Argument(help="HOST:PORT of an agent")],
     timeout: Annotated[float, typer.Option(help="deadline, s")] = 5.0,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+    agent: AgentOpt = None,
+    trust_domain: TrustOpt = "resilient-mtl",
 ) -> None:
-    """Print an agent's info and status."""
+    """Print an agent's info and status (needs an operator certificate unless --insecure)."""
     import grpc
     from google.protobuf import json_format
 
@@ -246,7 +325,12 @@ def status(
     from mtl_node.proto.v1 import node_pb2 as pb
     from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
-    with create_sync_channel(address) as channel:
+    try:
+        channel_args = operator_channel_args(ca, cert, key, insecure, agent, trust_domain)
+        channel_ = create_sync_channel(address, **channel_args)
+    except MTLError as exc:
+        raise _fail(exc) from None
+    with channel_ as channel:
         stub = pb_grpc.NodeStub(channel)
         try:
             info = stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
@@ -263,6 +347,12 @@ def fetch(
     out: Annotated[Path, typer.Option(help="where to write the .safetensors file")],
     round: Annotated[int, typer.Option(help="round (0: latest)")] = 0,
     timeout: Annotated[float, typer.Option(help="deadline, s")] = 30.0,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+    agent: AgentOpt = None,
+    trust_domain: TrustOpt = "resilient-mtl",
 ) -> None:
     """Download the model an agent published for a round, as a safetensors file."""
     from mtl_node import messages, wire
@@ -272,7 +362,8 @@ def fetch(
     from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
     async def go() -> tuple[int, bytearray]:
-        async with create_channel(address) as channel:
+        channel_args = operator_channel_args(ca, cert, key, insecure, agent, trust_domain)
+        async with create_channel(address, **channel_args) as channel:
             stub = pb_grpc.NodeStub(channel)
             info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
             manifest = messages.manifest_from_pb(info.manifest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
@@ -9,8 +10,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mtl_node import wire
-from mtl_node.channel import create_channel
+from mtl_node.channel import create_channel, is_identity_error
 from mtl_node.errors import FetchError, WireError
+from mtl_node.identity import TlsMaterial, agent_id
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from mtl_node.transport import Transport
@@ -94,23 +96,43 @@ async def fetch_payload(
             grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
             grpc.StatusCode.NOT_FOUND: "expired",
             grpc.StatusCode.RESOURCE_EXHAUSTED: "oversized",
+            grpc.StatusCode.PERMISSION_DENIED: "refused",
+            grpc.StatusCode.UNAUTHENTICATED: "refused",
         }.get(code, "unavailable")
+        if is_identity_error(exc.details()):
+            reason = "identity"
         raise FetchError(f"{code.name}: {exc.details()}", reason=reason) from None
     if assembler is None or header is None:
         raise wire.TruncatedPayload("stream ended before any chunk")
     return header, assembler.finish()
 
 
-class GrpcTransport(Transport):
-    """One channel per neighbour; fetches validate size and digest, then decode safetensors."""
+# Round 1: how often a neighbour that is not listening yet is tried again.
+STARTUP_RETRY_S = 0.25
 
-    def __init__(self, addresses: Mapping[str, str], device: str = "cpu") -> None:
+
+class GrpcTransport(Transport):
+    """One channel per neighbour; fetches validate size and digest, then decode safetensors.
+
+    With ``tls`` every channel is mutual TLS and must reach the certificate of the neighbour it is
+    for; a neighbour answering with another identity (certificate or model header) is left out
+    with reason ``identity``.
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        device: str = "cpu",
+        tls: TlsMaterial | None = None,
+    ) -> None:
         self.addresses = dict(addresses)
         self.manifest: Manifest | None = None
         self.device = device
+        self.tls = tls
         self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._info_stubs: dict[str, pb_grpc.NodeStub] = {}
+        self._seen: set[str] = set()
         # Told the size of every payload received (metrics); None: nobody is counting.
         self.on_received: Callable[[int], None] | None = None
 
@@ -120,7 +142,10 @@ class GrpcTransport(Transport):
             address = self.addresses.get(neighbor)
             if address is None:
                 raise FetchError(f"no address for neighbour {neighbor!r}", reason="unavailable")
-            channel = self._channels[neighbor] = create_channel(address)
+            expected = agent_id(neighbor, self.tls.trust_domain) if self.tls else None
+            channel = self._channels[neighbor] = create_channel(
+                address, tls=self.tls, expected_identity=expected
+            )
             stub = self._stubs[neighbor] = ModelStub(channel)
         return stub
 
@@ -131,14 +156,40 @@ class GrpcTransport(Transport):
         if self.manifest is None:
             raise RuntimeError("GrpcTransport.expect(manifest) must be called before fetch")
         stub = self._stub(neighbor)
-        # A neighbour that is starting, restarting or went away is waited for within the deadline
-        # (wait_for_ready): one restarted within it changes nothing. One that never comes back
-        # costs one deadline; the round loop then skips it until it answers (mtl_node.liveness).
-        _, payload = await fetch_payload(stub, round_, requester, timeout, self.manifest, wait_for_ready=True)
+        # Crash-only (DESIGN §5): a neighbour that is not listening or whose stream broke (it was
+        # killed and is restarting) is asked again until the deadline, in every round, so a restart
+        # within the deadline changes no result (rounds are idempotent to fetch). An UNAVAILABLE its
+        # own server sent (a refusal: "<id>: ..."), an identity failure or a deadline ends it at once.
+        header, payload = await self._fetch_retrying(stub, neighbor, round_, requester, timeout)
+        if header.agent_id != neighbor:
+            raise FetchError(
+                f"{neighbor}: the model's header names {header.agent_id[:64]!r}", reason="identity"
+            )
+        self._seen.add(neighbor)
         if self.on_received is not None:
             self.on_received(len(payload))
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
+
+    async def _fetch_retrying(
+        self, stub: ModelStub, neighbor: str, round_: int, requester: str, timeout: float
+    ) -> tuple[pb.ModelHeader, bytearray]:
+        """Try again while the neighbour is unreachable, until ``timeout``. Unlike gRPC's
+        wait_for_ready this sees why a connection failed, so a certificate naming someone else
+        fails at once (reason ``identity``) instead of after the whole wait."""
+        assert self.manifest is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await fetch_payload(stub, round_, requester, max(remaining, 0.01), self.manifest)
+            except FetchError as exc:
+                refused = str(exc).startswith(f"UNAVAILABLE: {neighbor}: ")
+                if exc.reason != "unavailable" or refused or deadline - loop.time() <= STARTUP_RETRY_S:
+                    raise
+                log.debug("%s: round %d: unreachable (%s); asking again", neighbor, round_, exc)
+            await asyncio.sleep(STARTUP_RETRY_S)
 
     async def latest_round(self, neighbor: str, timeout: float) -> int:
         self._stub(neighbor)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtl_node.aggregation import RULES, RuleParams
 from mtl_node.core.errors import ConfigError
 from mtl_node.core.ids import ID_PATTERN
+from mtl_node.identity import DEFAULT_TRUST_DOMAIN, check_trust_domain
 from mtl_node.tasks import TASKS
 
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
@@ -77,14 +78,52 @@ class NodeConfig(BaseModel):
     keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
     limits: ServerLimits = Field(default_factory=lambda: ServerLimits(), description="server limits")
     results_dir: Path | None = None
-    save_models_every: int = Field(0, ge=0, description="write model checkpoints every N rounds")
     metrics_listen: str | None = Field(
         None, description="HOST:PORT of the Prometheus metrics endpoint (port 0 = any free; none: off)"
+    )
+    save_models_every: int = Field(
+        0, ge=0, description="export the combined model every N rounds (results_dir/models, safetensors)"
+    )
+    state_dir: Path | None = Field(
+        None, description="crash-only state (resumed on start); default results_dir/state"
+    )
+    state_every: int | None = Field(
+        None,
+        ge=0,
+        description="write the state every N rounds (0: never; unset: auto, at most ~10% of the "
+        "time and at most keep-2 rounds apart; see docs/performance.md)",
     )
     exit_when_done: bool = False
     linger: float = Field(
         5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
     )
+    # Mutual TLS (DESIGN §5 "Identity"; mtl_node.identity). Without ca/cert/key the daemon refuses
+    # to start unless insecure is set.
+    ca: Path | None = Field(None, description="PEM file of the CA(s) to trust")
+    cert: Path | None = Field(None, description="this agent's certificate (PEM, chain allowed)")
+    key: Path | None = Field(None, description="this agent's private key (PEM, unencrypted)")
+    trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain of every identity")
+    insecure: bool = Field(False, description="plaintext, unauthenticated gRPC (explicit opt-out)")
+    health_listen: str | None = Field(
+        None, description="HOST:PORT of a plaintext grpc.health.v1-only server for probes"
+    )
+    peers_file: Path | None = Field(
+        None,
+        description="JSON {neighbour id: HOST:PORT} to wait for after binding (addresses of "
+        "neighbours started at the same time on port 0)",
+    )
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, v: str) -> str:
+        return check_trust_domain(v)
+
+    @field_validator("health_listen")
+    @classmethod
+    def _health_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v, "health_listen")
+        return v
 
     @field_validator("listen")
     @classmethod
@@ -141,6 +180,15 @@ class NodeConfig(BaseModel):
     @property
     def role(self) -> str:
         return "byzantine" if self.attack else "normal"
+
+    @property
+    def state_path(self) -> Path | None:
+        """Where the agent's crash-only state lives (None: nowhere, e.g. in-process runs)."""
+        if self.state_every == 0:
+            return None
+        if self.state_dir is not None:
+            return self.state_dir
+        return self.results_dir / "state" if self.results_dir is not None else None
 
 
 def _format_validation_error(exc: ValidationError) -> ConfigError:

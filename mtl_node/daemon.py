@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,10 +24,12 @@ from grpc_health.v1 import _async as health_aio
 from mtl_node.agent import Agent
 from mtl_node.allocator import keep_freed_memory
 from mtl_node.client import GrpcTransport
-from mtl_node.config import NodeConfig
+from mtl_node.config import NodeConfig, parse_hostport
+from mtl_node.errors import ConfigError, MTLError
+from mtl_node.identity import TlsMaterial, agent_id, party_tls
 from mtl_node.metrics import PrometheusMetrics
 from mtl_node.recorder import FileRecorder, Recorder
-from mtl_node.server import create_server, set_serving, stop_server
+from mtl_node.server import create_health_server, create_server, set_serving, stop_server
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +43,46 @@ class RunningAgent:
     health: health_aio.HealthServicer
     transport: GrpcTransport
     recorder: Recorder
+    health_server: grpc.aio.Server | None = None
+
+
+def agent_tls(config: NodeConfig) -> TlsMaterial | None:
+    """The agent's checked certificate (naming ``config.id``), or None with ``insecure``."""
+    return party_tls(
+        config.ca,
+        config.cert,
+        config.key,
+        insecure=config.insecure,
+        expect=agent_id(config.id, config.trust_domain),
+        who=f"agent {config.id}",
+    )
 
 
 async def start_agent(config: NodeConfig, metrics: PrometheusMetrics | None = None) -> RunningAgent:
     """Build the agent, bind its server and mark it SERVING; rounds are not started yet."""
+    tls = agent_tls(config)
     recorder: Recorder = (
         FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
     )
-    transport = GrpcTransport(config.neighbors, device=config.device)
+    transport = GrpcTransport(config.neighbors, device=config.device, tls=tls)
     agent = Agent(config, transport, recorder)
     if metrics is not None:
         agent.observer = metrics.agent(config.id, config.neighbors)
         transport.on_received = agent.observer.received
-    server, port, health_servicer = await create_server(agent, config.listen)
+    server, port, health_servicer = await create_server(agent, config.listen, tls)
+    health_server = None
+    if config.health_listen:
+        try:
+            health_server, health_port = await create_health_server(health_servicer, config.health_listen)
+        except OSError:
+            await stop_server(server, grace=0)
+            raise
+        log.info("%s: plaintext health checks on port %d", config.id, health_port)
     host = config.listen.rsplit(":", 1)[0]
     # One parseable line per agent: orchestrators and scripts read the bound port from it.
     print(f"mtl-node: serving {config.id} on {host}:{port}", flush=True)
     await set_serving(health_servicer, True)
-    return RunningAgent(config, agent, server, port, health_servicer, transport, recorder)
+    return RunningAgent(config, agent, server, port, health_servicer, transport, recorder, health_server)
 
 
 async def stop_agent(running: RunningAgent) -> None:
@@ -64,6 +90,42 @@ async def stop_agent(running: RunningAgent) -> None:
     running.agent.store.close()
     await running.transport.close()
     await stop_server(running.server)
+    if running.health_server is not None:
+        await stop_server(running.health_server, grace=0)
+
+
+async def wait_for_peers(running: Sequence[RunningAgent], stop: asyncio.Event) -> None:
+    """Agents with ``peers_file``: wait for it, then take their neighbours' addresses from it.
+
+    How agents started together on port 0 learn where their neighbours are (one owner per port,
+    docs/design.md): every daemon binds first and prints its port; whoever started them writes
+    the file (atomically) once all are bound.
+    """
+    waiting = [r for r in running if r.config.peers_file is not None]
+    loop = asyncio.get_running_loop()
+    for r in waiting:
+        path = Path(str(r.config.peers_file))
+        deadline = loop.time() + r.config.startup_timeout
+        while not path.exists():
+            if stop.is_set():
+                return
+            if loop.time() > deadline:
+                raise ConfigError(
+                    "peers_file", f"{path} did not appear within {r.config.startup_timeout:.0f}s"
+                )
+            await asyncio.sleep(0.05)
+        try:
+            peers = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError("peers_file", f"cannot read {path}: {exc}") from None
+        if not isinstance(peers, dict):
+            raise ConfigError("peers_file", f"{path} must hold {{id: HOST:PORT}}")
+        for neighbor in r.config.neighbors:
+            address = str(peers.get(neighbor, r.transport.addresses.get(neighbor, "")))
+            _, port = parse_hostport(address, f"peers_file {neighbor}")
+            if port == 0:
+                raise ConfigError("peers_file", f"no address for neighbour {neighbor} in {path}")
+            r.transport.addresses[neighbor] = address
 
 
 def start_metrics(configs: Sequence[NodeConfig], address: str | None) -> PrometheusMetrics | None:
@@ -98,6 +160,7 @@ async def serve(
     try:
         for cfg in configs:
             running.append(await start_agent(cfg, metrics))
+        await wait_for_peers(running, stop)
         runs = [asyncio.create_task(r.agent.run(), name=f"rounds-{r.config.id}") for r in running]
         all_runs = asyncio.gather(*runs, return_exceptions=True)
         stopper = asyncio.ensure_future(stop.wait())
@@ -143,4 +206,7 @@ def run_daemon(
         return asyncio.run(serve(configs, exit_when_done, linger, metrics_listen))
     except OSError as exc:
         print(f"mtl-node: error: listen: {exc}", file=sys.stderr)
+        return 2
+    except MTLError as exc:
+        print(f"mtl-node: error: {exc}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@
   while one of its messages is still being sent.)
 
 Requests themselves are small, so the server also caps received messages (mtl_node.channel).
-``peer_identity`` is the one place that says who a caller is: its transport address until calls
-are authenticated, then the identity its certificate proves.
+``peer_identity`` is the one place that says who a caller is: the identity its certificate proves
+(mutual TLS, the default), or its transport address on an ``--insecure`` server.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from mtl_node import auth
 from mtl_node.config import ServerLimits
 from mtl_node.metrics import AgentObserver
 
@@ -39,8 +40,13 @@ GET_MODEL = "GetModel"
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling, for per-peer limits: the transport peer ("ipv4:127.0.0.1:40512")."""
-    return str(context.peer())
+    """Who is calling, for per-peer limits: the SPIFFE identity its client certificate proves
+    (mutual TLS), else the transport peer ("ipv4:127.0.0.1:40512": one connection, --insecure)."""
+    try:
+        spiffe = auth.peer_identity(context.auth_context())
+    except Exception:  # a certificate without a usable identity: authorization refuses it anyway
+        spiffe = None
+    return str(spiffe) if spiffe is not None else str(context.peer())
 
 
 class LimitExceeded(Exception):

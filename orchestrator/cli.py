@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,16 +62,29 @@ def up(
         typer.Option(
             "--option",
             "-o",
-            help="backend option KEY=VALUE (local: metrics_port; docker: image, agents_per_container; "
+            help="backend option KEY=VALUE (sim: engine=auto|batched|per-agent; local: metrics_port; "
+            "docker: image, agents_per_container; "
             "ssh: ssh_config, remote_command, remote_dir; k8s: image, namespace, kubectl)",
         ),
     ] = None,
     detach: Annotated[bool, typer.Option(help="run in the background; see status/logs/down")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     report: Annotated[bool, typer.Option(help="write plots and report.md at the end")] = True,
+    certs: Annotated[
+        Path | None,
+        typer.Option(help="certificates (mtl-orchestrate certs); default: a new CA in OUT/certs"),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plaintext gRPC, no identities (opt-out)")
+    ] = False,
+    trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
 ) -> None:
-    """Deploy TOPOLOGY, run every rule to the last round, write results and plots."""
+    """Deploy TOPOLOGY, run every rule to the last round, write results and plots.
+
+    Agents talk mutual TLS: with a CA made for the run under OUT/certs, or the certificates in
+    --certs DIR; --insecure runs them on plaintext.
+    """
     from orchestrator.backends import BACKENDS
 
     _setup_logging(log_level)
@@ -98,24 +109,98 @@ def up(
 
     from orchestrator.runner import run_plan
 
+    run_certs = None
+    if backend != "sim":
+        try:
+            run_certs = _run_certs(plan, out, certs, insecure, trust_domain)
+        except MTLError as exc:
+            raise _fail(exc) from None
     typer.echo(
         f"{plan.name}: {len(plan.agents)} agents ({len(plan.agents) - len(plan.normal_ids)} Byzantine), "
         f"{plan.rounds} rounds, rules {', '.join(plan.rules)}, backend {backend} -> {out}"
     )
     options = {**backend_options, **({"processes": processes} if processes else {})} or None
+    from orchestrator.deployment import write_deployment
+    from orchestrator.runner import LostAgents
+
+    # Before any agent starts: status/attach/down work from here even if this process dies.
+    write_deployment(out, backend, options)
     try:
-        summary = run_plan(plan, backend=backend, out=out, show_progress=progress, backend_options=options)
+        summary = run_plan(
+            plan,
+            backend=backend,
+            out=out,
+            show_progress=progress,
+            backend_options=options,
+            certs=run_certs,
+            insecure=insecure,
+        )
     except KeyboardInterrupt:
         typer.echo("interrupted: every agent was stopped", err=True)
         raise typer.Exit(130) from None
+    except LostAgents as exc:
+        typer.echo(f"mtl-orchestrate: error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except MTLError as exc:
         raise _fail(exc) from None
+    _finish(summary, out, report)
+
+
+def _finish(summary: dict[str, Any], out: Path, report: bool) -> None:
     _print_summary(summary)
     if report:
         from orchestrator.report import write_report
 
         written = write_report(out)
         typer.echo(f"report: {', '.join(str(p) for p in written)}")
+
+
+def _run_certs(plan: Any, out: Path, certs: Path | None, insecure: bool, trust_domain: str | None) -> Any:
+    """The run's certificates (orchestrator.tls.RunCerts), or None with --insecure."""
+    from orchestrator.tls import run_certs
+
+    if insecure:
+        if certs is not None:
+            raise ConfigError("--insecure", "given together with --certs", "use one or the other")
+        log.warning("--insecure: agents talk plaintext gRPC without identities")
+        return None
+    return run_certs(out, [a.id for a in plan.agents], certs, trust_domain)
+
+
+@app.command("certs")
+def certs_command(
+    topology: Annotated[Path, typer.Argument(help="topology YAML file (its agents get certificates)")],
+    out: Annotated[Path, typer.Option(help="directory to write the CA, agent and operator files to")],
+    force: Annotated[bool, typer.Option(help="replace certificates that exist")] = False,
+    days: Annotated[float, typer.Option(help="validity of agent and operator certificates, days")] = 365,
+    trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain")] = "resilient-mtl",
+    operator: Annotated[str, typer.Option(help="name in the operator's identity")] = "operator",
+) -> None:
+    """Make a CA, a certificate + key per agent and an operator certificate for TOPOLOGY.
+
+    Files: ca.pem (+ ca.key, to issue more), <id>.pem/<id>.key, operator.pem/operator.key; keys
+    are mode 0600. Identities: spiffe://TRUST_DOMAIN/agent/<id> (with DNS SAN
+    <id>.agent.TRUST_DOMAIN) and spiffe://TRUST_DOMAIN/operator/OPERATOR.
+    """
+    from mtl_node.identity import make_certs
+
+    try:
+        if days <= 0:
+            raise ConfigError("--days", f"{days} is not positive")
+        plan = load_plan(topology, None, None, None)
+        written = make_certs(
+            out,
+            [a.id for a in plan.agents],
+            trust_domain=trust_domain,
+            days=days,
+            force=force,
+            operator=operator,
+        )
+    except MTLError as exc:
+        raise _fail(exc) from None
+    except OSError as exc:
+        raise _fail(ConfigError("--out", f"cannot write {exc.filename}: {exc.strerror}")) from None
+    typer.echo(f"{len(written)} files in {out} (trust domain {trust_domain}, agents {len(plan.agents)})")
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:
@@ -149,13 +234,25 @@ def render(
     ] = 9464,
     processes: Annotated[int | None, typer.Option(help="prometheus, local: the --processes of `up`")] = None,
     scrape_interval: Annotated[str, typer.Option(help="prometheus: scrape interval")] = "15s",
+    certs: Annotated[
+        Path | None, typer.Option(help="certificates (mtl-orchestrate certs); default: a new CA in OUT/certs")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plaintext gRPC, no identities (opt-out)")
+    ] = False,
+    trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
 ) -> None:
-    """Write deployment manifests for TOPOLOGY: a compose project, Kubernetes objects, or a
-    Prometheus scrape config for its agents."""
+    """Write deployment manifests for TOPOLOGY: a compose project or Kubernetes objects.
+
+    With TLS (the default) each agent's certificate and key go into its own Kubernetes Secret, or
+    into OUT/tls/<id>/ for compose; keep OUT private (docs/deployment.md: or let cert-manager
+    issue them).
+    """
     from orchestrator.render import render as render_plan
 
     try:
         plan = load_plan(topology, seed, rounds, None)
+        run_certs = _run_certs(plan, out, certs, insecure, trust_domain)
         rendered = render_plan(
             plan,
             format,
@@ -163,6 +260,7 @@ def render(
             image=image,
             rule=rule,
             namespace=namespace,
+            certs=run_certs,
             backend=backend,
             metrics_port=metrics_port,
             processes=processes,
@@ -175,6 +273,67 @@ def render(
     for path in rendered.files:
         typer.echo(str(path))
     typer.echo(f"deploy with: {rendered.next_step}")
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(metavar="SWEEP", help="sweep YAML file")],
+    out: Annotated[Path, typer.Option(help="results directory (rerun with the same one to resume)")],
+    executor: Annotated[str, typer.Option(help="local (worker processes) or ray")] = "local",
+    workers: Annotated[
+        int | None, typer.Option(help="local: worker processes (default: CPUs); ray: cells in flight")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="ray: cluster address, e.g. 10.0.0.1:6379")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    report: Annotated[bool, typer.Option(help="write heat-maps and report.md at the end")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+) -> None:
+    """Run every cell of a SWEEP grid (tasks x topologies x rules x attacks x fractions x seeds) on
+    the in-process engine; resumable; writes results.csv, heat-maps and report.md."""
+    from orchestrator.sweep.executors import EXECUTORS
+    from orchestrator.sweep.spec import load_sweep
+
+    _setup_logging(log_level)
+    try:
+        EXECUTORS.get(executor, field="--executor")
+        spec = load_sweep(sweep_file)
+    except MTLError as exc:
+        raise _fail(exc) from None
+    from orchestrator.sweep.runner import run_sweep
+
+    cells = spec.cells()
+    typer.echo(f"{spec.name}: {len(cells)} cells, executor {executor} -> {out}")
+    try:
+        outcome = run_sweep(
+            spec, out, executor=executor, workers=workers, address=address, show_progress=progress
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: finished cells are kept in {out}; rerun the same command to resume", err=True
+        )
+        raise typer.Exit(130) from None
+    except MTLError as exc:
+        raise _fail(exc) from None
+    typer.echo(
+        f"{outcome.ran} cells run, {outcome.skipped} already done, {len(outcome.failed)} failed "
+        f"in {outcome.wall_seconds:.1f} s; {len(outcome.table)} rows"
+    )
+    written = list(outcome.written)
+    if report:
+        from orchestrator.sweep.report import write_report
+
+        command = (
+            " ".join(["mtl-orchestrate", "sweep", *sys.argv[2:]])
+            if len(sys.argv) > 2
+            else "mtl-orchestrate sweep"
+        )
+        written += write_report(out, spec, outcome.table, command=command, wall_seconds=outcome.wall_seconds)
+    typer.echo(f"written: {', '.join(str(p) for p in written)}")
+    if outcome.failed:
+        for cell_id, error in list(outcome.failed.items())[:5]:
+            typer.echo(f"cell {cell_id} failed: {error}", err=True)
+        typer.echo(f"{len(outcome.failed)} cells failed; rerun to retry them", err=True)
+        raise typer.Exit(1)
 
 
 def _detach(argv: list[str], out: Path) -> None:
@@ -192,49 +351,35 @@ def _detach(argv: list[str], out: Path) -> None:
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    (out / DEPLOYMENT_FILE).write_text(
-        json.dumps({"pid": proc.pid, "argv": args, "started": time.time()}, indent=1)
-    )
+    from orchestrator.deployment import write_deployment
+
+    write_deployment(out, "detached", {"argv": args}, pid=proc.pid)  # the child rewrites it
     typer.echo(f"started in the background (pid {proc.pid}); results in {out}")
     typer.echo(f"  mtl-orchestrate status {out}   mtl-orchestrate logs {out}   mtl-orchestrate down {out}")
 
 
-def _read_deployment(out: Path) -> dict[str, Any]:
-    path = out / DEPLOYMENT_FILE
-    if not path.exists():
-        raise ConfigError("DIR", f"{path} not found", "give the --out directory of `up --detach`")
-    return json.loads(path.read_text())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours is not alive.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 @app.command()
-def status(out: Annotated[Path, typer.Argument(help="results directory of a detached run")]) -> None:
-    """Show whether a detached run is still going and how far it got."""
+def status(out: Annotated[Path, typer.Argument(help="results directory of a run")]) -> None:
+    """Show whether a run is still going and how far it got (works after `up` died)."""
+    from orchestrator.deployment import orchestrator_alive, read_deployment, running_agents
+
     try:
-        dep = _read_deployment(out)
+        dep = read_deployment(out)
+        agents = running_agents(out)
     except MTLError as exc:
         raise _fail(exc) from None
     progress_path = out / "progress.json"
+    if dep is None and not progress_path.exists():
+        raise _fail(ConfigError("DIR", f"{out} holds no run", "give the --out directory of `up`"))
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-    alive = _alive(dep["pid"])
+    alive = orchestrator_alive(dep)
     state = progress.get("state", "starting")
-    if not alive and state == "running":
-        state = "stopped"
-    typer.echo(f"state: {state} (supervisor pid {dep['pid']} {'running' if alive else 'exited'})")
+    if not alive and state in ("running", "starting"):
+        # Nobody updates progress.json any more: never report a dead run as running.
+        state = "orphaned (orchestrator died; `attach` finishes it, `down` stops it)" if agents else "stopped"
+    pid = dep.get("pid") if dep else "?"
+    typer.echo(f"state: {state} (orchestrator pid {pid} {'running' if alive else 'gone'})")
+    typer.echo(f"agent processes running: {len(agents)}")
     current = progress.get("current")
     if current:
         loss = current["mean_loss"]
@@ -243,6 +388,33 @@ def status(out: Annotated[Path, typer.Argument(help="results directory of a deta
             f"mean loss {'-' if loss is None else f'{loss:.4g}'}, accepted {current['accepted']:.1f}, "
             f"filtered {current['filtered']:.1f}, missing {current['missing']:.1f}"
         )
+    if progress.get("lost_agents"):
+        typer.echo(f"lost agents: {progress['lost_agents']}")
+
+
+@app.command()
+def attach(
+    out: Annotated[Path, typer.Argument(help="results directory of a run whose `up` died")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    report: Annotated[bool, typer.Option(help="write plots and report.md at the end")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+) -> None:
+    """Follow a run to its end and collect it, as if `up` had never died (local backend)."""
+    from orchestrator.deployment import attach as attach_run
+    from orchestrator.runner import LostAgents
+
+    _setup_logging(log_level)
+    try:
+        summary = attach_run(out, show_progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every agent was stopped", err=True)
+        raise typer.Exit(130) from None
+    except LostAgents as exc:
+        typer.echo(f"mtl-orchestrate: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except MTLError as exc:
+        raise _fail(exc) from None
+    _finish(summary, out, report)
 
 
 @app.command()
@@ -264,28 +436,32 @@ def logs(
 
 @app.command()
 def down(
-    out: Annotated[Path, typer.Argument(help="results directory of a detached run")],
+    out: Annotated[Path, typer.Argument(help="results directory of a run")],
     timeout: Annotated[float, typer.Option(help="seconds to wait before killing")] = 20.0,
 ) -> None:
-    """Stop a detached run and every agent it started."""
+    """Stop a run: its orchestrator and every agent process it started, and nothing else.
+
+    A listed pid is signalled only if its start time and command line match the record."""
+    from orchestrator.deployment import orchestrator_alive, read_deployment, running_agents, stop_verified
+
     try:
-        dep = _read_deployment(out)
+        dep = read_deployment(out)
+        if dep is None and not (out / "work").is_dir():
+            raise ConfigError("DIR", f"{out} holds no run", "give the --out directory of `up`")
     except MTLError as exc:
         raise _fail(exc) from None
-    pid = dep["pid"]
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    # Agents whose supervisor died without cleaning up.
-    for pids_file in (out / "work").glob("*/pids.json"):
-        for agent_pid in json.loads(pids_file.read_text()):
-            if _alive(agent_pid):
-                os.kill(agent_pid, signal.SIGKILL)
-    typer.echo(f"stopped {out}")
+    if dep is not None and orchestrator_alive(dep):
+        stop_verified([dep], timeout)  # it stops its own agents on SIGTERM
+    stopped = stop_verified(running_agents(out), timeout)
+    progress_path = out / "progress.json"
+    if progress_path.exists():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("state") in ("running", "starting"):
+            progress["state"] = "stopped"
+            from orchestrator.backends.common import write_atomic
+
+            write_atomic(progress_path, json.dumps(progress))
+    typer.echo(f"stopped {out}" + (f" ({stopped} orphaned agent processes)" if stopped else ""))
 
 
 @app.command()

@@ -28,6 +28,7 @@ class AgentPlan:
     host: str | None = None
     group: int | None = None  # task group (e.g. which target), for colouring plots
     position: tuple[float, float] | None = None  # for drawing the network
+    rule_params: dict[str, Any] = field(default_factory=dict)  # this agent's knobs over the run's
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class RunPlan:
             "task": agent.task,
             "task_params": dict(agent.task_params),
             "rule": rule,
-            "rule_params": dict(self.rule_params),
+            "rule_params": {**self.rule_params, **agent.rule_params},
             "rounds": self.rounds,
             "seed": self.seed,
             "device": agent.device,

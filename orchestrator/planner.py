@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from mtl_node.aggregation.base import RuleParams
-from mtl_node.aggregation.robust import check_topology
+from mtl_node.aggregation.robust import check_neighbourhood, max_f
 from mtl_node.errors import ConfigError
 from orchestrator import graphs
 from orchestrator.plan import AgentPlan, RunPlan
@@ -174,17 +174,35 @@ def plan_topology(spec: Spec) -> RunPlan:
                 host=o.host if o else None,
                 group=group_of[i],
                 position=positions[i] if positions is not None else None,
+                rule_params=dict(o.rule_params) if o else {},
             )
         )
 
     knobs = _rule_params(spec)
-    # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood.
-    check_topology(
-        spec.rule_names,
-        knobs,
-        {a.id: len(a.neighbors) for a in agents if a.role == "normal"},
-        field="rules" if spec.rules is not None else "rule",
-    )
+    # Robust baselines' assumptions (e.g. krum: 2f+3 members) on every normal agent's neighbourhood,
+    # with the agent's own knobs where overrides give it some. An agent given its own f
+    # (overrides.<id>.rule_params.f, e.g. by a sweep's `f: auto`) whose neighbourhood admits no f at
+    # all for a rule is not an error: the rule's run-time fallback keeps its own model (it learns
+    # alone), and the plan says so in a warning.
+    fallback: list[str] = []
+    for agent in agents:
+        if agent.role != "normal":
+            continue
+        own = _agent_rule_params(spec, agent.id, knobs) if agent.rule_params else knobs
+        for i, rule in enumerate(spec.rule_names):
+            cap = max_f(rule, len(agent.neighbors) + 1)
+            if "f" in agent.rule_params and cap is not None and cap < 0:
+                fallback.append(agent.id)
+                continue
+            where = f"rules.{i}" if spec.rules is not None else "rule"
+            check_neighbourhood(rule, own, len(agent.neighbors), agent.id, where)
+    warnings = topology_warnings(agents)
+    if fallback:
+        ids = sorted(set(fallback))
+        warnings.append(
+            f"{_count(ids, 'normal agent')} too few neighbours for {', '.join(spec.rule_names)} with "
+            f"any f and keep their own model: {_list(ids)}"
+        )
     rule_params = knobs.model_dump()
     plan = RunPlan(
         name=spec.name,
@@ -196,7 +214,7 @@ def plan_topology(spec: Spec) -> RunPlan:
         agents=tuple(agents),
         fetch_timeout=spec.fetch_timeout,
         window=spec.window,
-        warnings=tuple(topology_warnings(agents)),
+        warnings=tuple(warnings),
     )
     for w in plan.warnings:
         log.debug("plan %s: %s", spec.name, w)
@@ -299,6 +317,21 @@ def _list(ids: list[str], limit: int = 12) -> str:
     if len(ids) <= limit:
         return ", ".join(ids)
     return ", ".join(ids[:limit]) + f", ... ({len(ids)} in all)"
+
+
+def _agent_rule_params(spec: Spec, agent: str, knobs: RuleParams) -> RuleParams:
+    """The run's knobs with ``overrides.<agent>.rule_params`` over them, validated."""
+    given = spec.overrides[agent].rule_params
+    try:
+        return RuleParams.model_validate({**knobs.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(
+            f"overrides.{agent}.rule_params.{where}",
+            f"{err['msg']} (got {err.get('input')!r})",
+            f"rule parameters: {', '.join(sorted(RuleParams.model_fields))}",
+        ) from None
 
 
 def _rule_params(spec: Spec) -> RuleParams:

@@ -9,11 +9,22 @@ it listens on 0.0.0.0:50051 in its own container/Pod and reaches each neighbour 
 (compose service / Kubernetes Service) on that port. Results go to ``/results/<agent>`` inside
 the container: a named volume with compose, an emptyDir per Pod with Kubernetes (copied out with
 ``kubectl cp`` by the k8s backend, or by hand).
+
+Mutual TLS (given ``certs``): each agent finds its own material under ``/etc/mtl/tls/<id>/`` as
+``ca.crt``, ``tls.crt``, ``tls.key``, the key names of a Kubernetes TLS Secret and of the Secrets
+cert-manager writes, so a cert-manager Certificate can replace the rendered Secret as is
+(docs/deployment.md). With Kubernetes every agent's material is its own Secret; with compose, files
+under ``tls/<id>/`` mounted read-only. Probes cannot present client certificates, so every agent
+also answers grpc.health.v1 (and nothing else) in plaintext on ``HEALTH_PORT``: on 127.0.0.1 in a
+compose service (the image's HEALTHCHECK runs inside the container), on the Pod's IP with
+Kubernetes (the kubelet's gRPC probes).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +36,11 @@ import yaml
 from mtl_node.core.errors import ConfigError
 from mtl_node.core.protocol import AGENT_PORT, SERVICE
 from orchestrator.plan import AgentPlan, RunPlan
+from orchestrator.tls import RunCerts
 
 METRICS_PORT = 9464  # every agent's Prometheus endpoint in its container/Pod (mtl_node.metrics)
+HEALTH_PORT = 8081  # plaintext grpc.health.v1 only, for probes (see the module doc)
+TLS_DIR = "/etc/mtl/tls"
 IMAGE_UID = 10001  # the image's non-root user (deploy/Dockerfile)
 DEFAULT_IMAGE = "resilient-mtl-node:latest"
 DEFAULT_NAMESPACE = "resilient-mtl"
@@ -88,15 +102,64 @@ def pick_rule(plan: RunPlan, rule: str | None) -> str:
     return rule
 
 
-def agent_configs(plan: RunPlan, rule: str, hostnames: dict[str, str]) -> dict[str, dict[str, Any]]:
+def tls_config(agent_id: str, certs: RunCerts | None) -> dict[str, Any]:
+    """An agent's TLS fields inside a container: its files under TLS_DIR, or ``insecure``."""
+    if certs is None:
+        return {"insecure": True}
+    base = f"{TLS_DIR}/{agent_id}"
+    return {
+        "ca": f"{base}/ca.crt",
+        "cert": f"{base}/tls.crt",
+        "key": f"{base}/tls.key",
+        "trust_domain": certs.trust_domain,
+    }
+
+
+def tls_files(agent_id: str, certs: RunCerts) -> dict[str, bytes]:
+    """What goes into an agent's TLS_DIR/<id>/ (a Secret's data, or files to mount)."""
+    return {
+        "ca.crt": certs.ca.read_bytes(),
+        "tls.crt": certs.cert(agent_id).read_bytes(),
+        "tls.key": certs.key(agent_id).read_bytes(),
+    }
+
+
+def write_tls_dir(directory: Path, agent_id: str, certs: RunCerts, owner: int | None) -> Path:
+    """``directory/<id>/`` with the agent's files (key 0600, directory 0700), handed to ``owner``
+    (the container's uid) when given: bind mounts keep the host's ownership."""
+    target = directory / agent_id
+    target.mkdir(parents=True, exist_ok=True)
+    target.chmod(0o700)
+    for name, data in tls_files(agent_id, certs).items():
+        path = target / name
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if name.endswith(".key") else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if owner is not None:
+            os.chown(path, owner, owner)
+    if owner is not None:
+        os.chown(target, owner, owner)
+    return target
+
+
+def agent_configs(
+    plan: RunPlan,
+    rule: str,
+    hostnames: dict[str, str],
+    certs: RunCerts | None = None,
+    health_host: str = "127.0.0.1",
+) -> dict[str, dict[str, Any]]:
     """Each agent's daemon config (NodeConfig fields) for a one-agent-per-container deployment."""
     configs = {}
     for agent in plan.agents:
         data = plan.node_config_data(agent, rule)
         data["listen"] = f"0.0.0.0:{AGENT_PORT}"
         data["metrics_listen"] = f"0.0.0.0:{METRICS_PORT}"
+        data["health_listen"] = f"{health_host}:{HEALTH_PORT}"
         data["neighbors"] = {n: f"{hostnames[n]}:{AGENT_PORT}" for n in agent.neighbors}
         data["results_dir"] = f"/results/{agent.id}"
+        data |= tls_config(agent.id, certs)
         configs[agent.id] = data
     return configs
 
@@ -113,13 +176,18 @@ def _dump_all(docs: list[dict[str, Any]]) -> str:
 
 
 def render_compose(
-    plan: RunPlan, out: Path, *, image: str = DEFAULT_IMAGE, rule: str | None = None
+    plan: RunPlan,
+    out: Path,
+    *,
+    image: str = DEFAULT_IMAGE,
+    rule: str | None = None,
+    certs: RunCerts | None = None,
 ) -> Rendered:
     """``compose.yaml`` (one service per agent on one network, ports published on 127.0.0.1 only)
-    plus ``agents/<id>.yaml`` mounted into each service."""
+    plus ``agents/<id>.yaml`` and (with ``certs``) ``tls/<id>/`` mounted into each service."""
     rule = pick_rule(plan, rule)
     hostnames = agent_hostnames([a.id for a in plan.agents])
-    configs = agent_configs(plan, rule, hostnames)
+    configs = agent_configs(plan, rule, hostnames, certs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "agents").mkdir(exist_ok=True)
     files: list[Path] = []
@@ -142,10 +210,20 @@ def render_compose(
             "volumes": [
                 f"./agents/{agent.id}.yaml:/etc/mtl/agent.yaml:ro",
                 "results:/results",
+                *([f"./tls/{agent.id}:{TLS_DIR}/{agent.id}:ro"] if certs else []),
             ],
+            "environment": {"MTL_HEALTH_ADDRESSES": f"127.0.0.1:{HEALTH_PORT}"},
             "stop_grace_period": "10s",
+            # Crash-only: a crashed agent is started again and resumes from /results/<id>/state
+            # (the named volume outlives the container); a clean exit is not restarted.
+            "restart": "on-failure",
             "init": False,  # the image's entrypoint is tini already
         }
+    if certs is not None:
+        # The image's user must read its key: hand the files to it when we can (as root).
+        owner = IMAGE_UID if os.geteuid() == 0 else None
+        for agent in plan.agents:
+            files.extend(sorted(write_tls_dir(out / "tls", agent.id, certs, owner).iterdir()))
     compose = {
         # "3.8" keeps docker-compose v1 happy; Compose v2 ignores the version.
         "version": "3.8",
@@ -174,12 +252,16 @@ def render_k8s(
     rule: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
     pull_policy: str = "IfNotPresent",
+    certs: RunCerts | None = None,
 ) -> Rendered:
-    """A Namespace, one ConfigMap (the plan and every agent's config), one Service + Pod per agent.
+    """A Namespace, one ConfigMap (the plan and every agent's config), one Service + Pod per agent,
+    and with ``certs`` one TLS Secret per agent (its key is in no other object).
 
-    Pods, not a Deployment or StatefulSet: every agent has its own config, and an agent that
-    dies stays dead (restartPolicy Never), as a failed device would; a restarted agent would
-    start again at round 1 while its neighbours are far ahead.
+    Pods, not a Deployment or StatefulSet: every agent has its own config. A crashed agent's
+    container is restarted in its Pod (restartPolicy OnFailure) and resumes from its state in
+    /results/<id>/state, an emptyDir, which lives as long as the Pod and so survives container
+    restarts (crash-only, DESIGN §5). A deleted or evicted Pod loses it, as a device that lost its
+    disk would.
     """
     rule = pick_rule(plan, rule)
     if not _NAMESPACE.match(namespace):
@@ -187,7 +269,7 @@ def render_k8s(
             "--namespace", f"{namespace!r} is not a valid namespace", "lowercase letters, digits, '-'"
         )
     hostnames = agent_hostnames([a.id for a in plan.agents], prefix="mtl-")
-    configs = agent_configs(plan, rule, hostnames)
+    configs = agent_configs(plan, rule, hostnames, certs, health_host="0.0.0.0")
     run = dns_label(plan.name)
     labels = {APP_LABEL: "resilient-mtl", RUN_LABEL: run}
     data = {f"{a}.yaml": _dump(c) for a, c in configs.items()}
@@ -206,7 +288,16 @@ def render_k8s(
     }
     services = [_service(agent, hostnames[agent.id], namespace, labels) for agent in plan.agents]
     pods = [
-        _pod(agent, hostnames[agent.id], namespace, labels, image, pull_policy, configmap_name)
+        _pod(
+            agent,
+            hostnames[agent.id],
+            namespace,
+            labels,
+            image,
+            pull_policy,
+            configmap_name,
+            certs is not None,
+        )
         for agent in plan.agents
     ]
     out.mkdir(parents=True, exist_ok=True)
@@ -218,12 +309,39 @@ def render_k8s(
         "20-services.yaml": _dump_all(services),
         "30-pods.yaml": _dump_all(pods),
     }
+    if certs is not None:
+        secrets = [_secret(agent, hostnames[agent.id], namespace, labels, certs) for agent in plan.agents]
+        written["15-secrets.yaml"] = _dump_all(secrets)
     files = []
-    for name, text in written.items():
+    for name, text in sorted(written.items()):
         path = out / name
         path.write_text(text)
+        if name == "15-secrets.yaml":
+            path.chmod(0o600)  # private keys
         files.append(path)
     return Rendered(files, f"kubectl apply -f {out}")
+
+
+def secret_name(hostname: str) -> str:
+    return f"{hostname}-tls"[:63]
+
+
+def _secret(
+    agent: AgentPlan, name: str, namespace: str, labels: dict[str, str], certs: RunCerts
+) -> dict[str, Any]:
+    """The agent's certificate, key and CA as a kubernetes.io/tls Secret (cert-manager's layout)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {
+            "name": secret_name(name),
+            "namespace": namespace,
+            "labels": {**labels, AGENT_LABEL: name},
+            "annotations": {"resilient-mtl.io/agent-id": agent.id},
+        },
+        "data": {k: base64.b64encode(v).decode() for k, v in tls_files(agent.id, certs).items()},
+    }
 
 
 def _service(agent: AgentPlan, name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -248,8 +366,16 @@ def _pod(
     image: str,
     pull_policy: str,
     configmap: str,
+    tls: bool = False,
 ) -> dict[str, Any]:
-    probe = {"grpc": {"port": AGENT_PORT, "service": HEALTH_SERVICE}}
+    # The kubelet's gRPC probes speak plaintext without client certificates: they ask the
+    # health-only port (agent_configs' health_listen), never the agent's mTLS port.
+    probe = {"grpc": {"port": HEALTH_PORT, "service": HEALTH_SERVICE}}
+    tls_mount = [{"name": "tls", "mountPath": f"{TLS_DIR}/{agent.id}", "readOnly": True}] if tls else []
+    tls_volume = (
+        # 0440 with fsGroup: readable by the agent's user only.
+        [{"name": "tls", "secret": {"secretName": secret_name(name), "defaultMode": 0o440}}] if tls else []
+    )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -267,7 +393,7 @@ def _pod(
             },
         },
         "spec": {
-            "restartPolicy": "Never",
+            "restartPolicy": "OnFailure",
             "enableServiceLinks": False,
             "securityContext": {
                 "runAsNonRoot": True,
@@ -284,9 +410,10 @@ def _pod(
                     "args": ["serve", "--config", "/etc/mtl/agent.yaml"],
                     "ports": [
                         {"name": "grpc", "containerPort": AGENT_PORT, "protocol": "TCP"},
+                        {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
                         {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
                     ],
-                    "env": [{"name": "MTL_HEALTH_ADDRESSES", "value": f"127.0.0.1:{AGENT_PORT}"}],
+                    "env": [{"name": "MTL_HEALTH_ADDRESSES", "value": f"127.0.0.1:{HEALTH_PORT}"}],
                     # torch's import takes a while on small devices: the startup probe covers it.
                     "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},
                     "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
@@ -307,6 +434,7 @@ def _pod(
                     "volumeMounts": [
                         {"name": "config", "mountPath": "/etc/mtl", "readOnly": True},
                         {"name": "results", "mountPath": "/results"},
+                        *tls_mount,
                     ],
                 }
             ],
@@ -319,6 +447,7 @@ def _pod(
                     },
                 },
                 {"name": "results", "emptyDir": {}},
+                *tls_volume,
             ],
         },
     }
@@ -407,6 +536,7 @@ def render(
     image: str = DEFAULT_IMAGE,
     rule: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
+    certs: RunCerts | None = None,
     backend: str = "local",
     metrics_port: int = METRICS_PORT,
     processes: int | None = None,
@@ -423,7 +553,7 @@ def render(
             scrape_interval=scrape_interval,
         )
     if fmt == "compose":
-        return render_compose(plan, out, image=image, rule=rule)
+        return render_compose(plan, out, image=image, rule=rule, certs=certs)
     if fmt == "k8s":
-        return render_k8s(plan, out, image=image, rule=rule, namespace=namespace)
+        return render_k8s(plan, out, image=image, rule=rule, namespace=namespace, certs=certs)
     raise ConfigError("--format", f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")

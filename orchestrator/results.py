@@ -276,13 +276,24 @@ def _read_columns(path: Path, required: Sequence[str]) -> tuple[list[str], dict[
             lacking = [c for c in required if c not in header]
             if lacking:
                 raise ConfigError(str(path), f"header lacks column(s) {', '.join(lacking)}")
-            rows = [r for r in reader if r]
+            width = len(header)
+            rows = []
+            for r in reader:
+                if not r:
+                    continue
+                if len(r) != width:
+                    # A line torn by a crash (or damaged): say so and keep every other row.
+                    log.warning(
+                        "%s:%d: has %d fields, the header has %d; row skipped",
+                        path,
+                        reader.line_num,
+                        len(r),
+                        width,
+                    )
+                    continue
+                rows.append(r)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ConfigError(str(path), f"cannot be read: {exc}") from exc
-    width = len(header)
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise ConfigError(f"{path}:{i + 2}", f"has {len(r)} fields, the header has {width}")
     transposed = list(zip(*rows, strict=True)) if rows else [() for _ in header]
     columns = {name: list(col) for name, col in zip(header, transposed, strict=True)}
     return header, columns

@@ -15,8 +15,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from mtl_node.errors import MTLError
 from orchestrator.backends import BACKENDS, Progress, RunContext
 from orchestrator.plan import RunPlan
+from orchestrator.tls import RunCerts
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,38 @@ class ProgressFile:
         tmp.replace(self.path)
 
 
+class LostAgents(MTLError):
+    """Agents died during the run and were not recovered: the run's results are incomplete."""
+
+    def __init__(self, lost: dict[str, list[str]]) -> None:
+        self.lost = lost
+        where = "; ".join(f"rule {rule}: {', '.join(ids)}" for rule, ids in lost.items())
+        super().__init__(f"agents died and were not recovered ({where}); their rows stop where they died")
+
+
+def finish_run(
+    out: Path,
+    writer: Any,
+    progress_file: ProgressFile,
+    *,
+    backend: str,
+    wall: float,
+    lost: dict[str, list[str]],
+) -> dict[str, Any]:
+    """Write summary.json (with ``lost_agents`` when some died unrecovered) and the final progress
+    state; raise LostAgents after writing if any agent was lost. Shared by ``up`` and ``attach``."""
+    from orchestrator.results import write_summary_file
+
+    summary = writer.write_summary(backend=backend, wall_seconds=wall)
+    if lost:
+        summary["lost_agents"] = lost
+        write_summary_file(writer.summary_path, summary)
+        progress_file.finish("failed", wall_seconds=wall, lost_agents=lost)
+        raise LostAgents(lost)
+    progress_file.finish("done", wall_seconds=wall)
+    return summary
+
+
 def run_plan(
     plan: RunPlan,
     *,
@@ -66,16 +100,26 @@ def run_plan(
     show_progress: bool = True,
     backend_options: dict[str, Any] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    certs: RunCerts | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
-    """Run every rule of ``plan`` on ``backend``; write the results directory; return the summary."""
+    """Run every rule of ``plan`` on ``backend``; write the results directory; return the summary.
+
+    Agents of real backends talk mutual TLS with ``certs``, or with a CA made for the run in
+    ``out/certs`` when none are given, unless ``insecure``.
+    """
     from orchestrator.results import ResultsWriter
+    from orchestrator.tls import run_certs
 
     backend_impl = BACKENDS.get(backend, field="--backend")()
     out.mkdir(parents=True, exist_ok=True)
+    if certs is None and not insecure and backend != "sim":
+        certs = run_certs(out, [a.id for a in plan.agents], None, None)
     writer = ResultsWriter(directory=out, plan=plan)
     progress_file = ProgressFile(out / "progress.json", plan.rules)
     started = time.perf_counter()
     bar = _ProgressBar(plan) if show_progress else None
+    lost: dict[str, list[str]] = {}
     try:
         with bar or nullcontext():
             for rule in plan.rules:
@@ -88,11 +132,17 @@ def run_plan(
                         on_progress(p)
 
                 ctx = RunContext(
-                    rule=rule, workdir=out / "work" / rule, progress=sink, options=backend_options
+                    rule=rule,
+                    workdir=out / "work" / rule,
+                    progress=sink,
+                    options=backend_options,
+                    certs=certs,
                 )
                 output = backend_impl.run(plan, ctx)
                 writer.add_metrics(output.metrics)
                 writer.add_decisions(output.decisions)
+                if ctx.lost:
+                    lost[rule] = sorted(ctx.lost)
     except KeyboardInterrupt:
         progress_file.finish("stopped")
         raise
@@ -100,9 +150,7 @@ def run_plan(
         progress_file.finish("failed")
         raise
     wall = time.perf_counter() - started
-    summary = writer.write_summary(backend=backend, wall_seconds=wall)
-    progress_file.finish("done", wall_seconds=wall)
-    return summary
+    return finish_run(out, writer, progress_file, backend=backend, wall=wall, lost=lost)
 
 
 class _ProgressBar(AbstractContextManager["_ProgressBar"]):

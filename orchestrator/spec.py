@@ -256,6 +256,9 @@ class OverrideSpec(_Model):
     device: str | None = Field(None, description="cpu, cuda or cuda:N")
     host: str | None = Field(None, description="where the agent runs (ssh/k8s backends)")
     task_params: dict[str, Any] = Field(default_factory=dict)
+    rule_params: dict[str, Any] = Field(
+        default_factory=dict, description="this agent's rule knobs over the run's (e.g. its own f)"
+    )
 
     @field_validator("device")
     @classmethod

@@ -6,7 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,6 +137,16 @@ class Rule(ABC):
     @abstractmethod
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         """``candidates[0]`` is the agent itself; it is always present."""
+
+    # -- crash-only state hooks (mtl_node/state.py): JSON-able, stateless rules keep the default --
+
+    def state(self) -> dict[str, Any]:
+        """The running state a resumed agent needs to continue exactly (e.g. EMA per neighbour)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``state()`` returned."""
+        return None  # stateless by default
 
 
 RULES: Registry[type[Rule]] = Registry("rule", names.RULES)

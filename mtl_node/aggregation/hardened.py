@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +85,14 @@ class LossFilteredClipped(LossFiltered):
     def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params)
         self.step: float | None = None  # EMA of the squared own step
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "step": self.step}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        step = state.get("step")
+        self.step = None if step is None else float(step)
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         own = candidates[0]

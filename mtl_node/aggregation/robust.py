@@ -37,7 +37,7 @@ with weight 1/n and says in the reason when a pull was clipped.
 
 The maths lives in ``mtl_node.kernels.robust``, written once over batches of neighbourhoods
 (``(rows, slots, dim)`` arrays and a ``present`` mask), so that the vectorized engine
-(mtl_node/batched.py) runs the very same kernels on every agent at once; a rule here calls them
+(mtl_node/batched/) runs the very same kernels on every agent at once; a rule here calls them
 with one row and turns the result into decisions (reasons from ``mtl_node.kernels.decisions``).
 """
 

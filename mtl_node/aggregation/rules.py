@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,12 @@ class _EmaRule(Rule):
     def score(self, c: Candidate) -> float | None:
         raise NotImplementedError
 
+    def state(self) -> dict[str, Any]:
+        return {"ema": dict(self.ema)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.ema = {str(k): float(v) for k, v in state.get("ema", {}).items()}
+
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         own = candidates[0]
         own_score = self.score(own)
@@ -62,17 +69,18 @@ class _EmaRule(Rule):
         p = self.params
         ids = [c.agent_id for c in candidates]
         scores = [self.score(c) if c.present else None for c in candidates]
-        step = ema_step(
-            np.array([[NAN if v is None else v for v in scores]], dtype=np.float64),
-            np.array([[c.present for c in candidates]]),
-            np.array([[self.ema.get(a, NAN) for a in ids]], dtype=np.float64),
-            np.array([[a in self.ema for a in ids]]),
-            nu=np.array([[p.nu]]),
-            ema_init=np.array([[NAN if p.ema_init is None else p.ema_init]]),
-            floor=np.array([[p.floor]]),
-            filtering=np.array([[self.filtered]]),
-            cooperating=np.array([True]),
-        )
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            step = ema_step(
+                np.array([[NAN if v is None else v for v in scores]], dtype=np.float64),
+                np.array([[c.present for c in candidates]]),
+                np.array([[self.ema.get(a, NAN) for a in ids]], dtype=np.float64),
+                np.array([[a in self.ema for a in ids]]),
+                nu=np.array([[p.nu]]),
+                ema_init=np.array([[NAN if p.ema_init is None else p.ema_init]]),
+                floor=np.array([[p.floor]]),
+                filtering=np.array([[self.filtered]]),
+                cooperating=np.array([True]),
+            )
         ema, updated, worse = step.ema[0].tolist(), step.updated[0].tolist(), step.worse[0].tolist()
         weights_row = step.weights[0].tolist()
         for s, agent in enumerate(ids):

@@ -47,19 +47,20 @@ def ema_step(
 
     ``score``, ``present``, ``ema``, ``seen``: (rows, slots); ``nu``, ``ema_init`` (NaN: start at the
     first observation), ``floor``, ``filtering`` (bool): (rows, 1); ``cooperating``: (rows,) bool.
+    Overflow and NaN are legitimate inputs (crafted models): call it under
+    ``np.errstate(over="ignore", invalid="ignore", divide="ignore")`` to keep numpy quiet.
     """
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        finite = np.isfinite(score)
-        updated = present & finite & cooperating[:, None]
-        prev = np.where(seen, ema, ema_init)
-        first = np.isnan(ema_init) & ~seen
-        new = np.where(first, score, (1.0 - nu) * prev + nu * score)
-        ema = np.where(updated, new, ema)
-        seen = seen | updated
-        worse = filtering & (ema > ema[:, :1])  # ties are accepted
-        kept = updated & ~worse
-        # Scaled by the row's smallest kept average so that no inverse overflows.
-        scale = np.maximum(np.where(kept, ema, np.inf).min(axis=1, keepdims=True), floor)
-        inverse = np.where(kept, scale / np.maximum(ema, floor), 0.0)
-        weights = inverse / inverse.sum(axis=1, keepdims=True).clip(min=np.finfo(float).tiny)
+    finite = np.isfinite(score)
+    updated = present & finite & cooperating[:, None]
+    prev = np.where(seen, ema, ema_init)
+    first = np.isnan(ema_init) & ~seen
+    new = np.where(first, score, (1.0 - nu) * prev + nu * score)
+    ema = np.where(updated, new, ema)
+    seen = seen | updated
+    worse = filtering & (ema > ema[:, :1])  # ties are accepted
+    kept = updated & ~worse
+    # Scaled by the row's smallest kept average so that no inverse overflows.
+    scale = np.maximum(np.where(kept, ema, np.inf).min(axis=1, keepdims=True), floor)
+    inverse = np.where(kept, scale / np.maximum(ema, floor), 0.0)
+    weights = inverse / inverse.sum(axis=1, keepdims=True).clip(min=np.finfo(float).tiny)
     return EmaStep(ema, seen, updated, worse & updated, kept, weights)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +54,12 @@ class Task(ABC):
     def adapt(self, model: StateDict, round_: int) -> StateDict:
         """psi = local update of ``model`` on the agent's data of ``round_`` (must not mutate it)."""
 
+    def detached(self) -> AbstractContextManager[None]:
+        """A context in which ``adapt`` leaves no trace on the agent's own training state (optimizer
+        moments and the like), for attacks that train extra copies of the model (low-loss). Tasks
+        whose ``adapt`` keeps no state need not override it."""
+        return nullcontext()
+
     @abstractmethod
     def losses(self, models: Sequence[StateDict], round_: int) -> list[float]:
         """Loss of each model on the agent's own data of ``round_``, as used for scoring."""
@@ -60,6 +67,18 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: StateDict, round_: int) -> Metrics:
         """Metrics of the agent's combined model after ``round_``."""
+
+    # -- crash-only state hooks (mtl_node/state.py) ----------------------------------------------
+    # Data streams need nothing here: they are keyed by (seed, agent, round), so the round counter
+    # is their position. A task with state that outlives a round (optimizer moments) returns it.
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able part, tensors) a resumed agent needs to continue exactly."""
+        return {}, {}
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state()`` returned."""
+        return None  # stateless by default
 
 
 class TaskRegistry(Registry[type[Task]]):

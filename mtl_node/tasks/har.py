@@ -49,7 +49,7 @@ class HarParams(TorchTaskParams):
     )
 
 
-@TASKS.register("har", "human activity recognition: linear softmax on 561 features, 6 classes (paper 7.2)")
+@TASKS.register("har")
 class HumanActivityRecognition(TorchTask):
     name = "har"
     Params = HarParams

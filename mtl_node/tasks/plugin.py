@@ -141,6 +141,10 @@ class FactoryTask(TorchTask):
     def accuracy(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         return super().accuracy(outputs, targets) if self.definition.classification else None
 
+    @property
+    def classifies(self) -> bool:  # type: ignore[override]
+        return self.definition.classification
+
 
 def load_task(spec: str, field: str = "task") -> type[Task]:
     """The Task class behind ``module:factory`` (cached); raises ConfigError naming ``field``."""

@@ -32,11 +32,13 @@ What it settles once for every such task:
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -110,6 +112,7 @@ class TorchTask(Task):
     """A task defined by a module, a train split and a test split; see the module docstring."""
 
     Params = TorchTaskParams
+    classifies: ClassVar[bool] = True  # targets are class indices (adapt_flipped, test accuracy)
 
     def __init__(self, ctx: TaskContext, params: BaseModel) -> None:
         super().__init__(ctx, params)
@@ -124,7 +127,11 @@ class TorchTask(Task):
         self.module: nn.Module = module.to(ctx.device)
         self._live = dict(self.module.state_dict())  # aliases of the module's tensors
         self.names = list(self._live)
+        # The initial weights, kept: the live module's tensors change with every adapt, and
+        # init_model() is also asked later (label-flip starts its own trajectory from it).
+        self._init = {name: t.detach().clone() for name, t in self._live.items()}
         self.optimizer = self._make_optimizer()
+        self._flip_optimizer: torch.optim.Optimizer | None = None  # label-flip's own trajectory
         self._perms: dict[int, np.ndarray] = {}
         self._batches: tuple[int, list[torch.Tensor]] | None = None
         self._scoring: tuple[int, torch.Tensor] | None = None
@@ -151,19 +158,46 @@ class TorchTask(Task):
     # -- Task interface --------------------------------------------------------------------------
 
     def init_model(self) -> StateDict:
-        return {name: t.detach().clone() for name, t in self._live.items()}
+        return {name: t.clone() for name, t in self._init.items()}
 
     def adapt(self, model: StateDict, round_: int) -> StateDict:
+        return self._train(model, round_, self.optimizer, flip=False)
+
+    def adapt_flipped(self, model: StateDict, round_: int) -> StateDict:
+        """``adapt`` on the same batches with every label y replaced by C - 1 - y (C = the model's
+        output width), for the label-flip attack. Its trajectory has its own optimizer (its own Adam
+        moments), so it never disturbs the agent's honest training."""
+        if not self.classifies:
+            raise ValueError(f"{self.name}: adapt_flipped needs a classification task")
+        if self._flip_optimizer is None:
+            self._flip_optimizer = self._make_optimizer()
+        return self._train(model, round_, self._flip_optimizer, flip=True)
+
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """Training inside leaves the optimizer's state (Adam moments, step counts) as it was."""
+        saved = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            yield
+        finally:
+            self.optimizer.load_state_dict(saved)
+
+    def _train(
+        self, model: StateDict, round_: int, optimizer: torch.optim.Optimizer, flip: bool
+    ) -> StateDict:
         if not self.trains_in(round_):
             return {name: t.detach().clone() for name, t in model.items()}
         self._load(model)
         self.module.train()
         for idx in self._round_batches(round_):
             x, y = self.train.x[idx], self.train.y[idx]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.module(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            outputs = self.module(x)
+            if flip:
+                y = outputs.shape[-1] - 1 - y
+            loss = self.loss_fn(outputs, y)
             loss.backward()
-            self.optimizer.step()
+            optimizer.step()
         return {name: t.detach().clone() for name, t in self._live.items()}
 
     def losses(self, models: Sequence[StateDict], round_: int) -> list[float]:
@@ -250,6 +284,32 @@ class TorchTask(Task):
                 acc = self.accuracy(out, y)
                 correct = None if acc is None or correct is None else correct + float(acc) * len(y)
         return total_loss / n, None if correct is None else correct / n
+
+    # -- crash-only state: the optimizer's moments and step counts -------------------------------
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        sd = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in sd["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        meta = {"param_groups": sd["param_groups"], "scalars": scalars, "vmap_ok": self._vmap_ok}
+        return meta, tensors
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        entries: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            _, index, key = name.split("/", 2)
+            entries.setdefault(int(index), {})[key] = value
+        for index, values in meta.get("scalars", {}).items():
+            entries.setdefault(int(index), {}).update(values)
+        if "param_groups" in meta:
+            self.optimizer.load_state_dict({"state": entries, "param_groups": meta["param_groups"]})
+        self._vmap_ok = bool(meta.get("vmap_ok", True))
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mtl_node.registry import Registry
 from orchestrator.plan import RunPlan
+
+if TYPE_CHECKING:
+    from orchestrator.tls import RunCerts
 
 Row = dict[str, Any]
 
@@ -43,6 +46,10 @@ class RunContext:
     progress: ProgressSink
     record_decisions: bool = True
     options: dict[str, Any] | None = None  # backend-specific knobs (e.g. agents_per_process)
+    # Agents whose process/container died and was not recovered (filled in by ``follow``): the run
+    # then fails naming them (summary.json records them too).
+    lost: set[str] = field(default_factory=set)
+    certs: RunCerts | None = None  # mutual TLS material; None only with --insecure
 
 
 @dataclass

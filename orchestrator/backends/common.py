@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import os
 import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,10 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mtl_node.channel import SERVICE, create_sync_channel
 from mtl_node.errors import ConfigError, MTLError
+from mtl_node.identity import agent_id as spiffe_agent
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from orchestrator.backends.base import Progress, Row, RunContext, RunOutput
 from orchestrator.plan import RunPlan
+from orchestrator.tls import RunCerts
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,22 @@ def int_option(options: Mapping[str, Any], key: str, default: int, minimum: int 
     return number
 
 
+def agent_channel(agent: str, address: str, certs: RunCerts | None) -> grpc.Channel:
+    """A channel to ``agent`` as the operator: mutual TLS checking that it is that agent, or
+    plaintext for an ``--insecure`` run."""
+    if certs is None:
+        return create_sync_channel(address, tls=None)
+    return create_sync_channel(
+        address, tls=certs.operator, expected_identity=spiffe_agent(agent, certs.trust_domain)
+    )
+
+
 def wait_healthy(
-    addresses: Mapping[str, str], timeout: float, alive: AliveAgents | None = None, what: str = "agent"
+    addresses: Mapping[str, str],
+    timeout: float,
+    alive: AliveAgents | None = None,
+    what: str = "agent",
+    certs: RunCerts | None = None,
 ) -> None:
     """Until every agent's grpc.health.v1 says SERVING for ``mtl.v1.Node``.
 
@@ -80,7 +97,7 @@ def wait_healthy(
         for agent_id, address in list(pending.items()):
             if agent_id not in running:
                 raise DeploymentError(f"{agent_id}: its {what} exited before serving")
-            with create_sync_channel(address) as channel:
+            with agent_channel(agent_id, address, certs) as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service=SERVICE), timeout=min(RPC_TIMEOUT_S, 2.0)
@@ -108,7 +125,7 @@ def follow(plan: RunPlan, ctx: RunContext, addresses: Mapping[str, str], alive: 
     An agent whose process/container is gone counts as finished (its neighbours carry on without
     it); only losing every agent is an error.
     """
-    channels = {a: create_sync_channel(addr) for a, addr in addresses.items()}
+    channels = {a: agent_channel(a, addr, ctx.certs) for a, addr in addresses.items()}
     stubs = {a: pb_grpc.NodeStub(ch) for a, ch in channels.items()}
     normal = set(plan.normal_ids)
     finished: set[str] = set()
@@ -122,8 +139,9 @@ def follow(plan: RunPlan, ctx: RunContext, addresses: Mapping[str, str], alive: 
                 if agent_id in finished:
                     continue
                 if agent_id not in running:
-                    log.warning("%s: its process exited; giving up on it", agent_id)
+                    log.warning("%s: its process exited and was not restarted; giving up on it", agent_id)
                     finished.add(agent_id)
+                    ctx.lost.add(agent_id)
                     continue
                 try:
                     st = stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
@@ -178,15 +196,66 @@ def collect(plan: RunPlan, ctx: RunContext) -> RunOutput:
 
 
 def read_jsonl(path: Path) -> list[Row]:
+    """Every row of a JSON-lines file. A line that is not a JSON object (torn by a crash, or
+    damaged) is reported with its file:line and skipped; the rows after it are kept."""
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a crash: keep everything before it
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                log.warning("%s:%d: unreadable row skipped (%s)", path, number, exc.msg)
+                continue
+            if not isinstance(row, dict):
+                log.warning("%s:%d: row is not a JSON object; skipped", path, number)
+                continue
+            rows.append(row)
     return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def process_record(pid: int) -> dict[str, Any]:
+    """pid, start time and command line of a process we started: ``down`` signals a listed pid
+    only if all three still match (a pid may have been reused by an unrelated process)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return {"pid": pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
+    except psutil.Error:
+        return {"pid": pid, "create_time": None, "cmdline": []}
+
+
+def is_same_process(record: Mapping[str, Any]) -> bool:
+    """Whether the process ``record`` (process_record) describes is still running as that
+    process: same pid, same start time, same command line, not a zombie."""
+    import psutil
+
+    pid = record.get("pid")
+    if not isinstance(pid, int) or record.get("create_time") is None:
+        return False
+    try:
+        p = psutil.Process(pid)
+        return (
+            abs(p.create_time() - float(record["create_time"])) < 0.01
+            and p.cmdline() == list(record.get("cmdline", []))
+            and p.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False
 
 
 RESULT_FILES = ("metrics.jsonl", "decisions.jsonl")

@@ -9,7 +9,10 @@ agents into one ``mtl-node serve-many`` container (each still with its own port)
 The backend creates a user-defined bridge network, starts the containers on it (agents reach each
 other by network alias, ``<agent>:50051``), and talks to them only through ports published on
 127.0.0.1. Each container's ``/results`` is a directory of this run's work directory, so the
-agents' metrics.jsonl / decisions.jsonl are read back like the local backend's. Containers and
+agents' metrics.jsonl / decisions.jsonl are read back like the local backend's. Each agent's
+certificate and key (from the run's CA) are mounted read-only at ``/etc/mtl/tls/<id>/``, owned by
+the container's user; the image's HEALTHCHECK asks the plaintext health-only port on the
+container's loopback (``health_listen``), since it has no client certificate. Containers and
 network carry the label ``org.resilient-mtl.run=<run id>`` and are removed on completion, error
 or Ctrl-C; ``docker rm -f $(docker ps -aq --filter label=org.resilient-mtl.run)`` clears any left
 by a supervisor that was killed.
@@ -39,7 +42,15 @@ from orchestrator.backends.common import (
     wait_healthy,
 )
 from orchestrator.plan import RunPlan
-from orchestrator.render import DEFAULT_IMAGE, IMAGE_UID, agent_hostnames
+from orchestrator.render import (
+    DEFAULT_IMAGE,
+    HEALTH_PORT,
+    IMAGE_UID,
+    TLS_DIR,
+    agent_hostnames,
+    tls_config,
+    write_tls_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +60,7 @@ AGENTS_LABEL = "org.resilient-mtl.agents"
 START_TIMEOUT_S = 300.0  # containers import torch concurrently; a small machine needs a while
 DOCKER_TIMEOUT_S = 120.0  # any single docker CLI call
 STOP_GRACE_S = 10
-OPTIONS = ("image", "agents_per_container", "docker")
+OPTIONS = ("image", "agents_per_container", "docker", "max_restarts")
 
 
 def image_name(options: dict[str, Any]) -> str:
@@ -147,7 +158,7 @@ class DockerBackend(Backend):
                 return {a for c in containers if _cname(run_id, c) in running for a in c.agents}
 
             try:
-                wait_healthy(published, START_TIMEOUT_S, alive, what="container")
+                wait_healthy(published, START_TIMEOUT_S, alive, what="container", certs=ctx.certs)
             except DeploymentError as exc:
                 raise DeploymentError(f"{exc}\n{_logs_tail(docker, run_id, containers, alive())}") from None
             follow(plan, ctx, published, alive)
@@ -170,13 +181,21 @@ class DockerBackend(Backend):
         inside: dict[str, str],
     ) -> None:
         agents = []
+        health = {a: HEALTH_PORT + i for i, a in enumerate(c.agents)}
+        tls_mounts: list[str] = []
         for agent_id in c.agents:
             agent = plan.agent(agent_id)
             data = plan.node_config_data(agent, ctx.rule)
             data["listen"] = f"0.0.0.0:{c.ports[agent_id]}"
+            data["health_listen"] = f"127.0.0.1:{health[agent_id]}"
             data["neighbors"] = {n: inside[n] for n in agent.neighbors}
             data["results_dir"] = f"/results/{agent_id}"
+            data |= tls_config(agent_id, ctx.certs)
             agents.append(data)
+            if ctx.certs is not None:
+                owner = IMAGE_UID if user is None else None  # as root: the image's user reads it
+                directory = write_tls_dir(ctx.workdir / "tls", agent_id, ctx.certs, owner)
+                tls_mounts += ["--volume", f"{directory.resolve()}:{TLS_DIR}/{agent_id}:ro"]
         config = ctx.workdir / f"{c.name}.json"
         config.write_text(json.dumps({"agents": agents}, indent=1))
         config.chmod(0o644)
@@ -194,11 +213,16 @@ class DockerBackend(Backend):
             "--label",
             f"{AGENTS_LABEL}={','.join(c.agents)}",
             "--env",
-            "MTL_HEALTH_ADDRESSES=" + " ".join(f"127.0.0.1:{c.ports[a]}" for a in c.agents),
+            "MTL_HEALTH_ADDRESSES=" + " ".join(f"127.0.0.1:{health[a]}" for a in c.agents),
             "--volume",
             f"{config.resolve()}:/etc/mtl/agents.json:ro",
             "--volume",
             f"{(ctx.workdir / 'agents').resolve()}:/results",
+            # Crash-only: a crashed container is started again and its agents resume from
+            # /results/<id>/state (a host directory, so it outlives the container).
+            "--restart",
+            f"on-failure:{int_option(ctx.options or {}, 'max_restarts', 5, minimum=0)}",
+            *tls_mounts,
         ]
         for agent_id in c.agents:
             args += ["--network-alias", hostnames[agent_id], "--publish", f"127.0.0.1::{c.ports[agent_id]}"]

@@ -1,9 +1,10 @@
 """``k8s``: one Pod + Service per agent on a Kubernetes cluster, applied with ``kubectl``.
 
 The objects are exactly what ``mtl-orchestrate render --format k8s`` writes (orchestrator.render):
-a ConfigMap holding the plan and every agent's config, and per agent a Service (its stable DNS
-name) and a Pod running the node image with gRPC startup/readiness/liveness probes against
-``grpc.health.v1``. The backend applies them with the user's kubectl context, waits until every
+a ConfigMap holding the plan and every agent's config, and per agent a TLS Secret (its
+certificate from the run's CA), a Service (its stable DNS name) and a Pod running the node image
+with gRPC startup/readiness/liveness probes against ``grpc.health.v1`` on the plaintext
+health-only port. The backend applies them with the user's kubectl context, waits until every
 Pod is Ready, follows the run through ``kubectl port-forward`` (ports on 127.0.0.1 here), copies
 each agent's metrics/decisions out with ``kubectl exec ... tar``, and deletes every object it
 created (by the run's label) on completion, error or Ctrl-C.
@@ -100,6 +101,7 @@ class K8sBackend(Backend):
             rule=ctx.rule,
             namespace=namespace,
             pull_policy=str(options.get("pull_policy") or "IfNotPresent"),
+            certs=ctx.certs,
         )
         run_label = _relabel(manifests, f"{plan.name}-{ctx.rule}-{uuid.uuid4().hex[:6]}")
         selector = f"{RUN_LABEL}={run_label}"
@@ -110,8 +112,9 @@ class K8sBackend(Backend):
             # The namespace may exist already (and is kept); everything else is this run's.
             kubectl("apply", "-f", str(manifests / "00-namespace.yaml"))
             applied = True
-            for name in ("10-configmap.yaml", "20-services.yaml", "30-pods.yaml"):
-                kubectl("apply", "-f", str(manifests / name))
+            for name in ("10-configmap.yaml", "15-secrets.yaml", "20-services.yaml", "30-pods.yaml"):
+                if (manifests / name).exists():  # no Secrets in an --insecure run
+                    kubectl("apply", "-f", str(manifests / name))
             log.info("k8s run %s: %d pods in namespace %s", run_label, len(pods), namespace)
             kubectl(
                 "wait", "--for=condition=Ready", "pod", "-l", selector, f"--timeout={READY_TIMEOUT_S}s",
@@ -123,7 +126,7 @@ class K8sBackend(Backend):
                 forwards.append(forward)
                 addresses[agent_id] = f"127.0.0.1:{port}"
             alive = _PodWatch(kubectl, selector, pods)
-            wait_healthy(addresses, 120.0, alive, what="pod")
+            wait_healthy(addresses, 120.0, alive, what="pod", certs=ctx.certs)
             follow(plan, ctx, addresses, alive)
             for agent_id, pod in pods.items():
                 data = kubectl(
@@ -144,7 +147,7 @@ class K8sBackend(Backend):
                 stdout.close()
             if applied:
                 kubectl(
-                    "delete", "pod,service,configmap", "-l", selector, "--grace-period=10",
+                    "delete", "pod,service,configmap,secret", "-l", selector, "--grace-period=10",
                     "--wait=true", "--timeout=120s", check=False, timeout=180,
                 )  # fmt: skip
         return collect(plan, ctx)

@@ -1,17 +1,39 @@
 """``sim``: every agent in this process on the in-process engine (no sockets).
 
-The fast path for sweeps. Uses the vectorized engine when the plan is one it supports
-(mtl_node.batched, cross-checked against the per-agent engine in its tests), else the per-agent
-asyncio engine running the very same Agent code the daemons run.
+The fast path for sweeps. ``-o engine=`` picks the engine:
+
+- ``auto`` (default): the vectorized engine (mtl_node.batched, the same rule and attack kernels as
+  the agents) when it can run the plan, else the per-agent engine, with a log line saying why;
+- ``per-agent``: the per-agent asyncio engine running the very same Agent code the daemons run
+  (the oracle);
+- ``batched``: the vectorized engine, or a ConfigError with the reason it cannot run the plan.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
+from typing import Any
 
+from mtl_node.core.errors import ConfigError
 from orchestrator.backends.base import BACKENDS, Backend, Progress, Row, RunContext, RunOutput
+from orchestrator.backends.common import check_options
 from orchestrator.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+OPTIONS = ("engine",)
+ENGINES = ("auto", "batched", "per-agent")
+
+
+def engine_option(options: dict[str, Any] | None) -> str:
+    """The ``-o engine=`` value, checked (before any agent is built)."""
+    engine = str(check_options("sim", options or {}, OPTIONS).get("engine") or "auto")
+    if engine not in ENGINES:
+        raise ConfigError("--option engine", f"{engine!r} is not an engine", f"valid: {', '.join(ENGINES)}")
+    return engine
+
 
 IN_PROCESS = "inproc:0"
 
@@ -76,16 +98,26 @@ class SimBackend(Backend):
         from mtl_node.engine import run_agents_async
         from mtl_node.recorder import Recorder, RoundRecord
         from mtl_node.wire import StateDict
-        from orchestrator.backends.common import check_options
 
-        check_options(self.name, ctx.options or {}, ())
+        engine = engine_option(ctx.options)
         collector = _ProgressRecorder(plan, ctx)
         configs = plan_configs(plan, ctx.rule)
 
         from mtl_node import batched
 
-        if batched.supports(configs):
+        reason = None if engine == "per-agent" else batched.unsupported_reason(configs)
+        if engine == "batched" and reason is not None:
+            raise ConfigError(
+                "--option engine",
+                f"the batched engine cannot run this: {reason}",
+                "use engine=per-agent or auto",
+            )
+        if engine != "per-agent" and reason is None:
             return _run_batched(plan, ctx, configs)
+        if engine == "auto":
+            log.warning(
+                "sim: rule %s on the per-agent engine (the batched engine cannot: %s)", ctx.rule, reason
+            )
 
         class Forward(Recorder):
             def record(self, rec: RoundRecord, model: StateDict) -> None:

@@ -10,7 +10,11 @@ foreground session runs ``<remote_command> serve-many`` there: its stdout/stderr
 ``host-N.out`` / ``host-N.log`` here (what ``mtl-orchestrate logs`` shows), and the session ending
 is how the orchestrator knows that host's agents are gone. Agents talk gRPC to each other and to
 the orchestrator directly at the host's address (``ssh -G`` resolves aliases from the SSH config)
-on ports ``base_port`` + n. Results (metrics.jsonl, decisions.jsonl) are copied back with one
+on ports ``base_port`` + n (on a loopback host, e.g. in tests: free ports the daemons pick
+themselves). Agents learn their neighbours' addresses from ``peers.json``, written to every host
+once all daemons printed their bound ports (mtl_node.ports). With TLS (the default) each host
+gets the CA and its agents' certificates and keys in ``<run dir>/certs`` (mode 0600 under a 0700
+directory), removed again when the run ends. Results (metrics.jsonl, decisions.jsonl) are copied back with one
 ``tar`` stream per host and stay on the host too. On completion, error or Ctrl-C every remote
 daemon gets SIGTERM through its pid file, then SIGKILL if it outlives the grace period.
 
@@ -21,21 +25,20 @@ Options (``mtl-orchestrate up --backend ssh -o KEY=VALUE``): ``ssh_config``, ``h
 
 from __future__ import annotations
 
-import contextlib
+import io
 import ipaddress
 import json
 import logging
 import os
 import shlex
 import subprocess
+import tarfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtl_node.errors import ConfigError
-from mtl_node.ports import reserved_ports
 from orchestrator.backends.base import BACKENDS, RunContext, RunOutput
 from orchestrator.backends.common import (
     RESULT_FILES,
@@ -47,7 +50,14 @@ from orchestrator.backends.common import (
     int_option,
     wait_healthy,
 )
-from orchestrator.backends.local import HostProcess, LocalBackend, stop_hosts, write_pids
+from orchestrator.backends.local import (
+    HostProcess,
+    LocalBackend,
+    Supervisor,
+    stop_hosts,
+    tls_fields,
+    write_pids,
+)
 from orchestrator.plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -58,7 +68,7 @@ DEFAULT_BASE_PORT = 50051
 START_TIMEOUT_S = 300.0  # remote machines may be small (torch's import alone takes a while)
 SSH_TIMEOUT_S = 60.0  # one short SSH command (write configs, kill, copy results)
 STOP_GRACE_S = 15.0
-OPTIONS = ("hosts", "ssh_config", "remote_command", "remote_dir", "base_port", "ssh")
+OPTIONS = ("hosts", "ssh_config", "remote_command", "remote_dir", "base_port", "ssh", "max_restarts")
 
 
 @dataclass(frozen=True)
@@ -163,8 +173,11 @@ def _is_loopback(address: str) -> bool:
 class SSHBackend(LocalBackend):
     name = "ssh"
 
+    max_restarts = 5
+
     def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
         options = check_options(self.name, ctx.options or {}, OPTIONS)
+        self.max_restarts = int_option(options, "max_restarts", 5, minimum=0)
         ssh = SSH(str(options.get("ssh") or "ssh"), options.get("ssh_config"))
         spread = [h for h in str(options.get("hosts") or "").split(",") if h.strip()]
         remote_command = str(options.get("remote_command") or DEFAULT_REMOTE_COMMAND)
@@ -189,20 +202,27 @@ class SSHBackend(LocalBackend):
         procs: list[HostProcess] = []
         started: list[Host] = []
         try:
-            with self._ports(hosts, base_port) as ports:
-                addresses = {a: f"{_host_part(h.address)}:{ports[a]}" for h in hosts for a in h.agents}
-                for h in hosts:
-                    self._upload(ssh, plan, ctx, h, remote_dir, addresses)
-                for h in hosts:
-                    started.append(h)
-                    procs.append(self._start(ssh, ctx, h, remote_dir, remote_command))
-                write_pids(ctx.workdir, procs)
-                self._wait_serving(procs)
+            for h in hosts:
+                started.append(h)  # from here on its run directory may hold keys: cleaned up
+                self._upload(ssh, plan, ctx, h, remote_dir, base_port)
+            for h in hosts:
+                procs.append(self._start(ssh, ctx, h, remote_dir, remote_command))
+            write_pids(ctx.workdir, procs)
+            ports = self._wait_serving(procs, Supervisor(procs, ctx.workdir, max_restarts=0))
+            addresses = {a: f"{_host_part(h.address)}:{ports[a]}" for h in hosts for a in h.agents}
+            peers = json.dumps(addresses, indent=1).encode()
+            d = remote_path(remote_dir)
+            for h in hosts:
+                ssh.run(
+                    h.destination, f"cat > {d}/.peers.tmp && mv {d}/.peers.tmp {d}/peers.json", stdin=peers
+                )
+                # A restarted daemon listens where peers.json says (read at its next start only).
+                self._pin_ports(ssh, ctx, h, d, ports)
 
             def alive() -> set[str]:
                 return {a for p in procs if p.popen.poll() is None for a in p.agents}
 
-            wait_healthy(addresses, START_TIMEOUT_S, alive, what="ssh session")
+            wait_healthy(addresses, START_TIMEOUT_S, alive, what="ssh session", certs=ctx.certs)
             follow(plan, ctx, addresses, alive)
         finally:
             self._stop(ssh, started, procs, remote_dir)
@@ -212,42 +232,56 @@ class SSHBackend(LocalBackend):
 
     # -- start ------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _ports(self, hosts: list[Host], base_port: int) -> Iterator[dict[str, int]]:
-        """Ports per agent: base_port + n on each remote host; on a loopback host (this machine,
-        e.g. in tests) ports reserved here so runs never collide."""
-        ports: dict[str, int] = {}
-        loopback = [a for h in hosts if _is_loopback(h.address) for a in h.agents]
-        for h in hosts:
-            if not _is_loopback(h.address):
-                ports.update({a: base_port + n for n, a in enumerate(h.agents)})
-        with reserved_ports(len(loopback)) as reserved:
-            ports.update(zip(loopback, reserved, strict=True))
-            yield ports
-
     def _upload(
-        self, ssh: SSH, plan: RunPlan, ctx: RunContext, h: Host, remote_dir: str, addresses: dict[str, str]
+        self, ssh: SSH, plan: RunPlan, ctx: RunContext, h: Host, remote_dir: str, base_port: int
     ) -> None:
-        listen_host = _host_part(h.address) if _is_loopback(h.address) else "0.0.0.0"
+        """The host's agent configs and (with TLS) its certificates, in one SSH session.
+
+        A loopback host (this machine, e.g. in tests) listens on free ports of its own choosing;
+        a remote host on ``base_port`` + n. Neighbours' addresses come later in peers.json."""
+        loopback = _is_loopback(h.address)
+        listen_host = _host_part(h.address) if loopback else "0.0.0.0"
         agents = []
-        for agent_id in h.agents:
+        for n, agent_id in enumerate(h.agents):
             agent = plan.agent(agent_id)
             data = plan.node_config_data(agent, ctx.rule)
-            data["listen"] = f"{listen_host}:{addresses[agent_id].rpartition(':')[2]}"
-            data["neighbors"] = {n: addresses[n] for n in agent.neighbors}
-            data["results_dir"] = f"agents/{agent_id}"  # relative to the remote run directory
+            data["listen"] = f"{listen_host}:{0 if loopback else base_port + n}"
+            data["neighbors"] = {m: "127.0.0.1:0" for m in agent.neighbors}  # from peers.json
+            data["peers_file"] = "peers.json"  # relative to the remote run directory
+            data["results_dir"] = f"agents/{agent_id}"
+            data |= tls_fields(ctx, agent_id, directory="certs")
             agents.append(data)
         config = json.dumps({"agents": agents}, indent=1)
         (ctx.workdir / f"host-{h.index}.json").write_text(config)
+        files = {f"host-{h.index}.json": (config.encode(), 0o644)}
+        if ctx.certs is not None:
+            files["certs/ca.pem"] = (ctx.certs.ca.read_bytes(), 0o644)
+            for agent_id in h.agents:
+                files[f"certs/{agent_id}.pem"] = (ctx.certs.cert(agent_id).read_bytes(), 0o644)
+                files[f"certs/{agent_id}.key"] = (ctx.certs.key(agent_id).read_bytes(), 0o600)
         d = remote_path(remote_dir)
-        ssh.run(h.destination, f"mkdir -p {d} && cat > {d}/host-{h.index}.json", stdin=config.encode())
+        # umask 077 before anything is created: keys are never readable by others, not even while
+        # tar is still writing them.
+        ssh.run(
+            h.destination,
+            f"umask 077 && mkdir -p {d} && tar -x --no-same-owner -C {d}",
+            stdin=_tar(files),
+        )
 
     def _start(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str, remote_command: str) -> HostProcess:
         d = remote_path(remote_dir)
-        # $$ is the remote shell, which exec turns into mtl-node: the pid file names the daemon.
+        # Crash-only: a supervisor loop started detached on the remote host (setsid nohup, so it
+        # does not depend on this ssh session) restarts the daemon when it dies; the daemon's
+        # output goes to files there, which this session follows until the supervisor exits.
+        loop = supervisor_loop(h.index, remote_command, self.max_restarts)
         command = (
-            f"cd {d} && echo $$ > host-{h.index}.pid && "
-            f"exec {remote_command} serve-many --config host-{h.index}.json --log-level info"
+            f"cd {d} && rm -f host-{h.index}.stop && : >> host-{h.index}.out && : >> host-{h.index}.log && "
+            f"setsid nohup sh -c {shlex.quote(loop)} > /dev/null 2>&1 < /dev/null & "
+            f"sup=$! && cd {d} && echo $sup > host-{h.index}.supervisor && "
+            f"{{ tail -n +1 -F --pid=$sup host-{h.index}.log >&2 & t=$!; }} && "
+            f"tail -n +1 -F --pid=$sup host-{h.index}.out; wait $t; "
+            # The session ends with the supervisor, with the daemon's last exit code.
+            f"exit $(cat host-{h.index}.exit 2>/dev/null || echo 1)"
         )
         stdout_path = ctx.workdir / f"host-{h.index}.out"
         log_path = ctx.workdir / f"host-{h.index}.log"
@@ -263,6 +297,20 @@ class SSHBackend(LocalBackend):
         )
         log.info("ssh %s (%s): started %s", h.destination, h.address, ", ".join(h.agents))
         return HostProcess(h.index, list(h.agents), popen, stdout_path, log_path, (out, err))
+
+    def _pin_ports(self, ssh: SSH, ctx: RunContext, h: Host, d: str, ports: dict[str, int]) -> None:
+        path = ctx.workdir / f"host-{h.index}.json"
+        data = json.loads(path.read_text())
+        for agent in data["agents"]:
+            host = agent["listen"].rpartition(":")[0]
+            agent["listen"] = f"{host}:{ports[agent['id']]}"
+        config = json.dumps(data, indent=1)
+        path.write_text(config)
+        ssh.run(
+            h.destination,
+            f"cat > {d}/.host-{h.index}.tmp && mv {d}/.host-{h.index}.tmp {d}/host-{h.index}.json",
+            stdin=config.encode(),
+        )
 
     # -- stop and collect -------------------------------------------------------------------------
 
@@ -283,6 +331,11 @@ class SSHBackend(LocalBackend):
                 except DeploymentError as exc:
                     log.warning("stopping agents on %s: %s", h.destination, exc)
 
+        for h in hosts:  # the remote supervisors must not restart what is stopped now
+            try:
+                ssh.run(h.destination, f"touch {d}/host-{h.index}.stop")
+            except DeploymentError as exc:
+                log.warning("stopping the supervisor on %s: %s", h.destination, exc)
         signal_all("TERM", only_running=False)
         deadline = time.monotonic() + STOP_GRACE_S
         while any(p.popen.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -290,6 +343,11 @@ class SSHBackend(LocalBackend):
         if any(p.popen.poll() is None for p in procs):
             signal_all("KILL", only_running=True)
         stop_hosts(procs, grace=5.0)
+        for h in hosts:  # the private keys do not outlive the run
+            try:
+                ssh.run(h.destination, f"rm -rf {d}/certs {d}/.peers.tmp")
+            except DeploymentError as exc:
+                log.warning("removing certificates on %s: %s", h.destination, exc)
 
     def _fetch_results(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str) -> None:
         """One tar stream per host with its agents' metrics/decisions (models stay on the host)."""
@@ -304,6 +362,42 @@ class SSHBackend(LocalBackend):
             log.warning("results of %s: %s", h.destination, exc)
             return
         extract_results(data, ctx.workdir, h.agents)
+
+
+def supervisor_loop(index: int, remote_command: str, max_restarts: int) -> str:
+    """The remote host's supervisor (POSIX sh): runs the daemon, restarts it when it exits with an
+    error (backoff 1, 2, ... 5 s), gives up after ``max_restarts`` restarts or at once when the
+    command cannot run (126/127), stops for good once ``host-N.stop`` exists. ``host-N.pid`` always
+    names the current daemon; ``host-N.exit`` gets its last exit code."""
+    n = f"host-{index}"
+    return (
+        "n=0; code=0; while :; do "
+        f"[ -e {n}.stop ] && break; "
+        f"{remote_command} serve-many --config {n}.json --log-level info >> {n}.out 2>> {n}.log & "
+        f"echo $! > {n}.pid; wait $!; code=$?; "
+        f"[ -e {n}.stop ] && break; [ $code -eq 0 ] && break; "
+        "[ $code -eq 126 ] && break; [ $code -eq 127 ] && break; "
+        f"n=$((n+1)); if [ $n -gt {max_restarts} ]; then "
+        f'echo "mtl supervisor: the daemon exited with code $code after {max_restarts} restarts" >> {n}.log; '
+        "break; fi; "
+        f'echo "mtl supervisor: the daemon exited with code $code; restart $n" >> {n}.log; '
+        f"sleep $(( n < 5 ? n : 5 )); done; echo $code > {n}.exit"
+    )
+
+
+def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
+    """An uncompressed tar of ``name -> (data, mode)`` (directories 0700)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for directory in sorted({name.rpartition("/")[0] for name in files} - {""}):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o700
+            tar.addfile(info)
+        for name, (data, mode) in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _host_part(address: str) -> str:

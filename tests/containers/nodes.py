@@ -10,11 +10,12 @@ from typing import Any
 import grpc
 import yaml
 
-from mtl_node.channel import create_sync_channel
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
+from orchestrator.backends.common import agent_channel
 from orchestrator.plan import RunPlan
-from orchestrator.render import AGENT_PORT, IMAGE_UID, agent_configs, agent_hostnames
+from orchestrator.render import AGENT_PORT, IMAGE_UID, agent_configs, agent_hostnames, write_tls_dir
+from orchestrator.tls import RunCerts, run_certs
 
 RPC_TIMEOUT_S = 5.0
 
@@ -25,11 +26,17 @@ def container_user() -> str | None:
     return None if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
 
 
-def write_configs(plan: RunPlan, rule: str, directory: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """One config file per agent (as mtl-orchestrate render writes them) and the agents' hostnames;
-    a results directory per agent, writable by the container's user."""
+def write_configs(
+    plan: RunPlan, rule: str, directory: Path
+) -> tuple[dict[str, Path], dict[str, str], RunCerts, dict[str, Path]]:
+    """One config file per agent (as mtl-orchestrate render writes them), the agents' hostnames,
+    the run's certificates and each agent's TLS directory to mount (readable by the container's
+    user only); a results directory per agent, writable by the container's user."""
     hostnames = agent_hostnames([a.id for a in plan.agents])
-    configs = agent_configs(plan, rule, hostnames)
+    certs = run_certs(directory, [a.id for a in plan.agents], None, None)
+    configs = agent_configs(plan, rule, hostnames, certs)
+    owner = IMAGE_UID if os.geteuid() == 0 else None
+    tls_dirs = {a.id: write_tls_dir(directory / "tls", a.id, certs, owner) for a in plan.agents}
     paths = {}
     (directory / "configs").mkdir(parents=True, exist_ok=True)
     for agent_id, data in configs.items():
@@ -41,7 +48,7 @@ def write_configs(plan: RunPlan, rule: str, directory: Path) -> tuple[dict[str, 
         results.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             os.chown(results, IMAGE_UID, IMAGE_UID)
-    return paths, hostnames
+    return paths, hostnames, certs, tls_dirs
 
 
 def published(container: Any) -> str:
@@ -54,8 +61,10 @@ def published(container: Any) -> str:
 
 
 class StatusClient:
-    def __init__(self, addresses: dict[str, str]) -> None:
-        self.channels = {a: create_sync_channel(addr) for a, addr in addresses.items()}
+    """GetStatus of every agent as the run's operator (mutual TLS, checking each agent's identity)."""
+
+    def __init__(self, addresses: dict[str, str], certs: RunCerts | None) -> None:
+        self.channels = {a: agent_channel(a, addr, certs) for a, addr in addresses.items()}
         self.stubs = {a: pb_grpc.NodeStub(ch) for a, ch in self.channels.items()}
 
     def status(self, agent_id: str) -> pb.NodeStatus | None:

@@ -61,6 +61,11 @@ def test_docker_summary_equals_sim(node_image: str, docker_client: Any, tmp_path
         assert len(info["containers"]) == 5
         assert run_labels(docker_client, info["run"]) == ([], [])
         assert "serving a0 on 0.0.0.0:50051" in (out / "work" / rule / "host-a0.log").read_text()
+        # Mutual TLS: each container's agent got its own certificate (mounted read-only).
+        config = json.loads((out / "work" / rule / f"{info['containers'][0]}.json").read_text())
+        (agent,) = config["agents"]
+        assert agent["cert"] == f"/etc/mtl/tls/{agent['id']}/tls.crt" and not agent.get("insecure")
+    assert (out / "certs" / "ca.pem").exists()
 
     sim_out = tmp_path / "sim"
     sim = orchestrate(

@@ -18,7 +18,7 @@ from testcontainers.core.network import Network
 
 from orchestrator.plan import RunPlan
 from orchestrator.planner import plan_topology
-from orchestrator.render import AGENT_PORT, IMAGE_UID
+from orchestrator.render import AGENT_PORT, IMAGE_UID, TLS_DIR
 from orchestrator.spec import parse_spec
 
 # The first test's setup may build the image (deploy/build-image.sh: minutes when cold).
@@ -48,7 +48,7 @@ class Topology:
     """Node containers for a plan, started with testcontainers on a network of their own."""
 
     def __init__(self, image: str, plan: RunPlan, workdir: Path, stack: ExitStack) -> None:
-        configs, hostnames = write_configs(plan, "loss-filtered", workdir)
+        configs, hostnames, certs, tls_dirs = write_configs(plan, "loss-filtered", workdir)
         self.results = workdir / "results"
         self.network = stack.enter_context(Network())
         self.containers: dict[str, DockerContainer] = {}
@@ -59,6 +59,7 @@ class Topology:
                 .with_network_aliases(hostnames[agent.id])
                 .with_volume_mapping(str(configs[agent.id]), "/etc/mtl/agent.yaml", "ro")
                 .with_volume_mapping(str(self.results / agent.id), f"/results/{agent.id}", "rw")
+                .with_volume_mapping(str(tls_dirs[agent.id]), f"{TLS_DIR}/{agent.id}", "ro")
                 .with_command(["serve", "--config", "/etc/mtl/agent.yaml"])
                 .with_kwargs(user=container_user(), labels={"org.resilient-mtl.test": "topology"})
             )
@@ -66,7 +67,7 @@ class Topology:
             container.ports[f"{AGENT_PORT}/tcp"] = ("127.0.0.1", None)  # type: ignore[assignment]
             self.containers[agent.id] = stack.enter_context(container)
         addresses = {a: published(c.get_wrapped_container()) for a, c in self.containers.items()}
-        self.client = StatusClient(addresses)
+        self.client = StatusClient(addresses, certs)
         stack.callback(self.client.close)
 
     def wrapped(self, agent_id: str) -> Any:

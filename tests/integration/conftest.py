@@ -13,6 +13,8 @@ import pytest
 # pytest was invoked.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from daemons import TestCA, shared_ca
+
 
 @pytest.fixture(autouse=True)
 def no_orphans() -> Iterator[None]:
@@ -28,3 +30,9 @@ def no_orphans() -> Iterator[None]:
     for p in left:
         p.kill()
     assert not left, f"processes left behind: {described}"
+
+
+@pytest.fixture(scope="session")
+def ca() -> TestCA:
+    """The CA every daemon of this test session gets its certificate from (daemons.shared_ca)."""
+    return shared_ca()

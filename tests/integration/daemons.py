@@ -1,19 +1,24 @@
 """Launching a set of real ``mtl-node serve`` daemons on loopback for integration tests.
 
-Ports come from ``reserved_ports`` so every daemon can be told its neighbours' addresses before
-any of them starts; the reservation is released once all of them print their serving line.
-stdout and stderr go to files (never pipes that could fill and block a daemon), so tests can read
-the logged reasons afterwards. ``DaemonSet`` is a context manager whose exit always kills every
-process it started and checks that none is left behind.
+Every daemon binds a free port of its own (``--listen 127.0.0.1:0``) and waits for a peers file;
+once all printed their serving line the file is written with everyone's address (mtl_node.ports:
+one owner per port, no reservation to race). Daemons talk mutual TLS with certificates from a CA
+made once per test process (``shared_ca()``), as every deployment does by default; ``insecure=True``
+runs them with ``--insecure``. stdout and stderr go to files (never pipes that could fill and block
+a daemon), so tests can read the logged reasons afterwards. ``DaemonSet`` is a context manager
+whose exit always kills every process it started and checks that none is left behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +30,18 @@ import grpc
 import psutil
 
 from mtl_node.channel import create_sync_channel
-from mtl_node.ports import reserved_ports
+from mtl_node.identity import (
+    Issued,
+    SpiffeId,
+    TlsMaterial,
+    agent_id,
+    issue,
+    load_material,
+    make_ca,
+    write_private,
+    write_public,
+)
+from mtl_node.ports import serving_addresses, write_peers_file
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
@@ -34,6 +50,69 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0
 RPC_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 20.0
+
+
+class TestCA:
+    """A CA in ``directory`` that issues agent and operator certificates on demand (files named
+    as ``mtl-orchestrate certs`` names them)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, directory: Path, trust_domain: str = "resilient-mtl") -> None:
+        self.directory = directory
+        self.trust_domain = trust_domain
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca: Issued = make_ca(trust_domain)
+        write_public(directory / "ca.pem", self.ca.cert_pem(), force=True)
+        self._issued: set[str] = set()
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    def files(self, name: str, kind: str = "agent") -> tuple[Path, Path, Path]:
+        """(ca.pem, <name>.pem, <name>.key), issuing the certificate the first time."""
+        stem = name if kind == "agent" else f"{kind}-{name}"
+        cert, key = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        if stem not in self._issued:
+            identity = SpiffeId(self.trust_domain, kind, name)
+            made = issue(self.ca, identity)
+            write_public(cert, made.cert_pem(), force=True)
+            write_private(key, made.key_pem(), force=True)
+            self._issued.add(stem)
+        return self.ca_path, cert, key
+
+    def args(self, name: str) -> list[str]:
+        ca, cert, key = self.files(name)
+        return ["--ca", str(ca), "--cert", str(cert), "--key", str(key)]
+
+    def material(self, name: str, kind: str = "agent") -> TlsMaterial:
+        return load_material(*self.files(name, kind))
+
+    @property
+    def operator(self) -> TlsMaterial:
+        return self.material("operator", "operator")
+
+
+_TEST_CA: TestCA | None = None
+
+
+def shared_ca() -> TestCA:
+    """The CA of this test process (made once, removed at exit)."""
+    global _TEST_CA
+    if _TEST_CA is None:
+        directory = Path(tempfile.mkdtemp(prefix="mtl-test-ca-"))
+        atexit.register(shutil.rmtree, directory, True)
+        _TEST_CA = TestCA(directory)
+    return _TEST_CA
+
+
+def operator_channel(address: str, agent: str, insecure: bool = False) -> Any:
+    """A blocking channel to ``agent`` at ``address`` as the test CA's operator."""
+    if insecure:
+        return create_sync_channel(address, tls=None)
+    ca = shared_ca()
+    return create_sync_channel(address, tls=ca.operator, expected_identity=agent_id(agent, ca.trust_domain))
 
 
 @dataclass
@@ -53,6 +132,7 @@ class Daemon:
     port: int
     directory: Path
     proc: subprocess.Popen[bytes] | None = None
+    insecure: bool = False
 
     @property
     def address(self) -> str:
@@ -109,7 +189,14 @@ class DaemonSet:
         rule: str = "loss-filtered",
         common_args: Sequence[str] = (),
         save_models_every: int = 1,
+        insecure: bool = False,
+        stand_ins: dict[str, str] | None = None,
+        cert_args: Any = None,
+        operator: TlsMaterial | None = None,
     ) -> None:
+        """``stand_ins``: neighbour id -> id of a daemon of this set whose address it gets (an
+        impostor); ``cert_args(id)`` / ``operator``: certificates of another CA than the shared
+        test CA (e.g. made with openssl)."""
         self.base_dir = base_dir
         self.specs = list(specs)
         self.rounds = rounds
@@ -117,6 +204,11 @@ class DaemonSet:
         self.rule = rule
         self.common_args = list(common_args)
         self.save_models_every = save_models_every
+        self.insecure = insecure
+        self.stand_ins = dict(stand_ins or {})
+        self.cert_args = cert_args
+        self.operator = operator
+        self.peers_file = base_dir / "peers.json"
         self.daemons: dict[str, Daemon] = {}
         self._pids: list[int] = []
         self._stdio: list[Any] = []
@@ -140,19 +232,38 @@ class DaemonSet:
         self.stop()
 
     def start(self) -> None:
-        with reserved_ports(len(self.specs), HOST) as ports:
-            for spec, port in zip(self.specs, ports, strict=True):
-                directory = self.base_dir / spec.id
-                directory.mkdir(parents=True, exist_ok=True)
-                self.daemons[spec.id] = Daemon(spec.id, port, directory)
-            for spec in self.specs:
-                self._launch(spec)
-            self.wait_serving()
-        # The reservation is gone now; every daemon is bound and listening on its port.
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.peers_file.unlink(missing_ok=True)
+        for spec in self.specs:
+            directory = self.base_dir / spec.id
+            directory.mkdir(parents=True, exist_ok=True)
+            self.daemons[spec.id] = Daemon(spec.id, 0, directory, insecure=self.insecure)
+        for spec in self.specs:
+            self._launch(spec)
+        self.wait_serving()
+        addresses = {d.id: d.address for d in self.daemons.values()}
+        addresses |= {alias: addresses[real] for alias, real in self.stand_ins.items()}
+        write_peers_file(self.peers_file, addresses)
+
+    def tls_args(self, spec: AgentSpec) -> list[str]:
+        if self.insecure:
+            return ["--insecure"]
+        if self.cert_args is not None:
+            return list(self.cert_args(spec.id))
+        return shared_ca().args(spec.id)
+
+    def channel(self, agent: str) -> Any:
+        """A blocking channel to ``agent`` as the operator (or plaintext for an insecure set)."""
+        if self.operator is not None:
+            return create_sync_channel(
+                self.daemons[agent].address, tls=self.operator, expected_identity=agent_id(agent)
+            )
+        return operator_channel(self.daemons[agent].address, agent, self.insecure)
 
     def _command(self, spec: AgentSpec) -> list[str]:
         d = self.daemons[spec.id]
-        addresses = {n: self.daemons[n].address for n in spec.neighbors if n in self.daemons}
+        # Daemons of this set: addresses from the peers file once all are bound.
+        addresses = {n: f"{HOST}:0" for n in spec.neighbors if n in self.daemons or n in self.stand_ins}
         addresses |= spec.external
         order = [*spec.neighbors, *(n for n in spec.external if n not in spec.neighbors)]
         neighbors = ",".join(f"{n}={addresses[n]}" for n in order)
@@ -162,7 +273,9 @@ class DaemonSet:
             "--id",
             spec.id,
             "--listen",
-            d.address,
+            f"{HOST}:{d.port}",
+            "--peers-file",
+            str(self.peers_file),
             "--rounds",
             str(self.rounds),
             "--seed",
@@ -176,7 +289,7 @@ class DaemonSet:
         ]
         if neighbors:
             cmd += ["--neighbors", neighbors]
-        return [*cmd, *self.common_args, *spec.args]
+        return [*cmd, *self.tls_args(spec), *self.common_args, *spec.args]
 
     def _launch(self, spec: AgentSpec) -> None:
         d = self.daemons[spec.id]
@@ -196,7 +309,9 @@ class DaemonSet:
         while pending:
             for nid, d in list(pending.items()):
                 text = d.stdout_path.read_text(errors="replace")
-                if f"mtl-node: serving {nid} on {d.address}" in text:
+                served = serving_addresses(text)
+                if nid in served:
+                    d.port = int(served[nid].rpartition(":")[2])
                     del pending[nid]
                     continue
                 assert d.proc is not None
@@ -267,7 +382,7 @@ class DaemonSet:
             time.sleep(0.05)
 
     def status(self, agent_id: str) -> pb.NodeStatus:
-        with create_sync_channel(self.daemons[agent_id].address) as channel:
+        with self.channel(agent_id) as channel:
             return pb_grpc.NodeStub(channel).GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
 
     def wait_until(
@@ -279,7 +394,7 @@ class DaemonSet:
     ) -> dict[str, pb.NodeStatus]:
         """Poll GetStatus of ``agent_ids`` until ``ready(status)`` holds for all of them."""
         deadline = time.monotonic() + timeout
-        channels = {a: create_sync_channel(self.daemons[a].address) for a in agent_ids}
+        channels = {a: self.channel(a) for a in agent_ids}
         stubs = {a: pb_grpc.NodeStub(c) for a, c in channels.items()}
         last: dict[str, pb.NodeStatus] = {}
         try:
@@ -351,38 +466,48 @@ class ServeMany:
 
     def __enter__(self) -> ServeMany:
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        with reserved_ports(len(self.configs), HOST) as ports:
-            for cfg, port in zip(self.configs, ports, strict=True):
-                cfg["listen"] = self.addresses[cfg["id"]] = f"{HOST}:{port}"
-            for cfg in self.configs:
-                cfg["neighbors"] = {n: self.addresses[n] for n in self.links.get(cfg["id"], [])}
-            config_path = self.base_dir / "serve-many.json"
-            config_path.write_text(json.dumps({"agents": self.configs}))
-            out = open(self.stdout_path, "wb")
-            err = open(self.stderr_path, "wb")
-            self._stdio += [out, err]
-            self.proc = subprocess.Popen(
-                [*mtl_node_command(), "serve-many", "--config", str(config_path), *self.args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=os.environ | {"PYTHONUNBUFFERED": "1"},
-            )
-            try:
-                deadline = time.monotonic() + START_TIMEOUT_S
-                while self.stdout_path.read_text(errors="replace").count("mtl-node: serving ") < len(
-                    self.configs
-                ):
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(
-                            f"serve-many did not serve (exit {self.proc.poll()}):\n"
-                            f"{self.stderr_path.read_text(errors='replace')[-4000:]}"
-                        )
-                    time.sleep(0.05)
-            except BaseException:
-                self.__exit__(None, None, None)
-                raise
+        peers_file = self.base_dir / "peers.json"
+        peers_file.unlink(missing_ok=True)
+        ca = shared_ca()
+        for cfg in self.configs:
+            cfg["listen"] = f"{HOST}:0"
+            cfg["peers_file"] = str(peers_file)
+            cfg["neighbors"] = {n: f"{HOST}:0" for n in self.links.get(cfg["id"], [])}
+            ca_path, cert, key = ca.files(cfg["id"])
+            cfg |= {"ca": str(ca_path), "cert": str(cert), "key": str(key)}
+        config_path = self.base_dir / "serve-many.json"
+        config_path.write_text(json.dumps({"agents": self.configs}))
+        out = open(self.stdout_path, "wb")
+        err = open(self.stderr_path, "wb")
+        self._stdio += [out, err]
+        self.proc = subprocess.Popen(
+            [*mtl_node_command(), "serve-many", "--config", str(config_path), *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                self.addresses = serving_addresses(self.stdout_path.read_text(errors="replace"))
+                if len(self.addresses) >= len(self.configs):
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"serve-many did not serve (exit {self.proc.poll()}):\n"
+                        f"{self.stderr_path.read_text(errors='replace')[-4000:]}"
+                    )
+                time.sleep(0.05)
+            write_peers_file(peers_file, self.addresses)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
+
+    def channel(self, agent: str) -> Any:
+        """A blocking channel to ``agent`` as the operator."""
+        return operator_channel(self.addresses[agent], agent)
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -17,7 +17,9 @@ from concurrent import futures
 import grpc
 import safetensors.torch
 import torch
+from daemons import shared_ca
 
+from mtl_node.channel import server_credentials
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
@@ -105,11 +107,15 @@ class FakePeer(pb_grpc.NodeServicer):
 class PeerServer:
     """One sync gRPC server on an ephemeral loopback port per fake peer."""
 
-    def __init__(self, peer: FakePeer) -> None:
+    def __init__(self, peer: FakePeer, insecure: bool = False) -> None:
         self.peer = peer
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_NodeServicer_to_server(peer, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if insecure:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:  # with the shared test CA's certificate of the agent it plays
+            creds = server_credentials(shared_ca().material(peer.agent_id))
+            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
         if self.port == 0:
             raise OSError("cannot bind a loopback port for the fake peer")
         self.server.start()

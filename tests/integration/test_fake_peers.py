@@ -9,7 +9,6 @@ import pytest
 from daemons import AgentSpec, DaemonSet
 from fake_peer import EXPECTED_REASON, FakePeer, PeerServer, RoundGate
 
-from mtl_node.channel import create_sync_channel
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
@@ -63,7 +62,7 @@ def test_watch_status_streams_every_round(tmp_path: Path) -> None:
     try:
         spec = AgentSpec("watched", external={"gated": server.address})
         with DaemonSet(tmp_path, [spec], rounds, seed=9) as ds:
-            channel = create_sync_channel(ds["watched"].address)
+            channel = ds.channel("watched")
             try:
                 stream = pb_grpc.NodeStub(channel).WatchStatus(pb.WatchStatusRequest(), timeout=120)
                 first = next(stream)

@@ -39,7 +39,9 @@ def rounds_per_second(ds: DaemonSet, ids: list[str], window: int) -> dict[str, f
 
 def test_flood_keeps_memory_bounded_and_honest_rounds_going(tmp_path: Path) -> None:
     specs = [AgentSpec(a, [n for n in IDS if n != a]) for a in IDS]
-    with DaemonSet(tmp_path, specs, 10_000_000, seed=8, save_models_every=0) as ds:
+    # --insecure: the flood stands for a peer that is not authenticated (per-peer limits then key by
+    # connection); with mutual TLS an unknown client does not get past the handshake at all.
+    with DaemonSet(tmp_path, specs, 10_000_000, seed=8, save_models_every=0, insecure=True) as ds:
         ds.wait_until(IDS, lambda s: s.round >= 20, 180, "round 20")
         victim = ds["victim"]
         assert victim.proc is not None

@@ -1,6 +1,9 @@
 """The k8s backend without a cluster (none is reachable here): it must say so clearly and leave
 nothing behind. Its manifests are validated against the Kubernetes schemas in
-tests/unit/test_render.py; a run against a real cluster is documented in docs/deployment.md.
+tests/unit/test_render.py (offline: ``kubectl apply --dry-run=client`` cannot check them here, since
+even a client-side dry run asks the API server for its resource types and fails without one; see
+test_kubectl_dry_run_needs_a_cluster); a run against a real cluster is documented in
+docs/deployment.md. CI installs kubectl (.ci/run: Debian's kubernetes-client), so these run there.
 Also: every deploying backend checks its -o options before anything starts."""
 
 from __future__ import annotations
@@ -36,23 +39,55 @@ def test_missing_kubectl_is_a_clear_error(tmp_path: Path) -> None:
     assert "no-kubectl: not found" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
+def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("kubectl is not installed; .ci/run installs Debian's kubernetes-client")
         pytest.skip("kubectl is not installed (the error for a missing kubectl is tested above)")
+    return kubectl
+
+
+def test_kubectl_dry_run_needs_a_cluster(tmp_path: Path) -> None:
+    """Why the manifests are checked against schemas offline rather than by kubectl: a client-side
+    dry run still asks the API server what the resource types are. If a kubectl ever checks them
+    without a cluster, this fails, and the dry run should be added as a check."""
+    kubectl = _kubectl()
+    topology = tmp_path / "t.yaml"
+    topology.write_text(TOPOLOGY)
+    rendered = subprocess.run(
+        [str(BIN / "mtl-orchestrate"), "render", str(topology), "--format", "k8s",
+         "--out", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    config = tmp_path / "kubeconfig"
+    config.write_text(_unreachable_kubeconfig())
+    done = subprocess.run(
+        [kubectl, "apply", "--dry-run=client", "--validate=false", "--request-timeout=5s",
+         "-f", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "KUBECONFIG": str(config)},
+    )  # fmt: skip
+    assert done.returncode != 0, done.stdout
+
+
+def _unreachable_kubeconfig() -> str:
     with socket.socket() as s:  # a loopback port with nothing behind it once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = tmp_path / "kubeconfig"
-    config.write_text(
-        f"""apiVersion: v1
+    return f"""apiVersion: v1
 kind: Config
 clusters: [{{name: none, cluster: {{server: "https://127.0.0.1:{port}", insecure-skip-tls-verify: true}}}}]
 users: [{{name: nobody, user: {{token: not-a-token}}}}]
 contexts: [{{name: nowhere, context: {{cluster: none, user: nobody}}}}]
 current-context: nowhere
 """
-    )
+
+
+def test_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    _kubectl()
+    config = tmp_path / "kubeconfig"
+    config.write_text(_unreachable_kubeconfig())
     done = up(tmp_path, env={**os.environ, "KUBECONFIG": str(config)})
     assert done.returncode == 2, done.stderr
     assert "kubectl cannot reach a cluster" in done.stderr and "render --format k8s" in done.stderr

@@ -62,7 +62,10 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
 
 def test_requests_for_far_rounds_and_long_requesters_are_refused_at_once() -> None:
     async def go() -> None:
-        async with serving(ServerLimits(max_rounds_ahead=2)) as address, create_channel(address) as channel:
+        async with (
+            serving(ServerLimits(max_rounds_ahead=2)) as address,
+            create_channel(address, tls=None) as channel,
+        ):
             stub = pb_grpc.NodeStub(channel)
             far = await refused(get(stub, 1000))
             assert far.code() == grpc.StatusCode.OUT_OF_RANGE
@@ -83,7 +86,11 @@ def test_calls_and_watchers_are_bounded_per_peer_and_per_server() -> None:
     limits = ServerLimits(max_rpcs_per_peer=3, max_concurrent_rpcs=5, max_watchers=2, max_watchers_per_peer=1)
 
     async def go() -> None:
-        async with serving(limits) as address, create_channel(address) as one, other_peer(address) as two:
+        async with (
+            serving(limits) as address,
+            create_channel(address, tls=None) as one,
+            other_peer(address) as two,
+        ):
             s1, s2 = pb_grpc.NodeStub(one), pb_grpc.NodeStub(two)
             # Round 1 is never published (rounds=0): each call waits, holding a slot.
             parked = [get(s1, 1) for _ in range(3)]

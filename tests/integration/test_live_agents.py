@@ -8,12 +8,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemons import RPC_TIMEOUT_S, STOP_TIMEOUT_S, AgentSpec, DaemonSet, ServeMany
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mtl_node.channel import SERVICE, create_sync_channel
+from mtl_node.channel import SERVICE
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
@@ -24,9 +25,9 @@ ENDLESS = 5_000_000
 POLLS = 8
 
 
-def _health_and_round(address: str) -> tuple[int, int, str]:
-    """(health status, round, state) of the agent at ``address``; an RPC error fails the test."""
-    with create_sync_channel(address) as channel:
+def _health_and_round(channel_of: Any, agent: str) -> tuple[int, int, str]:
+    """(health status, round, state) of ``agent``; an RPC error fails the test."""
+    with channel_of(agent) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=SERVICE), timeout=RPC_TIMEOUT_S
         )
@@ -46,7 +47,7 @@ def test_rule_none_agent_answers_every_round_and_stops(tmp_path: Path) -> None:
     with DaemonSet(tmp_path, [AgentSpec("solo")], ENDLESS, seed=1, rule="none", save_models_every=0) as ds:
         seen: list[int] = []
         while len(seen) < POLLS:
-            health, round_, state = _health_and_round(ds["solo"].address)
+            health, round_, state = _health_and_round(ds.channel, "solo")
             assert health == health_pb2.HealthCheckResponse.SERVING
             if state == "running" and round_ > 0:
                 seen.append(round_)
@@ -71,7 +72,7 @@ def test_serve_many_runs_agents_side_by_side(tmp_path: Path) -> None:
         while together < POLLS:
             rounds = {}
             for a in ids:
-                health, round_, state = _health_and_round(many.addresses[a])
+                health, round_, state = _health_and_round(many.channel, a)
                 assert health == health_pb2.HealthCheckResponse.SERVING
                 rounds[a] = (round_, state)
             # Side by side: all agents are mid-run at the same moment.
@@ -87,7 +88,7 @@ def test_serve_many_runs_agents_side_by_side(tmp_path: Path) -> None:
 def test_watch_status_follows_an_agent_that_never_awaits(tmp_path: Path) -> None:
     """A WatchStatus stream sees round after round from a rule-none agent with no neighbours."""
     with DaemonSet(tmp_path, [AgentSpec("w")], ENDLESS, seed=2, rule="none", save_models_every=0) as ds:
-        with create_sync_channel(ds["w"].address) as channel:
+        with ds.channel("w") as channel:
             stream = pb_grpc.NodeStub(channel).WatchStatus(pb.WatchStatusRequest(), timeout=60)
             rounds: list[int] = []
             try:

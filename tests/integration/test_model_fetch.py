@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from daemons import shared_ca
 from pydantic import BaseModel
 
 from mtl_node import messages, wire
@@ -16,6 +17,7 @@ from mtl_node.channel import create_channel
 from mtl_node.client import GrpcTransport, ModelStub, fetch_payload
 from mtl_node.config import NodeConfig
 from mtl_node.errors import FetchError
+from mtl_node.identity import agent_id
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 from mtl_node.server import create_server, set_serving, stop_server
@@ -56,10 +58,14 @@ async def fetch_both_ways() -> tuple[Agent, list[tuple[pb.ModelHeader, bytearray
         InMemoryTransport({}),
         task=Big(TaskContext("big", 0, torch.device("cpu")), NoParams()),
     )
-    server, port, health = await create_server(agent, "127.0.0.1:0")
+    ca = shared_ca()
+    server, port, health = await create_server(agent, "127.0.0.1:0", ca.material("big"))
     await set_serving(health, True)
+    tester = ca.material("tester")
     try:
-        async with create_channel(f"127.0.0.1:{port}") as channel:
+        async with create_channel(
+            f"127.0.0.1:{port}", tls=tester, expected_identity=agent_id("big")
+        ) as channel:
             info = await pb_grpc.NodeStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
             manifest = messages.manifest_from_pb(info.manifest)
             got = [
@@ -73,7 +79,7 @@ async def fetch_both_ways() -> tuple[Agent, list[tuple[pb.ModelHeader, bytearray
             with pytest.raises(FetchError) as refused:
                 await fetch_payload(ModelStub(channel), 5, "tester", 30.0, manifest)
             assert "OUT_OF_RANGE" in str(refused.value)
-        transport = GrpcTransport({"big": f"127.0.0.1:{port}"})
+        transport = GrpcTransport({"big": f"127.0.0.1:{port}"}, tls=tester)
         transport.expect(agent.manifest)
         state = await transport.fetch("big", 0, "tester", 10.0)
         await transport.close()

@@ -2,7 +2,9 @@
 
 The client half of this file deliberately imports nothing from mtl_node: it finds the service by
 reflection, builds the request and response classes from the reflected descriptors, and calls
-GetModel as a generic server-streaming method. Only starting the daemon uses the test harness.
+GetModel as a generic server-streaming method, over mutual TLS with an operator certificate (PEM
+files, the standard grpc.ssl_channel_credentials, and the agent's DNS SAN as the name to check).
+Only starting the daemon and making certificates use the test harness.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import grpc
 import pytest
 import safetensors.torch
 import xxhash
-from daemons import AgentSpec, DaemonSet
+from daemons import AgentSpec, DaemonSet, shared_ca
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -24,6 +26,11 @@ pytestmark = pytest.mark.integration
 
 DEADLINE_S = 10.0
 SERVICE = "mtl.v1.Node"
+
+
+def operator_credentials() -> grpc.ChannelCredentials:
+    ca, cert, key = shared_ca().files("operator", "operator")
+    return grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
 
 
 def wait_serving(channel: grpc.Channel, service: str, timeout: float = 60.0) -> int:
@@ -67,7 +74,11 @@ def test_health_reflection_outside_client(tmp_path: Path) -> None:
     with (
         DaemonSet(tmp_path, [AgentSpec("solo")], rounds, seed=4, rule="none") as ds,
         # ---- the outside client: grpc, health, reflection, protobuf, safetensors; nothing else ----
-        grpc.insecure_channel(ds["solo"].address) as channel,
+        grpc.secure_channel(
+            ds["solo"].address,
+            operator_credentials(),
+            options=[("grpc.ssl_target_name_override", "solo.agent.resilient-mtl")],
+        ) as channel,
     ):
         for service in ("", SERVICE):
             assert wait_serving(channel, service) == health_pb2.HealthCheckResponse.SERVING, service

@@ -202,6 +202,14 @@ def test_ssh_backend_runs_a_topology_end_to_end(sshd: SSHServer, tmp_path: Path)
             assert (run_dir / "agents" / agent / "metrics.jsonl").stat().st_size > 0
     # Nothing is left running on the "remote" side.
     assert processes_mentioning(str(run_dir)) == []
+    # The agents talked mutual TLS with the run's certificates, copied for the run and removed
+    # at its end (keys never outlive it on the host).
+    for index, agents in ((0, ["a0", "a1"]), (1, ["a2", "a3"])):
+        configs = json.loads((work / f"host-{index}.json").read_text())["agents"]
+        assert [c["cert"] for c in configs] == [f"certs/{a}.pem" for a in agents]
+        assert not any(c.get("insecure") for c in configs)
+    assert not (run_dir / "certs").exists()
+    assert (out / "certs" / "ca.pem").exists()
 
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert len(rows) == 4 * 20
@@ -256,3 +264,53 @@ def test_unreachable_host_missing_command_and_missing_host_are_clear_errors(
     )  # fmt: skip
     assert done.returncode == 2
     assert "have no host" in done.stderr and "-o hosts=" in done.stderr
+
+
+def test_ssh_remote_supervisor_restarts_a_killed_daemon(sshd: SSHServer, tmp_path: Path) -> None:
+    """The daemon on a host is SIGKILLed mid-run: the supervisor loop on that host (not the ssh
+    session) starts it again, its agents resume from their state, and every decision equals sim's."""
+    import signal
+
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(TOPOLOGY.replace("rounds: 20", "rounds: 60"))
+    remote = tmp_path / "remote-home"
+    out = tmp_path / "out"
+    up = subprocess.Popen(
+        [str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", "ssh", "--out", str(out),
+         "--no-progress", "--no-report", "-o", f"ssh_config={sshd.client_config}",
+         "-o", f"remote_command={BIN / 'mtl-node'}", "-o", f"remote_dir={remote}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        hosts_file = out / "work" / "loss-filtered" / "hosts.json"
+        deadline = time.monotonic() + 300
+        victim = None
+        while time.monotonic() < deadline and up.poll() is None:
+            if hosts_file.exists():
+                run_dir = Path(json.loads(hosts_file.read_text())["remote_dir"])
+                rows = run_dir / "agents" / "a2" / "metrics.jsonl"
+                if rows.exists() and rows.read_text().count("\n") >= 10:
+                    victim = int((run_dir / "host-1.pid").read_text())
+                    os.kill(victim, signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        assert victim is not None, "the run never reached round 10"
+        _, stderr = up.communicate(timeout=400)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 0, stderr
+    assert "restart 1" in (run_dir / "host-1.log").read_text()
+    assert int((run_dir / "host-1.pid").read_text()) != victim
+    assert processes_mentioning(str(run_dir)) == []
+    for index in (0, 1):  # the remote supervisors ended with the run
+        supervisor = int((run_dir / f"host-{index}.supervisor").read_text())
+        assert (
+            not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == psutil.STATUS_ZOMBIE
+        )
+    sim_out = tmp_path / "sim"
+    sim = orchestrate(
+        "up", str(topology), "--backend", "sim", "--out", str(sim_out), "--no-progress", "--no-report"
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert decisions_of(out) == decisions_of(sim_out)

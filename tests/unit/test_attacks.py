@@ -577,3 +577,70 @@ def test_bad_byzantine_selection_names_the_field(byzantine: dict[str, Any], fiel
         parse_spec({"name": "t", "agents": 4, "byzantine": byzantine})
     assert info.value.field == field, str(info.value)
     assert says in str(info.value)
+
+
+# ------------------------------------------------------------------ attacks that train (torch tasks)
+
+HAR = {"subject": 2, "samples": 60, "optimizer": "adam", "lr": 0.01, "batch_size": 8, "local_steps": 2}
+
+
+def _honest_rounds(task: Any, rounds: int, between: Any = None) -> list[StateDict]:
+    """The agent's own trajectory psi(i) = adapt(psi(i-1), i); ``between(i, psi)`` runs after each."""
+    model = task.init_model()
+    out = []
+    for r in range(1, rounds + 1):
+        model = task.adapt(model, r)
+        out.append(model)
+        if between is not None:
+            between(r, model)
+    return out
+
+
+def test_low_loss_leaves_the_attackers_own_training_alone() -> None:
+    """low-loss trains extra copies of the honest model; with Adam those extra steps used to move
+    the agent's own optimizer state, so its honest trajectory depended on how many neighbours asked
+    and in which order. Now it is the same as with no request at all, and every requester of a
+    round gets the same model."""
+    alone = _honest_rounds(make_task("har", "atk", SEED, HAR), 4)
+
+    task = make_task("har", "atk", SEED, HAR)
+    a = make_attack("low-loss", "atk", SEED, {"steps": 3})
+    a.bind(StaticView(task_instance=task))
+    served: dict[int, list[StateDict]] = {}
+
+    def requests(r: int, honest: StateDict) -> None:
+        served[r] = [a.craft(r, requester, honest) for requester in ("v2", "v1", "v2", "v3")[: 1 + r % 3]]
+
+    asked = _honest_rounds(task, 4, requests)
+    for r, (x, y) in enumerate(zip(alone, asked, strict=True), start=1):
+        assert same(x, y), f"round {r}: the attacker's honest model depends on the requests it served"
+        assert all(same(served[r][0], m) for m in served[r])
+        assert not same(served[r][0], y)  # it did train further
+
+
+@pytest.mark.parametrize("task_name", ["har", "digits"])
+def test_label_flip_runs_with_torch_tasks(task_name: str) -> None:
+    """label-flip was unusable with every real task (only a test task had adapt_flipped): the torch
+    tasks now train a flipped-label trajectory with an optimizer of its own."""
+    params = HAR if task_name == "har" else {"dataset": "synthetic", "train_samples": 40, "test_samples": 10}
+    make_attack("label-flip", "atk", SEED, {}, task=task_name)  # no ConfigError
+    alone = _honest_rounds(make_task(task_name, "atk", SEED, params), 3)
+
+    task = make_task(task_name, "atk", SEED, params)
+    a = make_attack("label-flip", "atk", SEED, {})
+    a.bind(StaticView(task_instance=task))
+    served: dict[int, StateDict] = {}
+    asked = _honest_rounds(task, 3, lambda r, h: served.__setitem__(r, a.craft(r, "v1", h)))
+    for r in range(3):
+        assert same(alone[r], asked[r]), "the flipped trajectory disturbed the honest one"
+        assert not same(served[r + 1], asked[r])
+
+    # The flipped trajectory is the task's adapt on flipped labels from the initial model.
+    fresh = make_task(task_name, "atk", SEED, params)
+    model = fresh.init_model()
+    for r in range(1, 4):
+        model = fresh.adapt_flipped(model, r)  # type: ignore[attr-defined]
+    assert same(model, served[3])
+    # ... and it learns the flipped labels: on the agent's data its loss exceeds the honest model's.
+    loss_flipped, loss_honest = fresh.losses([served[3], asked[2]], 3)
+    assert loss_flipped > loss_honest

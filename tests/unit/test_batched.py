@@ -411,8 +411,20 @@ def test_supports_only_what_it_implements() -> None:
     assert supports(base)
     other_task = [c.model_copy(update={"task": "digits"}) for c in base]
     assert not supports(other_task)
-    other_attack = [c.model_copy(update={"attack": "sign-flip"}) if c.attack else c for c in base]
-    assert not supports(other_attack)
+    # An attack it does not implement, with valid parameters (an invalid parameter would make any
+    # attack "unsupported" for the wrong reason: the per-agent engine reports those).
+    unimplemented = [
+        c.model_copy(update={"attack": "label-flip", "attack_params": {}}) if c.attack else c for c in base
+    ]
+    assert "attack 'label-flip'" in (unsupported_reason(unimplemented) or "")
+    # ... and one it does implement, with valid parameters, is supported.
+    sign_flip = [
+        c.model_copy(update={"attack": "sign-flip", "attack_params": {"scale": 2.0}}) if c.attack else c
+        for c in base
+    ]
+    assert supports(sign_flip), unsupported_reason(sign_flip)
+    invalid = [c.model_copy(update={"attack": "sign-flip"}) if c.attack else c for c in base]
+    assert "sign-flip" in (unsupported_reason(invalid) or "")
     assert not supports([c.model_copy(update={"device": "cuda"}) for c in base])
     uneven = [*base[:-1], base[-1].model_copy(update={"rounds": 4})]
     assert not supports(uneven)

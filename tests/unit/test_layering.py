@@ -35,6 +35,14 @@ TORCH_FREE = [
     "orchestrator.backends.local",
     "orchestrator.backends.ssh",
     "orchestrator.backends.sim",
+    "orchestrator.sweep.spec",
+    "orchestrator.sweep.runner",
+    "orchestrator.sweep.executors",
+    "orchestrator.sweep.report",
+    "orchestrator.sweep.cell",
+    "orchestrator.tls",  # mtl-orchestrate certs
+    "mtl_node.identity",
+    "mtl_node.auth",
 ]
 
 
@@ -65,7 +73,7 @@ def test_planning_every_example_loads_no_torch() -> None:
         from orchestrator.planner import plan_topology
         from orchestrator.render import render
         from orchestrator.spec import load_topology
-        for path in sorted(Path("examples").glob("*.yaml")):
+        for path in sorted(p for p in Path("examples").glob("*.yaml") if not p.name.startswith("sweep-")):
             plan = plan_topology(load_topology(path))
         """
     )
@@ -92,3 +100,29 @@ def test_up_with_a_bad_topology_fails_before_torch(tmp_path: Path) -> None:
     assert "rule" in out.stderr and "loss-filtered" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert out.stdout.strip().endswith("TORCH_FREE"), out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certs", "examples/quickstart.yaml", "--out", "{tmp}/certs"],
+        ["render", "examples/quickstart.yaml", "--format", "k8s", "--out", "{tmp}/k8s"],
+    ],
+    ids=["certs", "render"],
+)
+def test_certs_and_render_run_without_torch(argv: list[str], tmp_path: Path) -> None:
+    """``mtl-orchestrate certs`` and ``render`` do their whole job without loading torch."""
+    args = [a.format(tmp=tmp_path) for a in argv]
+    code = textwrap.dedent(
+        f"""
+        import atexit, sys
+        atexit.register(lambda: print("TORCH_LOADED" if "torch" in sys.modules else "TORCH_FREE"))
+        sys.argv = ["mtl-orchestrate", *{args!r}]
+        from orchestrator.cli import main
+        main()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("TORCH_FREE"), out.stdout
+    assert any((tmp_path / args[args.index("--out") + 1].rsplit("/", 1)[-1]).iterdir())

@@ -4,6 +4,7 @@ kubernetes-validate), compose files accepted by Docker Compose itself, and both 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -18,10 +19,12 @@ import yaml
 
 from mtl_node.config import build_config, parse_hostport
 from mtl_node.errors import ConfigError
+from mtl_node.identity import agent_id, identity_from_pem
 from orchestrator.plan import RunPlan
 from orchestrator.planner import plan_topology
 from orchestrator.render import agent_hostnames, dns_label, render_compose, render_k8s
 from orchestrator.spec import load_topology, parse_spec
+from orchestrator.tls import RunCerts, run_certs
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,6 +41,10 @@ TOPOLOGY: dict[str, Any] = {
     "rounds": 7,
     "seed": 5,
 }
+
+
+def certs_for(plan: RunPlan, directory: Path) -> RunCerts:
+    return run_certs(directory, [a.id for a in plan.agents], None, None)
 
 
 def plan_of(data: dict[str, Any]) -> RunPlan:
@@ -69,10 +76,11 @@ def test_dns_labels_are_valid_and_distinct() -> None:
 @pytest.mark.parametrize("example", ["quickstart.yaml", "target-localization-20.yaml"])
 def test_k8s_manifests_validate_against_the_schemas(example: str, tmp_path: Path) -> None:
     plan = plan_topology(load_topology(ROOT / "examples" / example))
-    render_k8s(plan, tmp_path, image="registry.example/resilient-mtl-node:1")
-    docs = docs_in(tmp_path)
+    certs = certs_for(plan, tmp_path / "certs")
+    render_k8s(plan, tmp_path / "k8s", image="registry.example/resilient-mtl-node:1", certs=certs)
+    docs = docs_in(tmp_path / "k8s")
     kinds = [d["kind"] for d in docs]
-    assert kinds.count("Pod") == kinds.count("Service") == len(plan.agents)
+    assert kinds.count("Pod") == kinds.count("Service") == kinds.count("Secret") == len(plan.agents)
     assert kinds.count("ConfigMap") == kinds.count("Namespace") == 1
     # Every object on both versions; the 100-agent example's 400 objects on the newest only (speed).
     for version in K8S_VERSIONS if len(plan.agents) < 20 else K8S_VERSIONS[-1:]:
@@ -96,8 +104,12 @@ def test_the_schema_check_rejects_a_broken_manifest(tmp_path: Path) -> None:
 
 def test_k8s_objects_are_wired_together(tmp_path: Path) -> None:
     plan = plan_of(TOPOLOGY)
-    render_k8s(plan, tmp_path, namespace="mtl-test", rule="average")
-    docs = docs_in(tmp_path)
+    certs = certs_for(plan, tmp_path / "certs")
+    render_k8s(plan, tmp_path / "k8s", namespace="mtl-test", rule="average", certs=certs)
+    docs = docs_in(tmp_path / "k8s")
+    secrets = {
+        d["metadata"]["annotations"]["resilient-mtl.io/agent-id"]: d for d in docs if d["kind"] == "Secret"
+    }
     assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in docs} == {"mtl-test"}
     configmap = next(d for d in docs if d["kind"] == "ConfigMap")
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
@@ -110,9 +122,10 @@ def test_k8s_objects_are_wired_together(tmp_path: Path) -> None:
         pod = by_id[agent.id]
         spec = pod["spec"]
         (container,) = spec["containers"]
-        # Health through grpc.health.v1 on the agent's port, for the agent's service.
+        # Health through grpc.health.v1 on the plaintext health-only port (kubelet probes cannot
+        # present client certificates), for the agent's service.
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": 50051, "service": "mtl.v1.Node"}, probe
+            assert container[probe]["grpc"] == {"port": 8081, "service": "mtl.v1.Node"}, probe
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] != 0
         # The Pod's config comes from its own key of the ConfigMap ...
@@ -121,6 +134,17 @@ def test_k8s_objects_are_wired_together(tmp_path: Path) -> None:
         (item,) = config_volume["configMap"]["items"]
         config = build_config(yaml.safe_load(configmap["data"][item["key"]]))
         assert config.id == agent.id and config.rule == "average" and config.role == agent.role
+        assert config.health_listen == "0.0.0.0:8081" and not config.insecure
+        # Its certificate, key and CA come from its own Secret, mounted where its config says.
+        secret = secrets[agent.id]
+        assert secret["type"] == "kubernetes.io/tls"
+        (tls_volume,) = [v for v in spec["volumes"] if "secret" in v]
+        assert tls_volume["secret"]["secretName"] == secret["metadata"]["name"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == tls_volume["name"]]
+        for field, key in (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")):
+            assert str(getattr(config, field)) == f"{mount['mountPath']}/{key}", field
+        pem = base64.b64decode(secret["data"]["tls.crt"])
+        assert identity_from_pem(pem) == agent_id(agent.id)
         assert list(config.neighbors) == list(agent.neighbors)
         # ... and each neighbour address is a Service that selects exactly that neighbour's Pod.
         for neighbour, address in config.neighbors.items():

@@ -21,7 +21,8 @@ from orchestrator.planner import plan_file, plan_topology
 from orchestrator.spec import Spec, apply_overrides, load_topology, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# Topology files; examples/sweep-*.yaml are sweep files (tests/unit/test_sweep_spec.py).
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("sweep-"))
 BASE: dict[str, Any] = {"name": "t", "agents": 8}
 
 
@@ -52,6 +53,23 @@ def test_the_paper_examples_and_quickstart_exist() -> None:
         "target-localization-20",
         "target-localization-99",
     } <= names
+
+
+@pytest.mark.parametrize("n", [0, 20, 99])
+def test_paper_examples_give_five_agents_the_reference_direction_noise(n: int) -> None:
+    """As the reference code: direction-noise std drawn in [0.01, 0.02] per agent, except five
+    agents at 0.1 (docs/results.md, case study 1)."""
+    from mtl_node.tasks import make_task
+
+    plan = plan_topology(load_topology(ROOT / "examples" / f"target-localization-{n}.yaml"))
+    stds = {}
+    for agent in plan.agents:
+        data = plan.node_config_data(agent, plan.rules[0])
+        task = make_task(data["task"], agent.id, data["seed"], data["task_params"])
+        stds[agent.id] = task.r.direction_noise_std  # type: ignore[attr-defined]
+    noisy = sorted(a for a, std in stds.items() if std == 0.1)
+    assert noisy == ["a26", "a30", "a50", "a61", "a81"]
+    assert all(0.01 <= std <= 0.02 for a, std in stds.items() if a not in noisy)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

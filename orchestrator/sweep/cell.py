@@ -1,0 +1,93 @@
+"""Running one sweep cell, in a worker (a local process or a Ray task).
+
+A cell is planned and run exactly as ``mtl-orchestrate up --backend sim`` runs its topology: the
+topology spec goes through ``orchestrator.planner.plan_topology`` and the ``sim`` backend's public
+entry point (which picks the vectorized or the per-agent engine). Only the normal agents' final
+metric (the window mean, as ``summary.json``) comes back, as plain JSON: results cross process and
+machine boundaries as data, never as pickled objects of ours.
+
+This is the only module of the sweep that (through the sim backend) imports torch, and only when a
+cell runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl_node.errors import MTLError
+from orchestrator.results import window_bounds
+
+log = logging.getLogger(__name__)
+
+_threads_set = False
+
+
+def _one_thread() -> None:
+    """One torch thread per worker: the executors give each cell its own core, and a fixed thread
+    count keeps floating-point reductions identical whichever executor runs the cell."""
+    global _threads_set
+    if not _threads_set:
+        import torch
+
+        torch.set_num_threads(1)
+        _threads_set = True
+
+
+def run_cell(job: dict[str, Any]) -> dict[str, Any]:
+    """``job``: {"id", "topology" (a topology spec mapping), "metric"}. Returns the cell's record:
+    {"id", "agents", "final", "byzantine", "seconds"} or {"id", "error"} when the cell failed."""
+    started = time.perf_counter()
+    try:
+        _one_thread()
+        final, agents, byzantine = _run(job["topology"], job["metric"])
+    except (MTLError, ValueError, RuntimeError, ArithmeticError) as exc:
+        log.debug("cell %s failed: %s", job.get("id"), traceback.format_exc())
+        return {"id": job["id"], "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "id": job["id"],
+        "agents": agents,
+        "final": final,
+        "byzantine": byzantine,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _run(topology: dict[str, Any], metric: str) -> tuple[list[float | None], list[str], list[str]]:
+    from orchestrator.backends import BACKENDS, RunContext
+    from orchestrator.planner import plan_topology
+    from orchestrator.spec import parse_spec
+
+    plan = plan_topology(parse_spec(topology))
+    (rule,) = plan.rules
+    backend = BACKENDS.get("sim")()
+    ctx = RunContext(
+        rule=rule, workdir=Path("."), progress=lambda p: None, record_decisions=False, options=None
+    )
+    output = backend.run(plan, ctx)
+    first, last = window_bounds(plan.rounds, plan.window)
+    normal = plan.normal_ids
+    index = {a: i for i, a in enumerate(normal)}
+    sums = np.zeros(len(normal))
+    counts = np.zeros(len(normal))
+    for row in output.metrics:
+        i = index.get(row["agent"])
+        if i is None or not first <= row["round"] <= last:
+            continue
+        v = row.get(metric)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        sums[i] += float(v)
+        counts[i] += 1
+    final: list[float | None] = []
+    for s, c in zip(sums.tolist(), counts.tolist(), strict=True):
+        x = s / c if c else math.nan
+        final.append(x if math.isfinite(x) else None)
+    byzantine = [a.id for a in plan.agents if a.role == "byzantine"]
+    return final, normal, byzantine

@@ -1,0 +1,90 @@
+"""``--backend sim -o engine=...``: the batched engine by default where it can run, the per-agent
+engine (the oracle) on request or with a logged reason, and a clear error when batched is forced
+on a plan it cannot run."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtl_node.core.errors import ConfigError
+from orchestrator.backends import BACKENDS, RunContext
+from orchestrator.backends.base import RunOutput
+from orchestrator.plan import RunPlan
+from orchestrator.planner import plan_topology
+from orchestrator.spec import parse_spec
+
+SPEC: dict[str, Any] = {
+    "name": "sim-engines",
+    "task": "target-localization",
+    "agents": 8,
+    "graph": {"kind": "complete"},
+    "byzantine": {"count": 2, "attack": "alie", "attack_params": {"z": 1.5}},
+    "rules": ["loss-filtered"],
+    "rounds": 15,
+    "seed": 3,
+}
+
+
+def run(plan: RunPlan, tmp_path: Path, rule: str, **options: str) -> RunOutput:
+    ctx = RunContext(rule=rule, workdir=tmp_path, progress=lambda _: None, options=dict(options))
+    return BACKENDS.get("sim")().run(plan, ctx)
+
+
+@pytest.mark.parametrize("rule", ["loss-filtered", "distance", "loss-filtered-clipped", "krum", "average"])
+def test_batched_and_per_agent_give_the_same_rows(rule: str, tmp_path: Path) -> None:
+    plan = plan_topology(parse_spec(SPEC))
+    fast = run(plan, tmp_path, rule, engine="batched")
+    oracle = run(plan, tmp_path, rule, engine="per-agent")
+    key = lambda r: (r["round"], r["agent"])  # noqa: E731
+    a, b = sorted(fast.metrics, key=key), sorted(oracle.metrics, key=key)
+    assert [key(r) for r in a] == [key(r) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert (x["accepted"], x["filtered"], x["missing"]) == (y["accepted"], y["filtered"], y["missing"])
+        for col in ("loss", "test_loss"):
+            if x[col] is None or y[col] is None:
+                assert x[col] == y[col]
+            else:  # float64 numpy against float64 torch: the same formulas, rounding may differ
+                assert math.isclose(x[col], y[col], rel_tol=1e-9, abs_tol=1e-12), (col, x, y)
+    dkey = lambda r: (r["round"], r["agent"], r["agent_id"])  # noqa: E731
+    da, db = sorted(fast.decisions, key=dkey), sorted(oracle.decisions, key=dkey)
+    assert [(dkey(r), r["decision"]) for r in da] == [(dkey(r), r["decision"]) for r in db]
+    assert [r["reason"] for r in da] == [r["reason"] for r in db]
+
+
+HAR: dict[str, Any] = {
+    "name": "sim-har",
+    "task": "har",
+    "agents": 3,
+    "rounds": 2,
+    "seed": 1,
+    "rules": ["loss"],
+}
+
+
+def test_forcing_batched_on_a_plan_it_cannot_run_names_the_reason(tmp_path: Path) -> None:
+    plan = plan_topology(parse_spec(HAR))
+    with pytest.raises(ConfigError) as info:
+        run(plan, tmp_path, "loss", engine="batched")
+    assert info.value.field == "--option engine"
+    assert "batched engine cannot run this" in str(info.value) and "task 'har'" in str(info.value)
+
+
+def test_unknown_engine_and_option_are_config_errors(tmp_path: Path) -> None:
+    plan = plan_topology(parse_spec(SPEC))
+    with pytest.raises(ConfigError, match="valid: auto, batched, per-agent"):
+        run(plan, tmp_path, "loss-filtered", engine="fast")
+    with pytest.raises(ConfigError, match="unknown option for backend sim"):
+        run(plan, tmp_path, "loss-filtered", engin="batched")
+
+
+def test_auto_falls_back_with_the_reason_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plan = plan_topology(parse_spec(HAR))
+    with caplog.at_level(logging.WARNING, logger="orchestrator.backends.sim"):
+        out = run(plan, tmp_path, "loss")
+    assert len(out.metrics) == 3 * 2
+    assert any("per-agent engine" in r.message and "task 'har'" in r.message for r in caplog.records)
