@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -59,12 +58,14 @@ def parse_neighbors(spec: str) -> dict[str, str]:
     return out
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """mtl_node.logs.setup_logging; a bad level or format exits 2 with one line."""
+    from mtl_node.logs import setup_logging as setup
+
+    try:
+        setup(level, fmt)
+    except ConfigError as exc:
+        raise _fail(exc) from None
 
 
 def check_agent(cfg: NodeConfig) -> None:
@@ -142,6 +143,7 @@ def serve(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these fields")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object a line)")] = "text",
 ) -> None:
     """Run one agent: serve its model over gRPC, learn for ROUNDS rounds, keep serving.
 
@@ -150,7 +152,7 @@ def serve(
     """
     from mtl_node.config import build_config, load_yaml
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         data: dict[str, Any] = load_yaml(config) if config else {}
         flags: dict[str, Any] = {
@@ -215,6 +217,7 @@ def serve_many(
         typer.Option(help="HOST:PORT for the process's Prometheus metrics, one `agent` label per agent"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object a line)")] = "text",
 ) -> None:
     """Host several agents in one process, each with its own gRPC server and port.
 
@@ -223,7 +226,7 @@ def serve_many(
     from mtl_node.config import build_config, load_yaml
     from mtl_node.daemon import run_daemon
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         data = load_yaml(config)
         unknown = sorted(set(data) - {"agents", "metrics_listen"})
@@ -355,6 +358,8 @@ def fetch(
     trust_domain: TrustOpt = "resilient-mtl",
 ) -> None:
     """Download the model an agent published for a round, as a safetensors file."""
+    import grpc
+
     from mtl_node import messages, wire
     from mtl_node.channel import create_channel
     from mtl_node.client import fetch_payload
@@ -375,7 +380,9 @@ def fetch(
         got_round, payload = asyncio.run(go())
     except MTLError as exc:
         raise _fail(exc) from None
-    except Exception as exc:  # grpc errors on GetInfo
+    except grpc.aio.AioRpcError as exc:  # GetInfo: one line, not the RPC error's dump
+        raise _fail(ConnectionError(f"{address}: {exc.code().name}: {exc.details()}")) from None
+    except Exception as exc:
         raise _fail(ConnectionError(f"{address}: {exc}")) from None
     out.write_bytes(payload)
     typer.echo(f"round {got_round}: {len(payload)} bytes -> {out}")

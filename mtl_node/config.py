@@ -71,9 +71,14 @@ class NodeConfig(BaseModel):
     device: str = "cpu"
     attack: str | None = None
     attack_params: dict[str, Any] = Field(default_factory=dict)
-    fetch_timeout: float = Field(30.0, gt=0, description="deadline of one model fetch, seconds")
+    fetch_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="deadline of one model fetch, seconds"
+    )
     startup_timeout: float = Field(
-        120.0, gt=0, description="how long round 1 waits for neighbours to come up, seconds"
+        120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how long round 1 waits for neighbours to come up, seconds",
     )
     keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
     limits: ServerLimits = Field(default_factory=lambda: ServerLimits(), description="server limits")
@@ -95,7 +100,10 @@ class NodeConfig(BaseModel):
     )
     exit_when_done: bool = False
     linger: float = Field(
-        5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="with exit_when_done: seconds to keep serving after the last round",
     )
     # Mutual TLS (DESIGN §5 "Identity"; mtl_node.identity). Without ca/cert/key the daemon refuses
     # to start unless insecure is set.

@@ -61,9 +61,16 @@ def agent_tls(config: NodeConfig) -> TlsMaterial | None:
 async def start_agent(config: NodeConfig, metrics: PrometheusMetrics | None = None) -> RunningAgent:
     """Build the agent, bind its server and mark it SERVING; rounds are not started yet."""
     tls = agent_tls(config)
-    recorder: Recorder = (
-        FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
-    )
+    try:
+        recorder: Recorder = (
+            FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
+        )
+    except OSError as exc:
+        raise ConfigError(
+            "results_dir",
+            f"cannot write {config.results_dir}: {exc.strerror or exc}",
+            "give a writable directory",
+        ) from None
     transport = GrpcTransport(config.neighbors, device=config.device, tls=tls)
     agent = Agent(config, transport, recorder)
     if metrics is not None:
@@ -138,7 +145,9 @@ def start_metrics(configs: Sequence[NodeConfig], address: str | None) -> Prometh
     try:
         port = metrics.serve(address)
     except OSError as exc:
-        raise OSError(f"metrics_listen: cannot listen on {address}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            "metrics_listen", f"cannot listen on {address}: {exc.strerror or exc}", "give a free HOST:PORT"
+        ) from None
     host = address.rsplit(":", 1)[0]
     print(f"mtl-node: metrics on {host}:{port}", flush=True)
     return metrics

@@ -31,12 +31,13 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from mtl_node.logs import setup_logging
+
+    try:
+        setup_logging(level, fmt)
+    except ConfigError as exc:
+        raise _fail(exc) from None
 
 
 def load_plan(topology: Path, seed: int | None, rounds: int | None, rules: list[str] | None):  # type: ignore[no-untyped-def]
@@ -79,6 +80,7 @@ def up(
     ] = False,
     trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object a line)")] = "text",
 ) -> None:
     """Deploy TOPOLOGY, run every rule to the last round, write results and plots.
 
@@ -87,7 +89,7 @@ def up(
     """
     from orchestrator.backends import BACKENDS
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     try:
         BACKENDS.get(backend, field="--backend")
         if processes is not None and processes < 1:
