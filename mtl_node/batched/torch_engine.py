@@ -359,7 +359,7 @@ class _Engine:
 
 def run_torch_batched(
     configs: Sequence[NodeConfig],
-    on_round: Callable[[list[RoundRecord], StateDict | None], Any] | None = None,
+    on_round: Callable[[list[RoundRecord]], Any] | None = None,
 ) -> dict[str, list[RoundRecord]]:
     """Run every agent to its last round, all at once; per agent its RoundRecords (as the
     per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come."""
@@ -371,5 +371,5 @@ def run_torch_batched(
         for rec in records:
             out[rec.agent].append(rec)
         if on_round is not None:
-            on_round(records, None)
+            on_round(records)
     return out
