@@ -53,7 +53,6 @@ def test_batched_and_per_agent_give_the_same_rows(rule: str, tmp_path: Path) -> 
     dkey = lambda r: (r["round"], r["agent"], r["agent_id"])  # noqa: E731
     da, db = sorted(fast.decisions, key=dkey), sorted(oracle.decisions, key=dkey)
     assert [(dkey(r), r["decision"]) for r in da] == [(dkey(r), r["decision"]) for r in db]
-    assert len(da) == 5 * 5 * 3
     assert [r["reason"] for r in da] == [r["reason"] for r in db]
 
 
