@@ -336,7 +336,9 @@ class _Engine:
         started = time.perf_counter()
         theta_prev = self.theta
         psi = self.adapt(i)
-        received, missing = self.exchange(i, psi)
+        # Nobody uses what it fetches (rule none, no pool attack): every agent keeps its own psi.
+        alone = not any(self.cooperating) and not any(self.keeps_pool)
+        received, missing = (psi, {}) if alone else self.exchange(i, psi)
         n = self.n
         loss_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_loss]
         dist_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_distance]
@@ -390,6 +392,9 @@ class _Engine:
         w32 = weights.to(torch.float32)
         theta: Stacked = {}
         for name, t in received.items():
+            if not any(self.cooperating):  # every row keeps psi (weighted_sum's single-member copy)
+                theta[name] = psi[name].clone()
+                continue
             shape = (n, *([1] * (t.dim() - 2)))
             theta[name] = accumulate(
                 [w32[:, s].view(shape) for s in range(self.width)], [t[:, s] for s in range(self.width)]
