@@ -2,7 +2,7 @@
 
 ``mtl_node.engine.run_agents`` (one Agent per agent, the same code the daemons run) is the oracle:
 for the same configs both must give the same per-round metrics, counts, per-neighbour decisions and
-final models, to 1e-9.
+final models: bit for bit for the paper's rules (see EXACT), to 1e-9 otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from mtl_node.recorder import MemoryRecorder
 RULES = ["none", "average", "loss", "loss-filtered", "distance"]
 ROBUST = list(ROBUST_RULES)
 TOL = 1e-9
+# The paper's rules (none, average, loss, loss-filtered, distance) with the constant attack run the
+# same kernels in both engines (mtl_node/kernels: the task's LMS step and residual, the EMA rules,
+# the combination, the test loss), so their numbers are equal bit for bit. The robust and hardened
+# rules and the other attacks still differ in the last bits (1 row of present members against
+# padded rows in some kernels, torch against numpy in some attacks): equal to TOL.
+EXACT = 0.0
 
 
 def sparse_configs(
@@ -61,16 +67,16 @@ def sparse_configs(
     return configs
 
 
-def same(a: float, b: float) -> bool:
+def same(a: float, b: float, tol: float = TOL) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     if math.isinf(a) or math.isinf(b):
         return a == b
-    return abs(a - b) <= TOL * max(1.0, abs(a))
+    return abs(a - b) <= tol * max(1.0, abs(a))
 
 
 def assert_same_runs(
-    configs: list[NodeConfig], reference: dict[str, MemoryRecorder], got: BatchedResult
+    configs: list[NodeConfig], reference: dict[str, MemoryRecorder], got: BatchedResult, tol: float = TOL
 ) -> None:
     records = got.records()
     for k, cfg in enumerate(configs):
@@ -84,16 +90,22 @@ def assert_same_runs(
                 want.filtered,
                 want.missing,
             ), where
-            assert same(have.metrics.loss, want.metrics.loss), (where, have.metrics, want.metrics)
+            assert same(have.metrics.loss, want.metrics.loss, tol), (where, have.metrics, want.metrics)
             assert want.metrics.test_loss is not None and have.metrics.test_loss is not None
-            assert same(have.metrics.test_loss, want.metrics.test_loss), (where, have.metrics, want.metrics)
+            assert same(have.metrics.test_loss, want.metrics.test_loss, tol), (
+                where,
+                have.metrics,
+                want.metrics,
+            )
             assert len(have.decisions) == len(want.decisions), where
             for dw, dh in zip(want.decisions, have.decisions, strict=True):
                 assert (dh.agent_id, dh.decision, dh.reason) == (dw.agent_id, dw.decision, dw.reason), where
                 for field in ("weight", "ema", "loss"):
-                    assert same(getattr(dh, field), getattr(dw, field)), (where, field, dw, dh)
+                    assert same(getattr(dh, field), getattr(dw, field), tol), (where, field, dw, dh)
         final = reference[cfg.id].models[-1]["w"].numpy()
-        assert all(same(float(a), float(b)) for a, b in zip(final, got.final_models[k], strict=True)), cfg.id
+        assert all(same(float(a), float(b), tol) for a, b in zip(final, got.final_models[k], strict=True)), (
+            cfg.id
+        )
 
 
 def decision_counts(reference: dict[str, MemoryRecorder]) -> Counter[str]:
@@ -105,7 +117,7 @@ def decision_counts(reference: dict[str, MemoryRecorder]) -> Counter[str]:
 def test_same_as_per_agent_engine(rule: str, redraw: str) -> None:
     configs = sparse_configs(rule, redraw)
     reference = run_agents(configs, keep_models=True)
-    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True))
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), EXACT)
     counts = decision_counts(reference)
     assert counts["missing" if rule != "none" else "filtered"] > 0  # the ghost / non-cooperation show
     if rule == "loss-filtered":
@@ -116,7 +128,7 @@ def test_same_as_per_agent_engine(rule: str, redraw: str) -> None:
 def test_ema_starting_at_first_observation(rule: str) -> None:
     configs = sparse_configs(rule, "request", ema_init=None, rounds=40)
     assert_same_runs(
-        configs, run_agents(configs, keep_models=True), run_batched(configs, record_decisions=True)
+        configs, run_agents(configs, keep_models=True), run_batched(configs, record_decisions=True), EXACT
     )
 
 
