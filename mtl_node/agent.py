@@ -25,6 +25,8 @@ from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
 from mtl_node.errors import FetchError, WireError
+from mtl_node.liveness import LoopWatch, NeighbourLiveness
+from mtl_node.metrics import AgentObserver
 from mtl_node.recorder import MemoryRecorder, Recorder, RoundRecord
 from mtl_node.store import ModelStore
 from mtl_node.tasks import Metrics, Task, make_task
@@ -36,6 +38,11 @@ T = TypeVar("T")
 
 # Models above this size are adapted/scored in a worker thread so the event loop keeps serving.
 OFFLOAD_BYTES = 1 << 20
+# A task call that holds the event loop longer than this moves every later call of the agent to a
+# worker thread: health, status and GetModel must be answered during a round, however costly the
+# task (a CNN's local step takes ~0.1 s; target localization's takes microseconds and stays inline,
+# where a thread hop would cost more than the call).
+INLINE_BUDGET_S = 0.02
 # state_every unset ("auto"): write the state once the time since the last write is this many times
 # what the last write took (bounding its share of the run to about 1/(1+AUTO_STATE_FACTOR)), at
 # most AUTO_STATE_MAX_ROUNDS and keep-2 rounds apart (so the neighbours still keep every round a
@@ -97,10 +104,17 @@ class Agent:
         self._requester_fetching: set[tuple[str, int]] = set()
         self._craft_failed = False
         self._offload = self.manifest.data_bytes > OFFLOAD_BYTES
+        # One task call at a time per agent, as when every call ran inline: an attack crafting
+        # while the round's adapt runs in a thread must not share the task's module with it.
+        self._compute_lock = asyncio.Lock()
         # Byzantine agents fetch too (and discard): it keeps them in step with their victims and
         # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
         self.fetches = self.attack is not None or self.rule.name != "none"
         self._last_failure: dict[str, str] = {}
+        self.liveness = NeighbourLiveness(config.id, transport.latest_round, config.fetch_timeout)
+        self.loop_watch = LoopWatch()
+        # Metrics hooks (mtl_node.metrics); the daemon swaps in a Prometheus one.
+        self.observer = AgentObserver()
         self.done = asyncio.Event()
         if self.attack is not None:
             self.attack.bind(_AgentView(self))
@@ -205,10 +219,10 @@ class Agent:
         deadline = asyncio.get_running_loop().time() + timeout
         published = await self.store.wait_for(round_, timeout)
         if self.attack is None:
-            payload, digest = await self._compute(published.payload)
+            payload, digest = await self._compute(published.payload, exclusive=False)
             return published.round, payload, digest
         crafted = await self._craft(published.round, requester, published.state, deadline)
-        payload = await self._compute(wire.encode, crafted)
+        payload = await self._compute(wire.encode, crafted, exclusive=False)
         return published.round, payload, wire.digest(payload)
 
     # -- Byzantine: what the attack sees and how its answer is served ----------------------------
@@ -282,6 +296,9 @@ class Agent:
 
     async def run(self) -> None:
         self._set_status(_replace(self.status, state="running"))
+        self.observer.started("start")
+        self.loop_watch.on_stall = lambda: self.observer.paused()
+        self.loop_watch.start()
         try:
             for i in range(self.start_round + 1, self.config.rounds + 1):
                 await self.run_round(i)
@@ -290,15 +307,34 @@ class Agent:
             raise
         finally:
             self.recorder.close()
+            await self.liveness.close()
+            await self.loop_watch.close()
         self._set_status(_replace(self.status, state="done"))
         self.done.set()
 
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _compute(self, fn: Callable[..., T], *args: Any, exclusive: bool = True) -> T:
+        """``fn(*args)``: inline while it is cheap, else in a worker thread (INLINE_BUDGET_S).
+
+        ``exclusive=False`` for work that touches no task state (encoding a payload), which may
+        then run alongside the round's own computation.
+        """
         if self._offload:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+            if not exclusive:
+                return await asyncio.to_thread(fn, *args)
+            async with self._compute_lock:
+                return await asyncio.to_thread(fn, *args)
+        started = time.perf_counter()
+        result = fn(*args)
+        if time.perf_counter() - started > INLINE_BUDGET_S:
+            log.debug("%s: %s took over %.3fs; in a thread from now on", self.id, fn, INLINE_BUDGET_S)
+            self._offload = True
+        return result
 
     async def run_round(self, i: int) -> None:
+        # A fair turn for the event loop every round: an agent that fetches nothing (rule none,
+        # no neighbours) would otherwise never await, and its server, its signal handlers and the
+        # other agents of a serve-many process would wait for its last round.
+        await asyncio.sleep(0)
         started = time.perf_counter()
         theta_prev = self.theta
         psi = await self._compute(self.task.adapt, theta_prev, i)
@@ -334,6 +370,8 @@ class Agent:
             seconds=time.perf_counter() - started,
         )
         self.recorder.record(record, self.theta)
+        self.observer.round_done(record)
+        self.observer.suspects(len(self.liveness.suspects))
         await self._save_state(i)
         self._set_status(
             AgentStatus(
@@ -352,6 +390,7 @@ class Agent:
         )
 
     async def _fetch_all(self, i: int) -> dict[str, StateDict | Exception]:
+        self.liveness.round = i
         results = await asyncio.gather(*(self._fetch_one(n, i) for n in self.neighbors))
         return dict(zip(self.neighbors, results, strict=True))
 
@@ -361,16 +400,35 @@ class Agent:
         # them. Afterwards every fetch has the normal deadline, so a neighbour that never answers
         # (dead from the start, or an attacker that hangs) costs at most fetch_timeout a round.
         timeout = self.config.startup_timeout if i == 1 else self.config.fetch_timeout
+        skipped = self.liveness.skip(neighbor, i)
+        if skipped is not None:
+            log.debug("%s: round %d: left out %s: %s", self.id, i, neighbor, skipped)
+            self.observer.fetched(neighbor, "skipped", 0.0)
+            return skipped
+        started = asyncio.get_running_loop().time()
         try:
-            state = await self.transport.fetch(neighbor, i, self.id, timeout)
+            try:
+                state = await self.transport.fetch(neighbor, i, self.id, timeout)
+            except FetchError as exc:
+                # Our own deadline ran out while this process was stopped: that says nothing
+                # about the neighbour, so ask again with a fresh deadline.
+                if exc.reason != "timeout" or not self.loop_watch.paused_since(started):
+                    raise
+                log.info("%s: round %d: was paused; asking %s again", self.id, i, neighbor)
+                state = await self.transport.fetch(neighbor, i, self.id, self.config.fetch_timeout)
             wire.validate_state(state, self.manifest)
         except (FetchError, WireError) as exc:
+            if isinstance(exc, FetchError) and exc.reason == "timeout":
+                self.liveness.timed_out(neighbor, i, str(exc))
             # Warn when a neighbour starts failing (or fails differently), not every round.
             reason = getattr(exc, "reason", "error")
             level = logging.DEBUG if self._last_failure.get(neighbor) == reason else logging.WARNING
             log.log(level, "%s: round %d: left out %s: %s", self.id, i, neighbor, exc)
             self._last_failure[neighbor] = reason
+            self.observer.fetched(neighbor, reason, asyncio.get_running_loop().time() - started)
             return exc
+        self.observer.fetched(neighbor, "ok", asyncio.get_running_loop().time() - started)
+        self.liveness.answered(neighbor)
         if self._last_failure.pop(neighbor, None):
             log.info("%s: round %d: %s is back", self.id, i, neighbor)
         return state

@@ -70,13 +70,21 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
+# Every request an agent's server takes is small (a round, an id): a larger one is refused by
+# gRPC itself before it is buffered (mtl_node.limits bounds the rest).
+MAX_REQUEST_BYTES = 64 << 10
+
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Bounds how long any call can live, one whose reader stopped reading included: clients are
+    # asked to reconnect after 30 minutes (transparently), calls still open 5 minutes later end.
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 5 * 60_000),
     # One owner per port (DESIGN §5): gRPC sets SO_REUSEPORT unless told not to, which would let a
     # second process bind an agent's port and answer part of its neighbours' fetches.
     ("grpc.so_reuseport", 0),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -59,12 +58,14 @@ def parse_neighbors(spec: str) -> dict[str, str]:
     return out
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """mtl_node.logs.setup_logging; a bad level or format exits 2 with one line."""
+    from mtl_node.logs import setup_logging as setup
+
+    try:
+        setup(level, fmt)
+    except ConfigError as exc:
+        raise _fail(exc) from None
 
 
 def check_agent(cfg: NodeConfig) -> None:
@@ -120,6 +121,9 @@ def serve(
         int | None, typer.Option(help="write the state every N rounds (0: never; default: auto)")
     ] = None,
     fetch_timeout: Annotated[float | None, typer.Option(help="deadline per fetch, s")] = None,
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for Prometheus metrics (port 0: any; default off)")
+    ] = None,
     exit_when_done: Annotated[
         bool | None, typer.Option("--exit-when-done/--keep-serving", help="exit after last round")
     ] = None,
@@ -139,6 +143,7 @@ def serve(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these fields")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object a line)")] = "text",
 ) -> None:
     """Run one agent: serve its model over gRPC, learn for ROUNDS rounds, keep serving.
 
@@ -147,7 +152,7 @@ def serve(
     """
     from mtl_node.config import build_config, load_yaml
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         data: dict[str, Any] = load_yaml(config) if config else {}
         flags: dict[str, Any] = {
@@ -164,6 +169,7 @@ def serve(
             "state_dir": state_dir,
             "state_every": state_every,
             "fetch_timeout": fetch_timeout,
+            "metrics_listen": metrics_listen,
             "exit_when_done": exit_when_done,
             "ca": ca,
             "cert": cert,
@@ -206,7 +212,12 @@ def serve_many(
     config: Annotated[Path, typer.Option(help="YAML/JSON file: {agents: [agent config, ...]}")],
     exit_when_done: Annotated[bool, typer.Option(help="exit after every agent finished")] = False,
     linger: Annotated[float, typer.Option(help="with --exit-when-done: keep serving N s")] = 5.0,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT for the process's Prometheus metrics, one `agent` label per agent"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object a line)")] = "text",
 ) -> None:
     """Host several agents in one process, each with its own gRPC server and port.
 
@@ -215,9 +226,17 @@ def serve_many(
     from mtl_node.config import build_config, load_yaml
     from mtl_node.daemon import run_daemon
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         data = load_yaml(config)
+        unknown = sorted(set(data) - {"agents", "metrics_listen"})
+        if unknown:
+            raise ConfigError(unknown[0], "unknown field", "valid fields: agents, metrics_listen")
+        metrics_listen = metrics_listen or data.get("metrics_listen")
+        if metrics_listen is not None:
+            from mtl_node.config import parse_hostport
+
+            parse_hostport(str(metrics_listen), "--metrics-listen")
         items = data.get("agents")
         if not isinstance(items, list) or not items:
             raise ConfigError("agents", "must be a non-empty list of agent configs", f"in {config}")
@@ -231,7 +250,7 @@ def serve_many(
             configs.append(cfg)
     except MTLError as exc:
         raise _fail(exc) from None
-    raise typer.Exit(run_daemon(configs, exit_when_done, linger))
+    raise typer.Exit(run_daemon(configs, exit_when_done, linger, metrics_listen))
 
 
 @app.command()
@@ -339,6 +358,8 @@ def fetch(
     trust_domain: TrustOpt = "resilient-mtl",
 ) -> None:
     """Download the model an agent published for a round, as a safetensors file."""
+    import grpc
+
     from mtl_node import messages, wire
     from mtl_node.channel import create_channel
     from mtl_node.client import fetch_payload
@@ -359,7 +380,9 @@ def fetch(
         got_round, payload = asyncio.run(go())
     except MTLError as exc:
         raise _fail(exc) from None
-    except Exception as exc:  # grpc errors on GetInfo
+    except grpc.aio.AioRpcError as exc:  # GetInfo: one line, not the RPC error's dump
+        raise _fail(ConnectionError(f"{address}: {exc.code().name}: {exc.details()}")) from None
+    except Exception as exc:
         raise _fail(ConnectionError(f"{address}: {exc}")) from None
     out.write_bytes(payload)
     typer.echo(f"round {got_round}: {len(payload)} bytes -> {out}")

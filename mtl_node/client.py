@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -46,8 +46,10 @@ def _chunk_parts(
     if isinstance(message, pb.ModelChunk):
         return (message.header if want_header and message.HasField("header") else None), message.data
     raw_header, data = wire.split_chunk(message)
-    if not want_header or raw_header is None:
+    if raw_header is None:
         return None, data
+    if not want_header:  # servers send the header once; a later one is not even checked by us
+        raise wire.BadPayload("a chunk after the first carries a header")
     try:
         return pb.ModelHeader.FromString(raw_header), data
     except DecodeError:
@@ -129,10 +131,13 @@ class GrpcTransport(Transport):
         self.tls = tls
         self._stubs: dict[str, ModelStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._info_stubs: dict[str, pb_grpc.NodeStub] = {}
         self._seen: set[str] = set()
         # Neighbours that stayed unreachable for a whole deadline: asked once per round, without
         # waiting, until they answer again (the channel keeps reconnecting in the background).
         self._down: set[str] = set()
+        # Told the size of every payload received (metrics); None: nobody is counting.
+        self.on_received: Callable[[int], None] | None = None
 
     def _stub(self, neighbor: str) -> ModelStub:
         stub = self._stubs.get(neighbor)
@@ -168,6 +173,8 @@ class GrpcTransport(Transport):
                 f"{neighbor}: the model's header names {header.agent_id[:64]!r}", reason="identity"
             )
         self._seen.add(neighbor)
+        if self.on_received is not None:
+            self.on_received(len(payload))
         # Full validation (names, shapes, finite) happens in the round loop for every transport.
         return wire.parse(payload, self.manifest, self.device)
 
@@ -198,6 +205,17 @@ class GrpcTransport(Transport):
                     raise
                 log.debug("%s: round %d: unreachable (%s); asking again", neighbor, round_, exc)
             await asyncio.sleep(STARTUP_RETRY_S)
+
+    async def latest_round(self, neighbor: str, timeout: float) -> int:
+        self._stub(neighbor)
+        info = self._info_stubs.get(neighbor)
+        if info is None:
+            info = self._info_stubs[neighbor] = pb_grpc.NodeStub(self._channels[neighbor])
+        try:
+            reply = await info.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise FetchError(f"{exc.code().name}: {exc.details()}", reason="unavailable") from None
+        return int(reply.round)
 
     async def close(self) -> None:
         for channel in self._channels.values():

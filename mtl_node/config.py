@@ -30,6 +30,28 @@ def parse_hostport(value: str, field: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
+class ServerLimits(BaseModel):
+    """What one daemon's gRPC server accepts at once (mtl_node.limits; docs/operations.md).
+
+    A call over a limit is refused at once with RESOURCE_EXHAUSTED, never queued. "Peer" is the
+    caller's identity (its address until calls are authenticated).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent_rpcs: int = Field(256, ge=1, le=100_000, description="calls in progress, all peers")
+    max_rpcs_per_peer: int = Field(32, ge=1, le=100_000, description="calls in progress from one peer")
+    max_watchers: int = Field(16, ge=0, le=10_000, description="WatchStatus streams, all peers")
+    max_watchers_per_peer: int = Field(2, ge=0, le=10_000, description="WatchStatus streams from one peer")
+    max_rounds_ahead: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="GetModel waits at most this many rounds past the latest",
+    )
+    max_requester_bytes: int = Field(128, ge=1, le=4096, description="longest requester id accepted")
+
+
 class NodeConfig(BaseModel):
     """Everything one agent daemon needs. Keyword-only; unknown keys are errors."""
 
@@ -49,12 +71,21 @@ class NodeConfig(BaseModel):
     device: str = "cpu"
     attack: str | None = None
     attack_params: dict[str, Any] = Field(default_factory=dict)
-    fetch_timeout: float = Field(30.0, gt=0, description="deadline of one model fetch, seconds")
+    fetch_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="deadline of one model fetch, seconds"
+    )
     startup_timeout: float = Field(
-        120.0, gt=0, description="how long round 1 waits for neighbours to come up, seconds"
+        120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how long round 1 waits for neighbours to come up, seconds",
     )
     keep_rounds: int = Field(4, ge=1, le=1000, description="published rounds kept for slow peers")
+    limits: ServerLimits = Field(default_factory=lambda: ServerLimits(), description="server limits")
     results_dir: Path | None = None
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT of the Prometheus metrics endpoint (port 0 = any free; none: off)"
+    )
     save_models_every: int = Field(
         0, ge=0, description="export the combined model every N rounds (results_dir/models, safetensors)"
     )
@@ -69,7 +100,10 @@ class NodeConfig(BaseModel):
     )
     exit_when_done: bool = False
     linger: float = Field(
-        5.0, ge=0, description="with exit_when_done: seconds to keep serving after the last round"
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="with exit_when_done: seconds to keep serving after the last round",
     )
     # Mutual TLS (DESIGN §5 "Identity"; mtl_node.identity). Without ca/cert/key the daemon refuses
     # to start unless insecure is set.
@@ -103,6 +137,13 @@ class NodeConfig(BaseModel):
     @classmethod
     def _listen(cls, v: str) -> str:
         parse_hostport(v, "listen")
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v, "metrics_listen")
         return v
 
     @field_validator("neighbors")
@@ -185,8 +226,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not a text file", "give a YAML or JSON file") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+    except RecursionError:
+        raise ConfigError(
+            "--config", f"{path} is nested too deeply", "a config is a few levels deep"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:

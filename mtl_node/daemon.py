@@ -27,6 +27,7 @@ from mtl_node.client import GrpcTransport
 from mtl_node.config import NodeConfig, parse_hostport
 from mtl_node.errors import ConfigError, MTLError
 from mtl_node.identity import TlsMaterial, agent_id, party_tls
+from mtl_node.metrics import PrometheusMetrics
 from mtl_node.recorder import FileRecorder, Recorder
 from mtl_node.server import create_health_server, create_server, set_serving, stop_server
 
@@ -57,14 +58,24 @@ def agent_tls(config: NodeConfig) -> TlsMaterial | None:
     )
 
 
-async def start_agent(config: NodeConfig) -> RunningAgent:
+async def start_agent(config: NodeConfig, metrics: PrometheusMetrics | None = None) -> RunningAgent:
     """Build the agent, bind its server and mark it SERVING; rounds are not started yet."""
     tls = agent_tls(config)
-    recorder: Recorder = (
-        FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
-    )
+    try:
+        recorder: Recorder = (
+            FileRecorder(config.results_dir, config.save_models_every) if config.results_dir else Recorder()
+        )
+    except OSError as exc:
+        raise ConfigError(
+            "results_dir",
+            f"cannot write {config.results_dir}: {exc.strerror or exc}",
+            "give a writable directory",
+        ) from None
     transport = GrpcTransport(config.neighbors, device=config.device, tls=tls)
     agent = Agent(config, transport, recorder)
+    if metrics is not None:
+        agent.observer = metrics.agent(config.id, config.neighbors)
+        transport.on_received = agent.observer.received
     server, port, health_servicer = await create_server(agent, config.listen, tls)
     health_server = None
     if config.health_listen:
@@ -124,7 +135,27 @@ async def wait_for_peers(running: Sequence[RunningAgent], stop: asyncio.Event) -
             r.transport.addresses[neighbor] = address
 
 
-async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: float) -> int:
+def start_metrics(configs: Sequence[NodeConfig], address: str | None) -> PrometheusMetrics | None:
+    """One Prometheus endpoint for the process: ``address``, else the first agent's
+    ``metrics_listen``; None when neither is set."""
+    address = address or next((c.metrics_listen for c in configs if c.metrics_listen), None)
+    if address is None:
+        return None
+    metrics = PrometheusMetrics()
+    try:
+        port = metrics.serve(address)
+    except OSError as exc:
+        raise ConfigError(
+            "metrics_listen", f"cannot listen on {address}: {exc.strerror or exc}", "give a free HOST:PORT"
+        ) from None
+    host = address.rsplit(":", 1)[0]
+    print(f"mtl-node: metrics on {host}:{port}", flush=True)
+    return metrics
+
+
+async def serve(
+    configs: Sequence[NodeConfig], exit_when_done: bool, linger: float, metrics_listen: str | None = None
+) -> int:
     """Serve every agent until SIGTERM/SIGINT, or with ``exit_when_done`` until all finished
     their rounds and ``linger`` seconds passed (neighbours may still be fetching the last round).
     Returns the exit code: 0, or 1 if any round loop failed."""
@@ -134,9 +165,10 @@ async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: flo
         loop.add_signal_handler(sig, stop.set)
 
     running: list[RunningAgent] = []
+    metrics = start_metrics(configs, metrics_listen)
     try:
         for cfg in configs:
-            running.append(await start_agent(cfg))
+            running.append(await start_agent(cfg, metrics))
         await wait_for_peers(running, stop)
         runs = [asyncio.create_task(r.agent.run(), name=f"rounds-{r.config.id}") for r in running]
         all_runs = asyncio.gather(*runs, return_exceptions=True)
@@ -168,12 +200,19 @@ async def serve(configs: Sequence[NodeConfig], exit_when_done: bool, linger: flo
         return code
     finally:
         await asyncio.gather(*(stop_agent(r) for r in running), return_exceptions=True)
+        if metrics is not None:
+            metrics.close()
 
 
-def run_daemon(configs: Sequence[NodeConfig], exit_when_done: bool = False, linger: float = 5.0) -> int:
+def run_daemon(
+    configs: Sequence[NodeConfig],
+    exit_when_done: bool = False,
+    linger: float = 5.0,
+    metrics_listen: str | None = None,
+) -> int:
     keep_freed_memory()  # large models: reuse receive buffers' pages across rounds
     try:
-        return asyncio.run(serve(configs, exit_when_done, linger))
+        return asyncio.run(serve(configs, exit_when_done, linger, metrics_listen))
     except OSError as exc:
         print(f"mtl-node: error: listen: {exc}", file=sys.stderr)
         return 2

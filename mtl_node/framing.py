@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import xxhash
+from google.protobuf.message import DecodeError
 
 from mtl_node.core.errors import (
     BadPayload,
@@ -146,6 +147,9 @@ def frames(payload: bytes, header: pb.ModelHeader, chunk_bytes: int = CHUNK_BYTE
         yield b"".join((first if index == 0 else b"", _DATA_TAG, _varint(len(piece)), piece))
 
 
+_MAX_FIELD = (1 << 29) - 1  # protobuf's largest field number; its tags are 32-bit
+
+
 def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
     result = 0
     for shift in range(0, 70, 7):
@@ -164,7 +168,9 @@ def split_chunk(message: bytes) -> tuple[bytes | None, memoryview]:
 
     Reads the protobuf wire format the way protobuf does: unknown fields are skipped, a repeated
     header is merged (serialized messages concatenate into their merge), the last data field wins.
-    Anything malformed is a BadPayload.
+    Each occurrence of a repeated header must parse on its own, as protobuf parses them (their
+    concatenation may parse where a piece does not: found by tests/fuzz). Anything malformed is a
+    BadPayload.
     """
     view = memoryview(message)
     end = len(view)
@@ -174,8 +180,8 @@ def split_chunk(message: bytes) -> tuple[bytes | None, memoryview]:
     while pos < end:
         key, pos = _read_varint(view, pos)
         field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise BadPayload("chunk message has field number 0")
+        if field == 0 or key >> 32 or field > _MAX_FIELD:
+            raise BadPayload(f"chunk message has an invalid field number ({field})")
         if field in (_HEADER_FIELD, _DATA_FIELD) and wire_type != _LEN:
             raise BadPayload(f"chunk field {field} has wire type {wire_type}, expected {_LEN}")
         if wire_type == _LEN:
@@ -196,6 +202,12 @@ def split_chunk(message: bytes) -> tuple[bytes | None, memoryview]:
                 raise BadPayload("chunk message ends inside a fixed-size field")
         else:
             raise BadPayload(f"chunk message has a field of unsupported wire type {wire_type}")
+    if len(headers) > 1:
+        for piece in headers:
+            try:
+                pb.ModelHeader.FromString(bytes(piece))
+            except DecodeError:
+                raise BadPayload("chunk message has a header that is not a ModelHeader") from None
     return (b"".join(headers) if headers else None), data
 
 

@@ -21,6 +21,7 @@ from mtl_node.auth import DenialLog, authorize, peer_identity
 from mtl_node.channel import SERVER_OPTIONS, SERVICE, server_credentials
 from mtl_node.errors import FetchError
 from mtl_node.identity import TlsMaterial
+from mtl_node.limits import Limiter, guard
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
@@ -78,6 +79,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         # three times per request by protobuf.
         for frame in wire.frames(payload, header):
             yield frame
+        self.agent.observer.served(len(payload))
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -94,7 +96,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             yield messages.status_to_pb(status)
             if status.state in ("done", "failed"):
                 return
-            await self.agent.wait_status_change()
+            # The status may have changed while the reader took the last one: only wait when not
+            # (waiting regardless would miss that change, and the run's last status with it).
+            if self.agent.status is status:
+                await self.agent.wait_status_change()
 
 
 class _Collect:
@@ -155,6 +160,8 @@ async def create_server(
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     service, handlers = _handlers(NodeServicer(agent, tls))
+    limiter = Limiter(agent.config.limits, lambda: agent.store.latest_round, lambda: agent.observer)
+    handlers = guard(handlers, limiter)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]  # not in the stubs
     health_servicer = health_aio.HealthServicer()

@@ -29,6 +29,11 @@ class Transport(ABC):
     async def fetch(self, neighbor: str, round_: int, requester: str, timeout: float) -> StateDict:
         """The model ``neighbor`` published for ``round_``; raises FetchError or WireError."""
 
+    async def latest_round(self, neighbor: str, timeout: float) -> int:
+        """The latest round ``neighbor`` has published (a cheap liveness probe); raises FetchError
+        when it does not answer within ``timeout``."""
+        raise FetchError(f"{type(self).__name__} cannot probe {neighbor}", reason="unavailable")
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -45,3 +50,10 @@ class InMemoryTransport(Transport):
             raise FetchError(f"no agent {neighbor!r} in this process", reason="unavailable")
         # model_for bounds its own wait by ``timeout`` (no extra wait_for task on the hot path).
         return await source.model_for(round_, requester, timeout)
+
+    async def latest_round(self, neighbor: str, timeout: float) -> int:
+        source = self.sources.get(neighbor)
+        store = getattr(source, "store", None)
+        if store is None:
+            raise FetchError(f"no agent {neighbor!r} in this process", reason="unavailable")
+        return int(store.latest_round)

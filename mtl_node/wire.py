@@ -113,6 +113,8 @@ def encode(state: Mapping[str, torch.Tensor]) -> bytes:
     out by decreasing element size, then name, after a header padded to 8 bytes, so every tensor
     is aligned for ``parse`` to view in place.
     """
+    if "__metadata__" in state:
+        raise ValueError("a tensor cannot be named __metadata__ (safetensors reserves the name)")
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     order = sorted(cpu, key=lambda name: (-cpu[name].element_size(), name))
     header: dict[str, dict[str, object]] = {}

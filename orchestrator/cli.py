@@ -31,12 +31,13 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from mtl_node.logs import setup_logging
+
+    try:
+        setup_logging(level, fmt)
+    except ConfigError as exc:
+        raise _fail(exc) from None
 
 
 def load_plan(topology: Path, seed: int | None, rounds: int | None, rules: list[str] | None):  # type: ignore[no-untyped-def]
@@ -62,7 +63,7 @@ def up(
         typer.Option(
             "--option",
             "-o",
-            help="backend option KEY=VALUE (sim: engine=auto|batched|per-agent; "
+            help="backend option KEY=VALUE (sim: engine=auto|batched|per-agent; local: metrics_port; "
             "docker: image, agents_per_container; "
             "ssh: ssh_config, remote_command, remote_dir; k8s: image, namespace, kubectl)",
         ),
@@ -79,6 +80,7 @@ def up(
     ] = False,
     trust_domain: Annotated[str | None, typer.Option(help="SPIFFE trust domain of a new CA")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object a line)")] = "text",
 ) -> None:
     """Deploy TOPOLOGY, run every rule to the last round, write results and plots.
 
@@ -87,9 +89,11 @@ def up(
     """
     from orchestrator.backends import BACKENDS
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     try:
         BACKENDS.get(backend, field="--backend")
+        if processes is not None and processes < 1:
+            raise ConfigError("--processes", f"{processes} is below 1", "give 1 or more agent processes")
         plan = load_plan(topology, seed, rounds, rule)
         backend_options = _parse_options(option or [])
     except MTLError as exc:
@@ -222,7 +226,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 @app.command()
 def render(
     topology: Annotated[Path, typer.Argument(help="topology YAML file")],
-    format: Annotated[str, typer.Option("--format", help="compose or k8s")],
+    format: Annotated[str, typer.Option("--format", help="compose, k8s or prometheus (a scrape config)")],
     out: Annotated[Path, typer.Option(help="directory to write the manifests to")],
     image: Annotated[str, typer.Option(help="agent image (push it where the cluster can pull it)")] = (
         "resilient-mtl-node:latest"
@@ -231,6 +235,12 @@ def render(
     namespace: Annotated[str, typer.Option(help="k8s: namespace of every object")] = "resilient-mtl",
     seed: Annotated[int | None, typer.Option(help="override the topology's seed")] = None,
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
+    backend: Annotated[str, typer.Option(help="prometheus: targets for local, docker or k8s")] = "local",
+    metrics_port: Annotated[
+        int, typer.Option(help="prometheus, local: the -o metrics_port of `up` (process k: PORT+k)")
+    ] = 9464,
+    processes: Annotated[int | None, typer.Option(help="prometheus, local: the --processes of `up`")] = None,
+    scrape_interval: Annotated[str, typer.Option(help="prometheus: scrape interval")] = "15s",
     certs: Annotated[
         Path | None, typer.Option(help="certificates (mtl-orchestrate certs); default: a new CA in OUT/certs")
     ] = None,
@@ -251,7 +261,17 @@ def render(
         plan = load_plan(topology, seed, rounds, None)
         run_certs = _run_certs(plan, out, certs, insecure, trust_domain)
         rendered = render_plan(
-            plan, format, out, image=image, rule=rule, namespace=namespace, certs=run_certs
+            plan,
+            format,
+            out,
+            image=image,
+            rule=rule,
+            namespace=namespace,
+            certs=run_certs,
+            backend=backend,
+            metrics_port=metrics_port,
+            processes=processes,
+            scrape_interval=scrape_interval,
         )
     except MTLError as exc:
         raise _fail(exc) from None

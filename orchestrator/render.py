@@ -38,12 +38,14 @@ from mtl_node.core.protocol import AGENT_PORT, SERVICE
 from orchestrator.plan import AgentPlan, RunPlan
 from orchestrator.tls import RunCerts
 
+METRICS_PORT = 9464  # every agent's Prometheus endpoint in its container/Pod (mtl_node.metrics)
 HEALTH_PORT = 8081  # plaintext grpc.health.v1 only, for probes (see the module doc)
 TLS_DIR = "/etc/mtl/tls"
 IMAGE_UID = 10001  # the image's non-root user (deploy/Dockerfile)
 DEFAULT_IMAGE = "resilient-mtl-node:latest"
 DEFAULT_NAMESPACE = "resilient-mtl"
-FORMATS = ("compose", "k8s")
+FORMATS = ("compose", "k8s", "prometheus")
+PROMETHEUS_BACKENDS = ("local", "docker", "k8s")
 CONFIGMAP_LIMIT = 1_000_000  # Kubernetes refuses ConfigMaps over 1 MiB
 APP_LABEL = "app.kubernetes.io/name"
 AGENT_LABEL = "resilient-mtl.io/agent"
@@ -153,6 +155,7 @@ def agent_configs(
     for agent in plan.agents:
         data = plan.node_config_data(agent, rule)
         data["listen"] = f"0.0.0.0:{AGENT_PORT}"
+        data["metrics_listen"] = f"0.0.0.0:{METRICS_PORT}"
         data["health_listen"] = f"{health_host}:{HEALTH_PORT}"
         data["neighbors"] = {n: f"{hostnames[n]}:{AGENT_PORT}" for n in agent.neighbors}
         data["results_dir"] = f"/results/{agent.id}"
@@ -203,7 +206,7 @@ def render_compose(
             },
             "networks": ["mtl"],
             # Published on loopback only: `docker compose port <service> 50051` tells which port.
-            "ports": [f"127.0.0.1::{AGENT_PORT}"],
+            "ports": [f"127.0.0.1::{AGENT_PORT}", f"127.0.0.1::{METRICS_PORT}"],
             "volumes": [
                 f"./agents/{agent.id}.yaml:/etc/mtl/agent.yaml:ro",
                 "results:/results",
@@ -380,7 +383,14 @@ def _pod(
             "name": name,
             "namespace": namespace,
             "labels": {**labels, AGENT_LABEL: name, "resilient-mtl.io/role": agent.role},
-            "annotations": {"resilient-mtl.io/agent-id": agent.id},
+            "annotations": {
+                "resilient-mtl.io/agent-id": agent.id,
+                # The conventional annotations most Prometheus setups scrape by (and the job
+                # `render --format prometheus --backend k8s` writes).
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(METRICS_PORT),
+                "prometheus.io/path": "/metrics",
+            },
         },
         "spec": {
             "restartPolicy": "OnFailure",
@@ -401,6 +411,7 @@ def _pod(
                     "ports": [
                         {"name": "grpc", "containerPort": AGENT_PORT, "protocol": "TCP"},
                         {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+                        {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
                     ],
                     "env": [{"name": "MTL_HEALTH_ADDRESSES", "value": f"127.0.0.1:{HEALTH_PORT}"}],
                     # torch's import takes a while on small devices: the startup probe covers it.
@@ -442,6 +453,81 @@ def _pod(
     }
 
 
+# ----------------------------------------------------------------------------------- prometheus
+
+
+def render_prometheus(
+    plan: RunPlan,
+    out: Path,
+    *,
+    backend: str = "local",
+    metrics_port: int = METRICS_PORT,
+    processes: int | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    scrape_interval: str = "15s",
+) -> Rendered:
+    """``prometheus.yml``: a scrape job for the agents of ``plan`` as ``backend`` runs them.
+
+    local: one target per agent process, 127.0.0.1:metrics_port+k (run with ``up --backend local
+    -o metrics_port=PORT``, and the same ``--processes``); docker: each compose service on
+    METRICS_PORT (run Prometheus on the compose network); k8s: Pods of the run found through the
+    API by their ``prometheus.io/*`` annotations. Every series carries the ``agent`` label itself.
+    """
+    if backend not in PROMETHEUS_BACKENDS:
+        raise ConfigError(
+            "--backend",
+            f"no Prometheus targets for backend {backend!r}",
+            f"use one of: {', '.join(PROMETHEUS_BACKENDS)}",
+        )
+    if not re.match(r"^[0-9]+(ms|s|m|h)$", scrape_interval):
+        raise ConfigError("--scrape-interval", f"{scrape_interval!r} is not a duration", "e.g. 15s or 1m")
+    job = f"mtl-{dns_label(plan.name)}"
+    labels = {"run": plan.name, "backend": backend}
+    scrape: dict[str, Any] = {"job_name": job, "scrape_interval": scrape_interval, "metrics_path": "/metrics"}
+    if backend == "local":
+        from orchestrator.backends.local import default_processes
+
+        count = min(len(plan.agents), processes or default_processes(len(plan.agents)))
+        if not 1 <= metrics_port <= 65535 - count + 1:
+            raise ConfigError("--metrics-port", f"{metrics_port} leaves no room for {count} processes")
+        targets = [f"127.0.0.1:{metrics_port + k}" for k in range(count)]
+        scrape["static_configs"] = [{"targets": targets, "labels": labels}]
+    elif backend == "docker":
+        hostnames = agent_hostnames([a.id for a in plan.agents])
+        scrape["static_configs"] = [
+            {"targets": [f"{hostnames[a.id]}:{METRICS_PORT}"], "labels": labels} for a in plan.agents
+        ]
+    else:
+        run = dns_label(plan.name)
+        scrape["kubernetes_sd_configs"] = [{"role": "pod", "namespaces": {"names": [namespace]}}]
+        scrape["relabel_configs"] = [
+            {
+                "source_labels": ["__meta_kubernetes_pod_label_resilient_mtl_io_run"],
+                "regex": run,
+                "action": "keep",
+            },
+            {
+                "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+                "regex": "true",
+                "action": "keep",
+            },
+            {
+                "source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
+                "regex": r"([^:]+)(?::\d+)?;(\d+)",
+                "replacement": "$1:$2",
+                "target_label": "__address__",
+            },
+            {"target_label": "run", "replacement": plan.name},
+        ]
+    config = {"global": {"scrape_interval": scrape_interval}, "scrape_configs": [scrape]}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "prometheus.yml"
+    path.write_text(
+        f"# {plan.name}: scrape config, {backend} backend (mtl-orchestrate render)\n" + _dump(config)
+    )
+    return Rendered([path], f"prometheus --config.file={path}")
+
+
 def render(
     plan: RunPlan,
     fmt: str,
@@ -451,7 +537,21 @@ def render(
     rule: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
     certs: RunCerts | None = None,
+    backend: str = "local",
+    metrics_port: int = METRICS_PORT,
+    processes: int | None = None,
+    scrape_interval: str = "15s",
 ) -> Rendered:
+    if fmt == "prometheus":
+        return render_prometheus(
+            plan,
+            out,
+            backend=backend,
+            metrics_port=metrics_port,
+            processes=processes,
+            namespace=namespace,
+            scrape_interval=scrape_interval,
+        )
     if fmt == "compose":
         return render_compose(plan, out, image=image, rule=rule, certs=certs)
     if fmt == "k8s":

@@ -629,6 +629,10 @@ def load_topology(path: str | Path) -> Spec:
         raise ConfigError("topology", f"{path} is not a text file", "give a topology YAML file") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(
+            "topology", f"{path} is nested too deeply", "a topology is a few levels deep"
+        ) from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)

@@ -49,9 +49,8 @@ def check_options(backend: str, options: Mapping[str, Any], allowed: Sequence[st
     not be silently ignored). ``processes`` comes from ``--processes`` and is only the local one's."""
     for key in options:
         if key not in allowed and key != "processes":
-            raise ConfigError(
-                f"--option {key}", f"unknown option for backend {backend}", f"valid: {', '.join(allowed)}"
-            )
+            valid = ", ".join(allowed) if allowed else "none (this backend takes no -o options)"
+            raise ConfigError(f"--option {key}", f"unknown option for backend {backend}", f"valid: {valid}")
     return dict(options)
 
 

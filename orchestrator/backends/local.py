@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mtl_node.errors import ConfigError
 from mtl_node.ports import serving_addresses, write_peers_file
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import (  # noqa: F401  (collect, DeploymentError: used from here too)
     POLL_INTERVAL_S,
     RPC_TIMEOUT_S,
     DeploymentError,
+    check_options,
     collect,
     follow,
     int_option,
@@ -172,6 +174,9 @@ def _names(h: HostProcess) -> str:
 
 
 AGENTS_PER_PROCESS = 25
+# -o metrics_port=BASE: agent process k exports Prometheus metrics on 127.0.0.1:BASE+k (the
+# targets `mtl-orchestrate render --format prometheus --backend local` writes).
+OPTIONS = ("processes", "metrics_port", "max_restarts")
 
 
 def default_processes(n_agents: int) -> int:
@@ -212,11 +217,18 @@ def stop_hosts(hosts: list[HostProcess], grace: float = 10.0) -> None:
 @BACKENDS.register("local", "one mtl-node daemon per agent on loopback (several agents per process)")
 class LocalBackend(Backend):
     name = "local"
+    metrics_port = 0
 
     def run(self, plan: RunPlan, ctx: RunContext) -> RunOutput:
-        options = ctx.options or {}
+        options = check_options(self.name, ctx.options or {}, OPTIONS)
         ids = [a.id for a in plan.agents]
-        processes = int(options.get("processes") or default_processes(len(ids)))
+        processes = min(len(ids), int_option(options, "processes", default_processes(len(ids))))
+        metrics_port = int_option(options, "metrics_port", 0, minimum=1)
+        if metrics_port and metrics_port + processes - 1 > 65535:
+            raise ConfigError(
+                "--option metrics_port", f"{metrics_port} + {processes} processes is past 65535"
+            )
+        self.metrics_port = metrics_port
         max_restarts = int_option(options, "max_restarts", MAX_RESTARTS, minimum=0)
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         hosts: list[HostProcess] = []
@@ -260,6 +272,8 @@ class LocalBackend(Backend):
         out = open(stdout_path, "wb")  # noqa: SIM115 - closed in stop_hosts
         err = open(log_path, "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "mtl_node.cli", "serve-many", "--config", str(config_path)]
+        if self.metrics_port:
+            cmd += ["--metrics-listen", f"{HOST}:{self.metrics_port + index}"]
         return HostProcess(index, group, _spawn(cmd, out, err), stdout_path, log_path, (out, err), cmd)
 
     def _wait_serving(self, hosts: list[HostProcess], supervisor: Supervisor) -> dict[str, int]:

@@ -359,6 +359,28 @@ class DaemonSet:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=STOP_TIMEOUT_S)
 
+    def pause(self, agent_id: str) -> None:
+        """SIGSTOP the daemon (resume with ``resume``)."""
+        proc = self.daemons[agent_id].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, agent_id: str) -> None:
+        proc = self.daemons[agent_id].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGCONT)
+
+    def restart(self, agent_id: str) -> None:
+        """Start the daemon again on its port (after ``kill``), with the same command line."""
+        spec = next(s for s in self.specs if s.id == agent_id)
+        self._launch(spec)
+        d = self.daemons[agent_id]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while f"mtl-node: serving {agent_id} on {d.address}" not in d.stdout_path.read_text(errors="replace"):
+            assert d.proc is not None and d.proc.poll() is None, d.stderr()[-4000:]
+            assert time.monotonic() < deadline, f"{agent_id} not serving after restart"
+            time.sleep(0.05)
+
     def status(self, agent_id: str) -> pb.NodeStatus:
         with self.channel(agent_id) as channel:
             return pb_grpc.NodeStub(channel).GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
@@ -412,3 +434,89 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+class ServeMany:
+    """One ``mtl-node serve-many`` process hosting ``configs`` (NodeConfig field dicts), each agent
+    on its own reserved loopback port; ``links`` gives each agent's neighbours (ids of ``configs``);
+    ``addresses`` maps agent id to HOST:PORT once started."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        configs: Sequence[dict[str, Any]],
+        args: Sequence[str] = (),
+        links: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.base_dir = base_dir
+        self.configs = [dict(c) for c in configs]
+        self.links = links or {}
+        self.args = list(args)
+        self.addresses: dict[str, str] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stdio: list[Any] = []
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.base_dir / "serve-many.out"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.base_dir / "serve-many.err"
+
+    def __enter__(self) -> ServeMany:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        peers_file = self.base_dir / "peers.json"
+        peers_file.unlink(missing_ok=True)
+        ca = shared_ca()
+        for cfg in self.configs:
+            cfg["listen"] = f"{HOST}:0"
+            cfg["peers_file"] = str(peers_file)
+            cfg["neighbors"] = {n: f"{HOST}:0" for n in self.links.get(cfg["id"], [])}
+            ca_path, cert, key = ca.files(cfg["id"])
+            cfg |= {"ca": str(ca_path), "cert": str(cert), "key": str(key)}
+        config_path = self.base_dir / "serve-many.json"
+        config_path.write_text(json.dumps({"agents": self.configs}))
+        out = open(self.stdout_path, "wb")
+        err = open(self.stderr_path, "wb")
+        self._stdio += [out, err]
+        self.proc = subprocess.Popen(
+            [*mtl_node_command(), "serve-many", "--config", str(config_path), *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                self.addresses = serving_addresses(self.stdout_path.read_text(errors="replace"))
+                if len(self.addresses) >= len(self.configs):
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"serve-many did not serve (exit {self.proc.poll()}):\n"
+                        f"{self.stderr_path.read_text(errors='replace')[-4000:]}"
+                    )
+                time.sleep(0.05)
+            write_peers_file(peers_file, self.addresses)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def channel(self, agent: str) -> Any:
+        """A blocking channel to ``agent`` as the operator."""
+        return operator_channel(self.addresses[agent], agent)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+        for f in self._stdio:
+            f.close()
+        self._stdio.clear()

@@ -73,8 +73,12 @@ async def fetch_both_ways() -> tuple[Agent, list[tuple[pb.ModelHeader, bytearray
                 for stub in (ModelStub(channel), pb_grpc.NodeStub(channel))
             ]
             with pytest.raises(FetchError) as missing:
-                await fetch_payload(ModelStub(channel), 5, "tester", 0.5, manifest)
+                await fetch_payload(ModelStub(channel), 1, "tester", 0.5, manifest)
             assert missing.value.reason == "timeout"
+            # Far past the latest round: refused at once (mtl_node.limits), not parked.
+            with pytest.raises(FetchError) as refused:
+                await fetch_payload(ModelStub(channel), 5, "tester", 30.0, manifest)
+            assert "OUT_OF_RANGE" in str(refused.value)
         transport = GrpcTransport({"big": f"127.0.0.1:{port}"}, tls=tester)
         transport.expect(agent.manifest)
         state = await transport.fetch("big", 0, "tester", 10.0)
