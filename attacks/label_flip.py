@@ -59,8 +59,11 @@ class LabelFlip(Attack):
             return honest
         if round_ in self._trajectory:
             return self._trajectory[round_]
-        earlier = [r for r in self._trajectory if r < round_]
-        start = max(earlier, default=0)
+        # Continue from the latest round made when asked for a later one; anything else restarts
+        # from round 1, so a task's flipped-trajectory optimizer (torch tasks) only ever steps
+        # forward along one trajectory (TorchTask.adapt_flipped starts a fresh one at round 1).
+        latest = max(self._trajectory, default=0)
+        start = latest if latest < round_ else 0
         model = self._trajectory[start] if start else task.init_model()
         for r in range(start + 1, round_ + 1):
             model = task.adapt_flipped(model, r)

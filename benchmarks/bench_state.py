@@ -18,6 +18,8 @@ Cases: target localization (2 parameters), HAR (linear 561x6, SGD), the digits C
 
     python benchmarks/bench_state.py [--rounds 20] [--agents 4] [--cases tl,har,digits,10m]
 
+The state goes to a temporary directory ($MTL_BENCH_DIR, else the system's temporary directory:
+point it at the disk the agents will use; a tmpfs makes fsync free and the figure meaningless).
 Prints a table and writes benchmarks/results/state.json (with the machine and load average).
 """
 
@@ -123,14 +125,14 @@ def run_case(task: str, params: dict[str, Any], agents: int, rounds: int) -> dic
 
     agent_state.write = timed  # type: ignore[assignment]
     try:
-        with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("MTL_BENCH_DIR")) as tmp:
             started = time.perf_counter()
             asyncio.run(run_agents_async(cfgs(Path(tmp))))
             wall_with = time.perf_counter() - started
             size = (Path(tmp) / "a0" / agent_state.STATE_FILE).stat().st_size
         per_round = len(durations)
         # The default (state_every unset): how many writes, and the wall time.
-        with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("MTL_BENCH_DIR")) as tmp:
             started = time.perf_counter()
             asyncio.run(run_agents_async(cfgs(Path(tmp), None)))
             wall_auto = time.perf_counter() - started

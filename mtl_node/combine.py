@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from mtl_node.kernels.combine import accumulate
 from mtl_node.wire import StateDict
 
 
@@ -22,9 +23,8 @@ def weighted_sum(models: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapp
         if not ref.is_floating_point():
             out[name] = ref.clone()
             continue
-        stacked = torch.stack([models[agent][name] for agent in ids])
-        coeffs = torch.tensor([weights[agent] for agent in ids], dtype=ref.dtype, device=ref.device)
-        out[name] = torch.tensordot(coeffs, stacked, dims=1)
+        # The kernel the vectorized engine runs on all rows: the same sum in the same order.
+        out[name] = accumulate([weights[agent] for agent in ids], [models[agent][name] for agent in ids])
     return out
 
 

@@ -8,6 +8,10 @@ on one line before exiting 2.
 This module must stay torch-free (the orchestrator plans and renders deployments on machines
 without torch): names are checked against ``mtl_node.core.names``, rule knobs against ``RuleParams``.
 Task parameters are passed through unvalidated here; the agent validates them against its task.
+
+Why one module of ~640 lines: the spec is one tree of pydantic models (groups, graph, Byzantine
+set, overrides, rules) whose validators check each other's fields (ids against groups, overrides
+against agent ids) and share one error-translation path; split, each part would import the others.
 """
 
 from __future__ import annotations

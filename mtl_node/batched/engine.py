@@ -25,6 +25,8 @@ from mtl_node.batched.result import (
 )
 from mtl_node.config import NodeConfig
 from mtl_node.kernels import robust as kernel_robust
+from mtl_node.kernels import target_localization as tl
+from mtl_node.kernels.combine import combine_rows
 from mtl_node.kernels.decisions import (
     ACCEPTED,
     ACCEPTED_CODES,
@@ -75,8 +77,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     u, d = b.sample(i)
 
     # adapt: psi = w + mu (q - w), q = x + d u
-    q = b.x + d[:, None] * u
-    psi = st.theta + b.mu * (q - st.theta)
+    psi = tl.adapt(st.theta, b.x, b.mu, u, d)
 
     # exchange: what each agent receives in each slot; a non-finite model is left out as missing
     received = psi[b.nbr]
@@ -95,7 +96,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     # score each received model on the receiver's own sample / against its previous model
     losses = None
     if b.need_loss:
-        losses = (d[:, None] - np.einsum("ksj,kj->ks", received - b.x[:, None, :], u)) ** 2
+        losses = tl.residual(received, b.x[:, None, :], u[:, None, :], d[:, None]) ** 2
     distances = ((st.theta[:, None, :] - received) ** 2).sum(axis=2) if b.need_distance else None
     if losses is not None and distances is not None:
         score = np.where(b.by_distance, distances, losses)
@@ -187,7 +188,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
         if rule == "self-clipping":
             scale = scale[~bad]
             w = scale / n
-            w[:, 0] = 1.0 - w[:, 1:].sum(axis=1)
+            w[:, 0] = 1.0 - kernel_robust.slot_sum(w[:, 1:])
             weights[rows] = w
             scales[rule] = (rows, scale)
         else:
@@ -199,16 +200,15 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     weights[self_only, 0] = 1.0
 
     # combine, then evaluate the combined model on this round's sample and the held-out set
-    st.theta = np.einsum("ks,ksj->kj", weights, received)
+    st.theta = combine_rows(weights, received)
     for rows, z in combined:
         st.theta[rows] = z
     if clipped_combined is not None:
         st.theta[clipped_combined[0]] = clipped_combined[1]
-    offset = st.theta - b.x
-    loss = (d - np.einsum("kj,kj->k", offset, u)) ** 2
-    residual = b.test_d - np.einsum("ktj,kj->kt", b.test_u, offset)
+    loss = tl.residual(st.theta, b.x, u, d) ** 2
+    residual = tl.residual(st.theta[:, None, :], b.x[:, None, :], b.test_u, b.test_d)
     if b.equal_tests:
-        test_loss = np.mean(residual**2, axis=1)
+        test_loss = tl.mean_square(residual)
     else:
         test_loss = (residual**2 * b.test_mask).sum(axis=1) / b.test_count
 

@@ -19,6 +19,7 @@ import numpy as np
 from mtl_node.attack_api import draw_generator, make_attack
 from mtl_node.config import NodeConfig
 from mtl_node.kernels import attacks as ka
+from mtl_node.kernels import target_localization as tl
 
 if TYPE_CHECKING:
     from mtl_node.batched.network import Batch
@@ -312,12 +313,11 @@ class Attackers:
         """``steps`` more LMS steps of the attacker's task on its own sample of the round."""
         b = self.b
         u, d = self.samples[-1]
-        q = b.x[senders] + d[senders][:, None] * u[senders]
-        mu = b.mu[senders]
+        x, mu = b.x[senders], b.mu[senders]
         steps = self._param(senders, "steps").astype(np.intp)
         w = own.copy()
         for step in range(int(steps.max(initial=0))):
-            w = np.where((step < steps)[:, None], w + mu * (q - w), w)
+            w = np.where((step < steps)[:, None], tl.adapt(w, x, mu, u[senders], d[senders]), w)
         return w
 
     def _loss_budget(self, senders: np.ndarray, base: np.ndarray, round_: int) -> np.ndarray:
@@ -336,7 +336,7 @@ class Attackers:
                 r = round_ - back
                 use = (r >= max(1, 0)) & (back < window) & (r >= 1)
                 u, d = self.samples[len(self.samples) - 1 - back]
-                res = d[senders] - ((w - x) * u[senders]).sum(axis=1)
+                res = tl.residual(w, x, u[senders], d[senders])
                 total = np.where(use, total + res**2, total)
                 count = count + use
             return total / count

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl_node import seeding
+from mtl_node.kernels import target_localization as tl
 from mtl_node.tasks.base import TASKS, Metrics, Task, TaskContext
 from mtl_node.wire import StateDict
 
@@ -119,17 +120,14 @@ class TargetLocalization(Task):
 
     def adapt(self, model: StateDict, round_: int) -> StateDict:
         u, d = self.sample(round_)
-        q = self._x + d * u
-        w = model["w"]
-        return {"w": w + self.r.mu * (q - w)}
+        return {"w": tl.adapt(model["w"], self._x, self.r.mu, u, d)}
 
     def losses(self, models: Sequence[StateDict], round_: int) -> list[float]:
         u, d = self.sample(round_)
         w = torch.stack([m["w"] for m in models])  # (n, 2)
-        residual = d - (w - self._x) @ u
-        return [float(v) for v in (residual**2).tolist()]
+        return [float(v) for v in (tl.residual(w, self._x, u, d) ** 2).tolist()]
 
     def evaluate(self, model: StateDict, round_: int) -> Metrics:
         loss = self.losses([model], round_)[0]
-        residual = self._test_d - (self._test_u @ (model["w"] - self._x))
-        return Metrics(loss=loss, test_loss=float(torch.mean(residual**2)))
+        residual = tl.residual(model["w"], self._x, self._test_u, self._test_d)
+        return Metrics(loss=loss, test_loss=float(tl.mean_square(residual.cpu().numpy())))

@@ -169,7 +169,7 @@ class TorchTask(Task):
         moments), so it never disturbs the agent's honest training."""
         if not self.classifies:
             raise ValueError(f"{self.name}: adapt_flipped needs a classification task")
-        if self._flip_optimizer is None:
+        if self._flip_optimizer is None or round_ == 1:  # round 1: the trajectory starts (again)
             self._flip_optimizer = self._make_optimizer()
         return self._train(model, round_, self._flip_optimizer, flip=True)
 

@@ -119,12 +119,20 @@ def wait_healthy(
             time.sleep(POLL_INTERVAL_S)
 
 
-def follow(plan: RunPlan, ctx: RunContext, addresses: Mapping[str, str], alive: AliveAgents) -> None:
+def follow(
+    plan: RunPlan,
+    ctx: RunContext,
+    addresses: Mapping[str, str],
+    alive: AliveAgents,
+    resolve: Callable[[str], str | None] | None = None,
+) -> None:
     """Poll every agent's status until all finished, reporting the normal agents' progress.
 
-    An agent whose process/container is gone counts as finished (its neighbours carry on without
-    it); only losing every agent is an error.
+    An agent whose process/container is gone (and not restarted) counts as finished and lost (its
+    neighbours carry on without it); losing every agent is an error. ``resolve`` gives an agent's
+    current address when it may have changed (a restarted container's published port).
     """
+    addresses = dict(addresses)
     channels = {a: agent_channel(a, addr, ctx.certs) for a, addr in addresses.items()}
     stubs = {a: pb_grpc.NodeStub(ch) for a, ch in channels.items()}
     normal = set(plan.normal_ids)
@@ -147,6 +155,13 @@ def follow(plan: RunPlan, ctx: RunContext, addresses: Mapping[str, str], alive: 
                     st = stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     log.debug("%s: status: %s", agent_id, exc)
+                    moved = resolve(agent_id) if resolve else None
+                    if moved and moved != addresses[agent_id]:
+                        log.info("%s: now at %s (restarted)", agent_id, moved)
+                        channels[agent_id].close()
+                        addresses[agent_id] = moved
+                        channels[agent_id] = agent_channel(agent_id, moved, ctx.certs)
+                        stubs[agent_id] = pb_grpc.NodeStub(channels[agent_id])
                     continue
                 if st.state in ("done", "failed"):
                     finished.add(agent_id)

@@ -161,7 +161,16 @@ class DockerBackend(Backend):
                 wait_healthy(published, START_TIMEOUT_S, alive, what="container", certs=ctx.certs)
             except DeploymentError as exc:
                 raise DeploymentError(f"{exc}\n{_logs_tail(docker, run_id, containers, alive())}") from None
-            follow(plan, ctx, published, alive)
+            by_agent = {a: c for c in containers for a in c.agents}
+
+            def resolve(agent_id: str) -> str | None:
+                """A container restarted by its restart policy may publish another host port."""
+                try:
+                    return f"127.0.0.1:{_published_port(docker, run_id, by_agent[agent_id], agent_id)}"
+                except DeploymentError:
+                    return None
+
+            follow(plan, ctx, published, alive, resolve)
         finally:
             self._teardown(docker, ctx.workdir, run_id, started)
         return collect(plan, ctx)

@@ -29,6 +29,22 @@ log = logging.getLogger(__name__)
 _threads_set = False
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once per worker: the sim backend says which engine runs
+    a rule (and why not the batched one) for every run, i.e. for every cell of a sweep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def _one_thread() -> None:
     """One torch thread per worker: the executors give each cell its own core, and a fixed thread
     count keeps floating-point reductions identical whichever executor runs the cell."""
@@ -37,6 +53,7 @@ def _one_thread() -> None:
         import torch
 
         torch.set_num_threads(1)
+        logging.getLogger("orchestrator.backends.sim").addFilter(_Once())
         _threads_set = True
 
 

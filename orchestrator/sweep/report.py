@@ -83,12 +83,22 @@ def plot_heatmaps(
     panels = [(i, f) for i, f in enumerate(fractions) if np.any(~np.isnan(values[i]))]
     cols = [[k for k in range(len(attacks)) if np.any(~np.isnan(values[i, :, k]))] for i, _ in panels]
     width = sum(max(len(c), 1) for c in cols)
-    fig = Figure(
-        figsize=(min(3.0 + 0.55 * width + 0.9 * len(panels), 40), 1.6 + 0.38 * len(rules)),
-        dpi=DPI,
-        layout="constrained",
-    )
-    axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=[max(len(c), 1) for c in cols])[0]
+    # Side by side while that stays readable; one panel per row for wide grids (many attacks).
+    stacked = width > 24
+    if stacked:
+        fig = Figure(
+            figsize=(3.0 + 0.55 * max(len(c) for c in cols), len(panels) * (1.2 + 0.3 * len(rules))),
+            dpi=DPI,
+            layout="constrained",
+        )
+        axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    else:
+        fig = Figure(
+            figsize=(3.0 + 0.55 * width + 0.9 * len(panels), 1.6 + 0.38 * len(rules)),
+            dpi=DPI,
+            layout="constrained",
+        )
+        axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=[max(len(c), 1) for c in cols])[0]
     finite = values[np.isfinite(values)]
     if share:
         norm: Normalize = Normalize(0.0, 1.0)
@@ -108,7 +118,7 @@ def plot_heatmaps(
         ax.set_xticks(
             range(len(ks)), [_attack_name(attacks[k]) for k in ks], rotation=60, ha="right", fontsize=7
         )
-        ax.set_yticks(range(len(rules)), rules if ax is axes[0] else [""] * len(rules), fontsize=7)
+        ax.set_yticks(range(len(rules)), rules if stacked or ax is axes[0] else [""] * len(rules), fontsize=7)
         ax.set_title(f"{f:.0%} Byzantine", fontsize=8)
         if data.size <= 400:
             dark_high = share or cmap.endswith("_r")
@@ -120,7 +130,7 @@ def plot_heatmaps(
                     c, r, text, ha="center", va="center", fontsize=5.5, color="white" if dark else "black"
                 )
     if image is not None:
-        fig.colorbar(image, ax=list(axes), label=label, shrink=0.9)
+        fig.colorbar(image, ax=list(axes), label=label, shrink=0.3 if stacked else 0.9)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=DPI)
 

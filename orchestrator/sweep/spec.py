@@ -12,7 +12,8 @@ else. Resuming an interrupted sweep skips the cells whose id is already in the r
 widening a grid (one more seed, one more attack) reuses every cell it already has.
 
 Torch-free: validation and planning run in the orchestrator process; torch is imported only by
-the worker that runs a cell (orchestrator.sweep.cell).
+the worker that runs a cell (orchestrator.sweep.cell). A little over 400 lines: the models, the
+cell expansion and the error translation stay together because the errors name the models' fields.
 """
 
 from __future__ import annotations

@@ -151,3 +151,64 @@ def test_ctrl_c_removes_every_container_and_the_network(
     assert proc.returncode == 130, stderr
     assert "every agent was stopped" in stderr
     assert run_labels(docker_client, info["run"]) == ([], [])
+
+
+def test_docker_container_killed_mid_run_is_restarted_and_summary_equals_sim(
+    node_image: str, docker_client: Any, tmp_path: Path
+) -> None:
+    """The agent process of one container is SIGKILLed mid-run (from the host, as an OOM kill or a
+    crash would): Docker's restart policy starts the container again, its agent resumes from its
+    state under /results, and the run's summary equals the in-process simulation's."""
+    import os
+
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(TOPOLOGY.replace("rules: [average, loss-filtered]", "rules: [loss-filtered]")
+                        .replace("rounds: 20", "rounds: 80"))  # fmt: skip
+    out = tmp_path / "docker"
+    up = subprocess.Popen(
+        [str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", "docker",
+         "-o", f"image={node_image}", "--out", str(out), "--no-progress", "--no-report"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    work = out / "work" / "loss-filtered"
+    killed = None
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and up.poll() is None:
+            rows = work / "agents" / "a1" / "metrics.jsonl"
+            if (work / "containers.json").exists() and rows.exists() and rows.read_text().count("\n") >= 10:
+                run_id = json.loads((work / "containers.json").read_text())["run"]
+                (container,) = [
+                    c
+                    for c in docker_client.containers.list(
+                        filters={"label": f"org.resilient-mtl.run={run_id}"}
+                    )
+                    if "a1" in c.labels.get("org.resilient-mtl.agents", "").split(",")
+                ]
+                container.reload()
+                killed = container.attrs["State"]["Pid"]
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        assert killed, "the run never reached round 10"
+        _, stderr = up.communicate(timeout=900)
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            up.communicate(timeout=120)
+    assert up.returncode == 0, stderr
+    assert run_labels(docker_client, run_id) == ([], [])
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5 * 80
+
+    sim_out = tmp_path / "sim"
+    sim = orchestrate(
+        "up", str(topology), "--backend", "sim", "--out", str(sim_out), "--no-progress", "--no-report"
+    )
+    assert sim.returncode == 0, sim.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    sim_summary = json.loads((sim_out / "summary.json").read_text())
+    for s in (summary, sim_summary):
+        s.pop("backend")
+        s.pop("wall_seconds")
+    assert_same(summary, sim_summary)

@@ -107,14 +107,14 @@ class FakePeer(pb_grpc.NodeServicer):
 class PeerServer:
     """One sync gRPC server on an ephemeral loopback port per fake peer."""
 
-    def __init__(self, peer: FakePeer, insecure: bool = False) -> None:
+    def __init__(self, peer: FakePeer, insecure: bool = False, cert_of: str | None = None) -> None:
         self.peer = peer
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_NodeServicer_to_server(peer, self.server)
         if insecure:
             self.port = self.server.add_insecure_port("127.0.0.1:0")
         else:  # with the shared test CA's certificate of the agent it plays
-            creds = server_credentials(shared_ca().material(peer.agent_id))
+            creds = server_credentials(shared_ca().material(cert_of or peer.agent_id))
             self.port = self.server.add_secure_port("127.0.0.1:0", creds)
         if self.port == 0:
             raise OSError("cannot bind a loopback port for the fake peer")

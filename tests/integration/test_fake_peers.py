@@ -94,3 +94,20 @@ def test_watch_status_streams_every_round(tmp_path: Path) -> None:
     finally:
         gate.release(10**9)
         server.stop()
+
+
+def test_a_model_header_naming_someone_else_is_missing_with_reason_identity(tmp_path: Path) -> None:
+    """The right certificate at the neighbour's address, but a model whose header names another
+    agent: left out with reason ``identity`` every round; the run completes."""
+    rounds = 3
+    server = PeerServer(FakePeer("somebody-else", "honest"), cert_of="liar")
+    try:
+        spec = AgentSpec("honest", external={"liar": server.address})
+        with DaemonSet(tmp_path, [spec], rounds, seed=7) as ds:
+            ds.wait_done(timeout=120)
+            rows = [r for r in ds["honest"].decisions() if r["neighbor"] == "liar"]
+            assert [int(r["round"]) for r in rows] == list(range(1, rounds + 1))
+            assert all(r["decision"] == "missing" for r in rows), rows
+            assert all(r["reason"].startswith("identity: ") and "somebody-else" in r["reason"] for r in rows)
+    finally:
+        server.stop()

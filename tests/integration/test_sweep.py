@@ -210,3 +210,43 @@ def test_cell_log_drops_a_torn_tail_and_keeps_appending(tmp_path: Path) -> None:
     log.append({"id": "c", "final": [2.0]})
     assert set(log.read()) == {"a", "c"}
     assert log.path.read_bytes().count(b"\n") == 2
+
+
+def test_a_per_agent_engine_cell_equals_up_backend_sim(tmp_path: Path) -> None:
+    """The same on the per-agent (torch) engine: a har cell, run in a worker with one torch thread,
+    gives exactly the numbers `up --backend sim` gets in its own process."""
+    har = {
+        **SMALL,
+        "name": "har-cell",
+        "tasks": [
+            {
+                "task": "har",
+                "nu": 0.001,
+                "ema_init": 1.0,
+                "task_params": {"lr": 0.01, "optimizer": "sgd", "batch_size": 10, "test_fraction": 0.3},
+            }
+        ],
+        "topologies": [{"name": "complete", "agents": 4, "graph": "complete"}],
+        "rules": ["loss-filtered"],
+        "attacks": ["constant"],
+        "fractions": [0.25],
+        "seeds": 1,
+        "rounds": 8,
+    }
+    swept = sweep(tmp_path, har, "har", "--no-report")
+    (cell,) = parse_sweep(har).cells()
+    topology = write(tmp_path / "cell.yaml", cell.topology_spec())
+    out = tmp_path / "up"
+    done = orchestrate(
+        "up", str(topology), "--backend", "sim", "--out", str(out), "--no-progress", "--no-report"
+    )
+    assert done.returncode == 0, done.stderr
+    first, last = window_bounds(cell.rounds, cell.window)
+    values: dict[str, list[float]] = {}
+    with (out / "metrics.csv").open() as f:
+        for r in csv.DictReader(f):
+            if r["role"] == "normal" and first <= int(r["round"]) <= last:
+                values.setdefault(r["agent"], []).append(float(r["test_accuracy"]))
+    mine = {r["agent"]: r["final"] for r in table(swept)}
+    assert len(mine) == 3
+    assert mine == {a: sum(v) / len(v) for a, v in values.items()}

@@ -641,6 +641,8 @@ def test_label_flip_runs_with_torch_tasks(task_name: str) -> None:
     for r in range(1, 4):
         model = fresh.adapt_flipped(model, r)  # type: ignore[attr-defined]
     assert same(model, served[3])
+    # Asked again for an earlier round, it restarts (with a fresh optimizer): the same model.
+    assert same(a.craft(2, "v9", asked[1]), served[2])
     # ... and it learns the flipped labels: on the agent's data its loss exceeds the honest model's.
     loss_flipped, loss_honest = fresh.losses([served[3], asked[2]], 3)
     assert loss_flipped > loss_honest

@@ -274,9 +274,10 @@ def test_missing_and_malformed_metrics_name_the_file(tmp_path: Path) -> None:
     missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,normal,none,abc,,,,,,\n")
     with pytest.raises(ConfigError, match=r"metrics\.csv:2.*'loss'.*'abc'"):
         load_metrics(missing)
+    # A torn row (a crash mid-append) is reported with file:line and skipped, never fatal
+    # (issue 10; tests/unit/test_torn_rows.py keeps the rows after it).
     missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,normal,none\n")
-    with pytest.raises(ConfigError, match=r"metrics\.csv:2.*fields"):
-        summarize(missing, make_plan())
+    assert load_metrics(missing) == []
     missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,sneaky,none,1,,,,,,\n")
     with pytest.raises(ConfigError, match=r"metrics\.csv:2.*role"):
         read_metrics_table(missing)
