@@ -17,8 +17,11 @@ TASKS: dict[str, str] = {
 
 RULES: dict[str, str] = {
     "average": "equal weights over every neighbour whose model arrived",
+    "balance": "accept neighbours within gamma*exp(-kappa*i/T)*||own||; alpha*own + rest's mean",
+    "clipped-gossip": "own + mean of pulls clipped to the adaptive CS+ radius (needs 2f+2)",
     "distance": "eq. 4: inverse EMA of ||theta_prev - psi_l||^2, no filter",
     "geometric-median": "Weiszfeld geometric median of the neighbourhood (needs 2f+1)",
+    "ios": "iterative outlier scissor: drop the f farthest from the mean one by one (needs 2f+1)",
     "krum": "the member closest to its n-f-2 nearest others (needs 2f+3 members)",
     "loss": "eq. 9: inverse EMA loss on own data, no filter",
     "loss-filtered": "eq. 10: inverse EMA loss on own data, neighbours worse than self dropped",
@@ -29,6 +32,7 @@ RULES: dict[str, str] = {
     "none": "non-cooperative: every agent keeps its own model",
     "self-clipping": "own model + mean of neighbours' pulls clipped to clip_tau (no assumption)",
     "trimmed-mean": "coordinate-wise mean less the f largest and f smallest (needs 2f+1)",
+    "ubar": "closest ceil(rho*m) neighbours, then those with loss <= own; alpha*own + their mean",
 }
 
 ATTACKS: dict[str, str] = {
