@@ -38,6 +38,7 @@ RULES: dict[str, str] = {
 ATTACKS: dict[str, str] = {
     "alie": "a little is enough: mean +- z * std of the honest models, per coordinate",
     "constant": "per-coordinate values drawn from [low, high] (paper: [15,16])",
+    "dissensus": "per victim psi_k - eps * sum of its honest neighbours' pulls / B: undoes gossip",
     "distance-capture": "per victim w_k + r (g - w_k): close to the victim, so distance weights pick it",
     "echo": "returns the requester its own model (accepted by the loss filter, adds nothing)",
     "gaussian": "a random model: every coordinate ~ N(mean, std^2) (default std 200)",
@@ -47,6 +48,10 @@ ATTACKS: dict[str, str] = {
     "within the victim's",
     "low-loss": "the honest model over-fitted to the round's data: tiny loss, so 1/loss wins",
     "mimic": "copies an honest neighbour's model (over-weighs one agent's data)",
+    "min-max": "mu - gamma*p (std, unit or sign), gamma as large as keeps it within the honest "
+    "models' largest pairwise distance",
+    "min-sum": "mu - gamma*p, gamma as large as keeps its summed squared distance to the honest "
+    "models within theirs",
     "nan": "NaN or Inf payloads: a fraction of coordinates set to nan, inf or -inf",
     "omission": "never sends a model: refuses at once, or hangs until the requester's deadline",
     "on-off": "honest for honest_rounds rounds, then another attack (optionally in cycles)",
