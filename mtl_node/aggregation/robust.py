@@ -63,6 +63,7 @@ from mtl_node.kernels.robust import (
     geometric_median,
     krum_select,
     self_clip,
+    slot_sum,
     trimmed_mean,
 )
 
@@ -179,13 +180,16 @@ class _RobustRule(Rule):
         reason = too_few_reason(self.name, self.params.f, len(present))
         if reason is not None:
             return keep_own(candidates, reason)
-        vectors = []
         for c in present:
             if c.model is None:
                 raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
-            vectors.append(np.asarray(c.model, dtype=np.float64))
-        X = np.stack(vectors)[None, :, :]
-        mask = np.ones((1, len(present)), dtype=bool)
+        # One row of the batched kernels, as the vectorized engine lays it out: every member in
+        # neighbourhood order, absent ones as zeros masked out.
+        own = np.asarray(candidates[0].model, dtype=np.float64)
+        X = np.stack(
+            [np.asarray(c.model, dtype=np.float64) if c.present else np.zeros_like(own) for c in candidates]
+        )[None, :, :]
+        mask = np.array([[c.present for c in candidates]])
         # Overflow is a legitimate input (a crafted 1e308 model): the result is checked instead.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self.combine(candidates, present, X, mask)
@@ -249,7 +253,7 @@ class Krum(_RobustRule):
     def combine(
         self, candidates: Sequence[Candidate], present: list[Candidate], X: np.ndarray, mask: np.ndarray
     ) -> Aggregation:
-        chosen = present[int(krum_select(X, mask, np.array([self.params.f]))[0])].agent_id
+        chosen = candidates[int(krum_select(X, mask, np.array([self.params.f]))[0])].agent_id
         why = reasons.krum_selected(chosen)
         decisions = []
         for c in candidates:
@@ -273,10 +277,11 @@ class SelfClipping(_RobustRule):
         z, scales = self_clip(X, mask, np.array([tau]))
         if not np.isfinite(z).all():
             return keep_own(candidates, reasons.COMBINED_NOT_FINITE)
-        n = len(present)
-        scale = dict(zip([c.agent_id for c in present], scales[0].tolist(), strict=True))
-        weights = {c.agent_id: scale[c.agent_id] / n for c in present[1:] if scale[c.agent_id] > 0.0}
-        weights = {candidates[0].agent_id: 1.0 - math.fsum(weights.values()), **weights}
+        row = scales[0] / len(present)  # effective weights s_l / n, the agent's own the rest
+        own_weight = float(1.0 - slot_sum(row[None, 1:])[0])
+        scale = dict(zip([c.agent_id for c in candidates], scales[0].tolist(), strict=True))
+        weights = {c.agent_id: float(w) for c, w in zip(candidates[1:], row[1:], strict=True) if w > 0.0}
+        weights = {candidates[0].agent_id: own_weight, **weights}
         decisions = []
         for c in candidates:
             if not c.present:

@@ -188,7 +188,7 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
         if rule == "self-clipping":
             scale = scale[~bad]
             w = scale / n
-            w[:, 0] = 1.0 - w[:, 1:].sum(axis=1)
+            w[:, 0] = 1.0 - kernel_robust.slot_sum(w[:, 1:])
             weights[rows] = w
             scales[rule] = (rows, scale)
         else:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtl_node.kernels.robust import slot_sum
+
 
 @dataclass(frozen=True)
 class EmaStep:
@@ -62,5 +64,5 @@ def ema_step(
     # Scaled by the row's smallest kept average so that no inverse overflows.
     scale = np.maximum(np.where(kept, ema, np.inf).min(axis=1, keepdims=True), floor)
     inverse = np.where(kept, scale / np.maximum(ema, floor), 0.0)
-    weights = inverse / inverse.sum(axis=1, keepdims=True).clip(min=np.finfo(float).tiny)
+    weights = inverse / slot_sum(inverse)[:, None].clip(min=np.finfo(float).tiny)
     return EmaStep(ema, seen, updated, worse & updated, kept, weights)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtl_node.kernels.robust import norms
+from mtl_node.kernels.robust import norms, slot_sum
 
 
 def cap_weights(weights: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -24,7 +24,7 @@ def cap_weights(weights: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.nd
     some = hit.any(axis=1)
     out = weights.copy()
     out[some, 1:] = limited[some]
-    out[some, 0] = 1.0 - limited[some].sum(axis=1)
+    out[some, 0] = 1.0 - slot_sum(limited[some])
     return out, hit
 
 
@@ -55,6 +55,6 @@ def clip_pulls(X: np.ndarray, kept: np.ndarray, weights: np.ndarray, tau: np.nda
         clip = ok & (dist > tau[:, None])
         scale = np.where(clip, tau[:, None] / np.where(clip, dist, 1.0), np.where(ok, 1.0, 0.0))
         eff = weights * scale
-        combined = X[:, 0, :] + (eff[:, :, None] * np.where(ok[:, :, None], pulls, 0.0)).sum(axis=1)
-        eff[:, 0] = 1.0 - eff[:, 1:].sum(axis=1)
+        combined = X[:, 0, :] + slot_sum(eff[:, :, None] * np.where(ok[:, :, None], pulls, 0.0))
+        eff[:, 0] = 1.0 - slot_sum(eff[:, 1:])
     return Clipped(combined, eff, clip, kept & ~ok, np.isfinite(combined).all(axis=1))

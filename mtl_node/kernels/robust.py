@@ -11,6 +11,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def slot_sum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 1 (the slots), strictly left to right.
+
+    numpy's own ``sum`` groups terms differently with the length (pairwise, 8 partial sums from 8
+    terms on), so one agent's row (its own neighbourhood) and the same row padded to a batch's width
+    could differ in the last bit. Summed in slot order, absent slots adding exact zeros, they do not.
+    """
+    if a.shape[1] == 0:
+        return np.zeros(a.shape[:1] + a.shape[2:], dtype=a.dtype)
+    acc = a[:, 0].copy()
+    for s in range(1, a.shape[1]):
+        acc = acc + a[:, s]
+    return acc
+
+
 def norms(v: np.ndarray) -> np.ndarray:
     """Euclidean norms over the last axis, without overflow or underflow for finite vectors: the
     plain sqrt(sum v^2) where the sum is a normal float, rescaled by max |v| where it is not."""
@@ -100,7 +115,7 @@ def geometric_median(X: np.ndarray, present: np.ndarray, iters: np.ndarray, eps:
     for it in range(int(iters.max(initial=0))):
         d = norms(X - z[:, None, :])
         w = np.where(present, 1.0 / np.maximum(d, eps[:, None]), 0.0)
-        new = (w[:, :, None] * X).sum(axis=1) / w.sum(axis=1)[:, None]
+        new = slot_sum(w[:, :, None] * X) / slot_sum(w)[:, None]
         z = np.where((it < iters)[:, None], new, z)
     return z
 
@@ -115,6 +130,6 @@ def self_clip(X: np.ndarray, present: np.ndarray, tau: np.ndarray) -> tuple[np.n
     ok = present & np.isfinite(length)
     clipped = ok & (length > tau[:, None])
     scale = np.where(clipped, tau[:, None] / np.where(clipped, length, 1.0), np.where(ok, 1.0, 0.0))
-    pull = (scale[:, :, None] * np.where(ok[:, :, None], v, 0.0)).sum(axis=1)
+    pull = slot_sum(scale[:, :, None] * np.where(ok[:, :, None], v, 0.0))
     n = present.sum(axis=1)
     return X[:, 0, :] + pull / n[:, None], scale
