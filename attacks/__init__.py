@@ -5,6 +5,7 @@
 
 from attacks import capture as _capture  # noqa: F401
 from attacks import constant as _constant  # noqa: F401
+from attacks import disagreement as _disagreement  # noqa: F401
 from attacks import label_flip as _label_flip  # noqa: F401
 from attacks import noise as _noise  # noqa: F401
 from attacks import statistical as _statistical  # noqa: F401

@@ -95,3 +95,27 @@ def goal_like(state: StateDict, value: float | Sequence[float]) -> StateDict:
 def towards(base: StateDict, goal: StateDict, step: float) -> StateDict:
     """base + step * (goal - base), tensor by tensor."""
     return per_tensor(base, lambda name, t: kernel_towards(t, goal[name], step))
+
+
+def flat(state: StateDict) -> np.ndarray:
+    """Every floating tensor, in sorted name order, as one float64 vector (what a rule compares)."""
+    parts = [
+        state[n].detach().to("cpu", torch.float64).reshape(-1).numpy()
+        for n in sorted(state)
+        if torch.is_floating_point(state[n])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def from_flat(state: StateDict, values: np.ndarray) -> StateDict:
+    """``values`` laid out over ``state``'s floating tensors in sorted name order (the inverse of
+    :func:`flat`), each cast like the tensor it replaces."""
+    offset = 0
+
+    def take(_: str, t: torch.Tensor) -> torch.Tensor:
+        nonlocal offset
+        part = values[offset : offset + t.numel()]
+        offset += t.numel()
+        return like(part.reshape(tuple(t.shape)), t)
+
+    return per_tensor(state, take)

@@ -328,6 +328,45 @@ LEFT_OUT = (
 )
 
 
+# The defenses and attacks of issue 13 (mtl_node/aggregation/decentralized.py, attacks/): what each
+# computes and assumes. Static text, rendered with the page so that a re-render keeps it.
+NEWER_DEFENSES = (
+    "## Decentralized defenses since 2021: parameters and assumptions",
+    "",
+    "Four rules from the decentralized-learning literature (`mtl-node rules`; maths once in "
+    "mtl_node/kernels/decentralized.py, checked on hand-made numbers in "
+    "tests/unit/test_decentralized_rules.py). Each weighs its neighbours uniformly (a daemon knows no "
+    "gossip matrix); a missing member is left out before the maths, and a neighbour whose model is "
+    "not finite never reaches the result. They are not yet in the matrix above.",
+    "",
+    "- `ubar` (Guo et al. 2021). Stage 1 keeps the ceil(`ubar_rho` x m) present neighbours closest "
+    "in L2 to the agent's own model (ties: the earlier neighbour); stage 2 keeps those whose loss on "
+    "the agent's batch is at most its own, and at least the selected one with the smallest loss. "
+    "theta = `alpha` x own + (1 - `alpha`) x mean(kept). Parameters: `ubar_rho` (0, 1], default "
+    "0.5 (the paper sets it to the share of honest neighbours); `alpha` [0, 1], default 0.5. "
+    "Assumes nothing about f, but an all-Byzantine neighbourhood still moves the agent by "
+    "(1 - alpha) towards the best attacker: the rule trusts that at least one selected neighbour is "
+    "honest.",
+    "- `balance` (Fang et al., CCS 2024). Accepts psi_l iff ||own - psi_l|| <= `balance_gamma` x "
+    "exp(-`balance_kappa` x i / `balance_rounds`) x ||own||, i the rounds the rule has aggregated "
+    "(kept in its state, so a resumed agent continues the schedule); theta = `alpha` x own + "
+    "(1 - `alpha`) x mean(accepted), the own model when none is accepted. Defaults: gamma 0.3, "
+    "kappa 1, T 100, alpha 0.5. No assumption on f; an attacker inside the radius moves the agent "
+    "by at most (1 - alpha) x radius. The radius is relative to ||own||: models near the origin "
+    "accept almost nothing.",
+    "- `clipped-gossip` (He, Karimireddy & Jaggi 2022) with the adaptive radius of Gaucher et al. "
+    "(ICML 2025, CS+): theta = own + (1/n) sum_l clip(psi_l - own, tau), tau the distance of the "
+    "(2f+1)-th farthest neighbour, so the 2f farthest (the weight f attackers can carry, and as "
+    "much again) are clipped to it. Parameter: `f`. Needs n >= 2f + 2 members (checked when the "
+    "topology is planned, and each round on the members present: too few and the agent keeps its "
+    "own model, the decision log says why).",
+    "- `ios` (iterative outlier scissor, Wu, Chen & Ling 2023): f times, the mean of the members "
+    "still in (the agent included) is taken and the neighbour farthest from it dropped (never the "
+    "agent; ties: the earlier neighbour); theta is the mean of the members left. Parameter: `f`. "
+    "Needs n >= 2f + 1 members, checked like clipped-gossip.",
+)
+
+
 HOW_TO_SWEEP = (
     "## Running a sweep yourself",
     "",
@@ -515,7 +554,7 @@ def render(data: dict[str, Any], command: str) -> str:
     for rule in robust:
         row = [f"{c[('all', rule, f, attacks[0])].violated:.0%}" for f in fractions]
         lines.append(f"| {rule} | " + " | ".join(row) + " |")
-    lines += ["", "## Left out", "", *LEFT_OUT, "", *HOW_TO_SWEEP, ""]
+    lines += ["", "## Left out", "", *LEFT_OUT, "", *NEWER_DEFENSES, "", *HOW_TO_SWEEP, ""]
     return "\n".join(lines) + "\n"
 
 

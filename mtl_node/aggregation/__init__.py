@@ -5,6 +5,7 @@ Pure code (floats in, weights out; no grpc, no torch): the round loop hands a ru
 per-neighbour decision for the filter log. ``combine`` applies the weights to the models.
 """
 
+from mtl_node.aggregation import decentralized as _decentralized  # noqa: F401  (registers issue 13's rules)
 from mtl_node.aggregation import hardened as _hardened  # noqa: F401  (registers the hardened rules)
 from mtl_node.aggregation import robust as _robust  # noqa: F401  (registers the robust baselines)
 from mtl_node.aggregation import rules as _rules  # noqa: F401  (registers the built-in rules)

@@ -73,6 +73,37 @@ class RuleParams(BaseModel):
         description="loss-filtered-capped: no neighbour's weight may exceed weight_cap times the "
         "agent's own weight",
     )
+    # Decentralized defenses (mtl_node/aggregation/decentralized.py); clipped-gossip and ios use f.
+    alpha: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="ubar, balance: weight of the agent's own model; the mean of the neighbours "
+        "kept gets 1 - alpha",
+    )
+    ubar_rho: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="ubar: share of the neighbours (rounded up) kept by the distance stage",
+    )
+    balance_gamma: float = Field(
+        0.3,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="balance: acceptance radius at round 0, as a multiple of ||own model||",
+    )
+    balance_kappa: float = Field(
+        1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="balance: decay of the radius, gamma * exp(-kappa * round / balance_rounds)",
+    )
+    balance_rounds: int = Field(
+        100, ge=1, le=10**9, description="balance: T, the round count over which the radius decays"
+    )
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,9 @@ _REQUIREMENTS: dict[str, tuple[int, int]] = {
     "krum": (2, 3),
     "self-clipping": (0, 1),
 }
-ROBUST_RULES = tuple(_REQUIREMENTS)
+ROBUST_RULES = tuple(_REQUIREMENTS)  # the robust baselines (the batched engine runs these)
+# The decentralized defenses (decentralized.py) share the assumption checks.
+_REQUIREMENTS |= {"clipped-gossip": (2, 2), "ios": (2, 1)}
 
 
 def required_members(rule: str, f: int) -> int | None:

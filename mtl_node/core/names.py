@@ -17,8 +17,11 @@ TASKS: dict[str, str] = {
 
 RULES: dict[str, str] = {
     "average": "equal weights over every neighbour whose model arrived",
+    "balance": "accept neighbours within gamma*exp(-kappa*i/T)*||own||; alpha*own + rest's mean",
+    "clipped-gossip": "own + mean of pulls clipped to the adaptive CS+ radius (needs 2f+2)",
     "distance": "eq. 4: inverse EMA of ||theta_prev - psi_l||^2, no filter",
     "geometric-median": "Weiszfeld geometric median of the neighbourhood (needs 2f+1)",
+    "ios": "iterative outlier scissor: drop the f farthest from the mean one by one (needs 2f+1)",
     "krum": "the member closest to its n-f-2 nearest others (needs 2f+3 members)",
     "loss": "eq. 9: inverse EMA loss on own data, no filter",
     "loss-filtered": "eq. 10: inverse EMA loss on own data, neighbours worse than self dropped",
@@ -29,11 +32,13 @@ RULES: dict[str, str] = {
     "none": "non-cooperative: every agent keeps its own model",
     "self-clipping": "own model + mean of neighbours' pulls clipped to clip_tau (no assumption)",
     "trimmed-mean": "coordinate-wise mean less the f largest and f smallest (needs 2f+1)",
+    "ubar": "closest ceil(rho*m) neighbours, then those with loss <= own; alpha*own + their mean",
 }
 
 ATTACKS: dict[str, str] = {
     "alie": "a little is enough: mean +- z * std of the honest models, per coordinate",
     "constant": "per-coordinate values drawn from [low, high] (paper: [15,16])",
+    "dissensus": "per victim psi_k - eps * sum of its honest neighbours' pulls / B: undoes gossip",
     "distance-capture": "per victim w_k + r (g - w_k): close to the victim, so distance weights pick it",
     "echo": "returns the requester its own model (accepted by the loss filter, adds nothing)",
     "gaussian": "a random model: every coordinate ~ N(mean, std^2) (default std 200)",
@@ -43,6 +48,10 @@ ATTACKS: dict[str, str] = {
     "within the victim's",
     "low-loss": "the honest model over-fitted to the round's data: tiny loss, so 1/loss wins",
     "mimic": "copies an honest neighbour's model (over-weighs one agent's data)",
+    "min-max": "mu - gamma*p (std, unit or sign), gamma as large as keeps it within the honest "
+    "models' largest pairwise distance",
+    "min-sum": "mu - gamma*p, gamma as large as keeps its summed squared distance to the honest "
+    "models within theirs",
     "nan": "NaN or Inf payloads: a fraction of coordinates set to nan, inf or -inf",
     "omission": "never sends a model: refuses at once, or hangs until the requester's deadline",
     "on-off": "honest for honest_rounds rounds, then another attack (optionally in cycles)",

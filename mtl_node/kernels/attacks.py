@@ -104,3 +104,85 @@ def budget_step(feasible: Callable[[np.ndarray], np.ndarray], iters: np.ndarray)
         lo = np.where(active & good, mid, lo)
         hi = np.where(active & ~good, mid, hi)
     return np.where(full, one, lo)
+
+
+# -- dissensus, min-max, min-sum ----------------------------------------------------------------------
+
+
+def dissensus(
+    victim: np.ndarray, X: np.ndarray, present: np.ndarray, eps: np.ndarray, byz: np.ndarray
+) -> np.ndarray:
+    """dissensus (He et al. 2022) with uniform weights: x = psi_k - eps * sum_{honest j} (psi_j -
+    psi_k) / B, per row. ``victim``: (rows, dim) psi_k; ``X``/``present``: the honest neighbours'
+    models; ``eps``, ``byz`` (B, the victim's Byzantine neighbours assumed): (rows,). B attackers
+    serving this together cancel the victim's gossip step (eps = 1) or reverse it (eps > 1)."""
+    pull = np.where(present[:, :, None], X - victim[:, None, :], 0.0).sum(axis=1)
+    return victim - (eps / byz)[:, None] * pull
+
+
+MINMAX_DIRECTIONS = ("std", "unit", "sign")
+
+
+def minmax_direction(mean: np.ndarray, std: np.ndarray, kind: str) -> np.ndarray:
+    """p of min-max / min-sum: the honest std, the unit vector of the mean, or the mean's sign."""
+    if kind == "std":
+        return std
+    if kind == "unit":
+        n = np.sqrt((mean * mean).sum(axis=-1, keepdims=True))
+        return np.where(n > 0.0, mean / np.where(n > 0.0, n, 1.0), 0.0)
+    if kind == "sign":
+        return np.sign(mean)
+    raise ValueError(f"direction must be one of {', '.join(MINMAX_DIRECTIONS)}, got {kind!r}")
+
+
+def _sq_dist_to_pool(m: np.ndarray, H: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(rows, slots): ||m - H_s||^2 for the present slots, 0 elsewhere."""
+    d = m[:, None, :] - H
+    return np.where(present, (d * d).sum(axis=-1), 0.0)
+
+
+def min_max(
+    H: np.ndarray,
+    present: np.ndarray,
+    kind: str,
+    objective: str,
+    gamma_init: np.ndarray,
+    iters: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """min-max / min-sum (Shejwalkar & Houmansadr 2021): ((rows, dim) x = mu - gamma * p, (rows,)
+    gamma). ``H``: (rows, slots, dim) the honest models known, ``present`` their mask; mu and std
+    per coordinate over them (ddof 0), p by :func:`minmax_direction`.
+
+    gamma is the paper's search, a fixed ``iters`` steps from ``gamma_init``: feasible gammas step up
+    by half the last step, infeasible ones down, the last feasible one is kept (0 if none). Feasible:
+    ``objective="max"``: max_i ||x - h_i|| <= max_{i,j} ||h_i - h_j||; ``"sum"``: sum_i ||x - h_i||^2
+    <= max_i sum_j ||h_i - h_j||^2."""
+    m = present[:, :, None]
+    count = present.sum(axis=1, keepdims=True).clip(min=1)
+    mean = np.where(m, H, 0.0).sum(axis=1) / count
+    std = np.sqrt(np.where(m, (H - mean[:, None, :]) ** 2, 0.0).sum(axis=1) / count)
+    p = minmax_direction(mean, std, kind)
+    diff = H[:, :, None, :] - H[:, None, :, :]
+    pair = np.where(present[:, :, None] & present[:, None, :], (diff * diff).sum(axis=-1), 0.0)
+    if objective == "max":
+        bound = pair.max(axis=(1, 2))
+    elif objective == "sum":
+        bound = pair.sum(axis=2).max(axis=1)
+    else:
+        raise ValueError(f"objective must be 'max' or 'sum', got {objective!r}")
+
+    def feasible(gamma: np.ndarray) -> np.ndarray:
+        d2 = _sq_dist_to_pool(mean - gamma[:, None] * p, H, present)
+        got = d2.max(axis=1) if objective == "max" else d2.sum(axis=1)
+        return got <= bound
+
+    gamma = gamma_init.astype(np.float64).copy()
+    step = gamma_init.astype(np.float64).copy()
+    best = np.zeros_like(gamma)
+    for it in range(int(iters.max(initial=0))):
+        active = it < iters
+        ok = feasible(gamma)
+        best = np.where(active & ok, gamma, best)
+        gamma = np.where(active, np.where(ok, gamma + step / 2, gamma - step / 2), gamma)
+        step = np.where(active, step / 2, step)
+    return mean - best[:, None] * p, best

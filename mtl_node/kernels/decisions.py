@@ -57,3 +57,19 @@ def pull_clipped(tau: float) -> str:
 
 def weight_capped(cap: float) -> str:
     return f"weight capped at {cap:.4g} x own"
+
+
+def ubar_far(k: int) -> str:
+    """UBAR's distance stage left the neighbour out."""
+    return f"not among the {k} closest to own model"
+
+
+def ubar_loss(loss: float, own: float) -> str:
+    return f"loss {loss:.4g} > own {own:.4g}"
+
+
+def outside_radius(distance: float, radius: float) -> str:
+    return f"distance {distance:.4g} > radius {radius:.4g}"
+
+
+IOS_DROPPED = "dropped: farthest from the mean"

@@ -210,6 +210,41 @@ def test_exact_maths_of_the_deterministic_attacks() -> None:
     assert same(craft(attack("on-off", {"honest_rounds": ROUND})), honest())
 
 
+def test_exact_maths_of_dissensus() -> None:
+    # v1's model (10.3, 9.6); the attacker's other neighbours n1 (9, 11), n2 (10.5, 9):
+    # pull = (-1.3 + 0.2, 1.4 - 0.6) = (-1.1, 0.8)
+    assert torch.allclose(craft(attack("dissensus"), "v1")["w"], w(11.4, 8.8)["w"])
+    assert torch.allclose(
+        craft(attack("dissensus", {"eps": 0.5, "byzantine": 2}), "v1")["w"], w(10.575, 9.4)["w"]
+    )
+    # v2 (8, 12) is not a neighbour: n1, n2 and v1 are its honest neighbours as far as we know
+    assert torch.allclose(craft(attack("dissensus"), "v2")["w"], w(8.0 - 5.9, 12.0 + 6.3)["w"])
+    # the victim unknown: the honest model
+    assert torch.equal(craft(attack("dissensus"), "stranger")["w"], honest()["w"])
+
+
+@pytest.mark.parametrize("name", ["min-max", "min-sum"])
+@pytest.mark.parametrize("direction", ["std", "unit", "sign"])
+def test_min_max_and_min_sum_go_as_far_as_the_honest_spread_allows(name: str, direction: str) -> None:
+    h = honest()["w"]
+    H = torch.stack([h, w(9.0, 11.0)["w"], w(10.5, 9.0)["w"], w(10.4, 9.7)["w"]])
+    mean, std = H.mean(0), H.std(0, correction=0)
+    p = {"std": std, "unit": mean / mean.norm(), "sign": torch.sign(mean)}[direction]
+    x = craft(attack(name, {"direction": direction}))["w"]
+    gamma = float(((mean - x) @ p) / (p @ p))
+    assert gamma > 0.1
+    assert torch.allclose(x, mean - gamma * p, rtol=0, atol=1e-9)  # on the line mu - gamma p
+    pair = torch.cdist(H, H) ** 2
+
+    def spread(g: float) -> float:
+        d2 = ((mean - g * p - H) ** 2).sum(1)
+        return float(d2.max() if name == "min-max" else d2.sum())
+
+    bound = float(pair.max() if name == "min-max" else pair.sum(1).max())
+    assert spread(gamma) <= bound * (1 + 1e-12)
+    assert spread(gamma * (1 + 1e-6)) > bound  # as far as it goes: the search converged
+
+
 def honest_at(r: int) -> torch.Tensor:
     got = view().own(r)
     assert got is not None
@@ -265,6 +300,7 @@ RANDOM_PER_REQUEST: dict[str, dict[str, Any]] = {
 TWO_FACED: dict[str, dict[str, Any]] = {
     **RANDOM_PER_REQUEST,
     "echo": {},
+    "dissensus": {},
     "distance-capture": {},
     "loss-budget": {"goal": [15.5, 4.5]},
 }
@@ -334,6 +370,10 @@ def test_random_attacks_redraw_per_round_unless_told_otherwise(name: str) -> Non
         ("omission", {"mode": "sulk"}, "attack_params.mode", "'refuse' or 'hang'"),
         ("stale", {"lag": 0}, "attack_params.lag", "greater than or equal to 1"),
         ("label-flip", {"labels": 3}, "attack_params.labels", "Extra inputs"),
+        ("dissensus", {"byzantine": 0}, "attack_params.byzantine", "greater than or equal to 1"),
+        ("dissensus", {"eps": -1}, "attack_params.eps", "greater than 0"),
+        ("min-max", {"direction": "mean"}, "attack_params.direction", "'std', 'unit' or 'sign'"),
+        ("min-sum", {"iters": 0}, "attack_params.iters", "greater than or equal to 1"),
     ],
 )
 def test_bad_parameters_name_the_field(name: str, params: dict[str, Any], field: str, says: str) -> None:
@@ -381,6 +421,9 @@ EFFICACY: list[tuple[str, dict[str, Any], str]] = [
     ("on-off", {"honest_rounds": 20}, "same"),
     ("stale", {"lag": 1000}, "same"),  # replays round 1; a small lag is harmless once converged
     ("label-flip", {}, "same"),
+    ("dissensus", {}, "same"),  # eps 1 cancels each victim's gossip step: back to learning alone
+    ("min-max", {}, "same"),
+    ("min-sum", {}, "same"),
     ("mimic", {}, "informative"),
     ("echo", {}, "informative"),
     ("nan", {}, "informative"),

@@ -128,3 +128,34 @@ def test_attack_and_task_kernels_take_numpy_and_torch_alike() -> None:
     pool = np.concatenate([h[:1], g[1:]])
     np.testing.assert_allclose(mean[0], pool.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(std[0], pool.std(axis=0), rtol=1e-12)
+
+
+def test_min_max_kernel_on_a_unit_square() -> None:
+    """Honest models at the corners of the unit square: mu = (0.5, 0.5), std = (0.5, 0.5). The
+    largest pairwise distance is sqrt(2) and x = mu - gamma std reaches it from (1, 1) at gamma = 1;
+    min-sum's bound max_i sum_j ||h_i - h_j||^2 = 4 is reached at the same point."""
+    H = np.array(
+        [[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 0.0], [9.0, 9.0], [9.0, 9.0]]]
+    )
+    present = np.array([[True] * 4, [True, True, False, False]])  # row 2: only (0,0), (1,0)
+    for objective in ("max", "sum"):
+        x, gamma = ka.min_max(H, present, "std", objective, np.array([10.0, 10.0]), np.array([60, 60]))
+        np.testing.assert_allclose(gamma[0], 1.0, atol=1e-12)
+        np.testing.assert_allclose(x[0], [0.0, 0.0], atol=1e-12)
+    # row 2: mu (0.5, 0), std (0.5, 0); min-max: |0.5 - 0.5 g - 1| <= 1 -> g = 1; x = (0, 0)
+    x, gamma = ka.min_max(H, present, "std", "max", np.array([10.0, 10.0]), np.array([60, 60]))
+    np.testing.assert_allclose(gamma[1], 1.0, atol=1e-12)
+
+
+def test_dissensus_kernel_cancels_the_gossip_step() -> None:
+    """With eps = 1 and B = 1, the victim's average over itself, its honest neighbours and the
+    attacker's model is the victim's own model times n over n: no consensus step at all."""
+    rng = np.random.default_rng(0)
+    victim = rng.normal(size=(3, 4))
+    X = rng.normal(size=(3, 5, 4))
+    present = rng.random((3, 5)) > 0.3
+    x = ka.dissensus(victim, X, present, np.ones(3), np.ones(3))
+    for r in range(3):
+        honest = X[r][present[r]]
+        total = victim[r] + honest.sum(axis=0) + x[r]
+        np.testing.assert_allclose(total / (len(honest) + 2), victim[r], atol=1e-12)

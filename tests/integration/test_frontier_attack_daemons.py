@@ -1,0 +1,83 @@
+"""The attacks of issue 13 (dissensus, min-max, min-sum) as real attack daemons over gRPC (mutual
+TLS, tests/integration/daemons.py): six daemons on a complete graph under ``average``, three of them
+attackers. dissensus fetches each requester's own model over gRPC while serving it; min-max and
+min-sum build on the models the attacker fetched the round before.
+
+Every normal agent's checkpoint of every round must equal the in-process engine's for the same
+configs and seeds (so each daemon served exactly what the attack's maths says), and differ from the
+same run with honest agents in the attackers' places (so the attacks changed what was learnt).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from daemons import AgentSpec, DaemonSet
+
+from mtl_node.config import NodeConfig, build_config
+from mtl_node.engine import IN_PROCESS, run_agents
+
+pytestmark = pytest.mark.integration
+
+IDS = ["a0", "a1", "a2", "a3", "a4", "a5"]
+ATTACKS = {"a3": ("dissensus", {"eps": 1.5}), "a4": ("min-max", {}), "a5": ("min-sum", {"direction": "sign"})}
+NORMAL = [a for a in IDS if a not in ATTACKS]
+ROUNDS = 10
+SEED = 13
+ATOL = 1e-6
+
+
+def neighbours(k: int) -> list[str]:
+    return [IDS[(k + j) % len(IDS)] for j in range(1, len(IDS))]
+
+
+def specs() -> list[AgentSpec]:
+    out = []
+    for k, a in enumerate(IDS):
+        args: list[str] = []
+        if a in ATTACKS:
+            name, params = ATTACKS[a]
+            args = ["--attack", name]
+            for key, value in params.items():
+                args += ["--attack-param", f"{key}={value}"]
+        out.append(AgentSpec(a, neighbours(k), args))
+    return out
+
+
+def in_process(attacked: bool) -> dict[str, list[dict[str, torch.Tensor]]]:
+    configs: list[NodeConfig] = []
+    for k, a in enumerate(IDS):
+        data: dict[str, Any] = {
+            "id": a,
+            "rule": "average",
+            "rounds": ROUNDS,
+            "seed": SEED,
+            "neighbors": {n: IN_PROCESS for n in neighbours(k)},
+        }
+        if attacked and a in ATTACKS:
+            data |= {"attack": ATTACKS[a][0], "attack_params": ATTACKS[a][1]}
+        configs.append(build_config(data))
+    records = run_agents(configs, keep_models=True)
+    return {a: records[a].models for a in NORMAL}
+
+
+def test_new_attack_daemons_serve_their_maths_over_grpc(tmp_path: Path) -> None:
+    with DaemonSet(tmp_path, specs(), ROUNDS, SEED, "average", save_models_every=1) as ds:
+        ds.wait_done(timeout=240)
+    dirs = {d.id: d.results_dir / "models" for d in ds}
+    expected, honest = in_process(attacked=True), in_process(attacked=False)
+    moved = 0.0
+    for agent in NORMAL:
+        assert len(expected[agent]) == ROUNDS
+        for i in range(ROUNDS):
+            path = dirs[agent] / f"round-{i + 1:06d}.safetensors"
+            assert path.exists(), f"{agent}: no checkpoint for round {i + 1}"
+            got = safetensors.torch.load_file(str(path))["w"].double()
+            want = expected[agent][i]["w"].double()
+            assert float((got - want).abs().max()) <= ATOL, f"{agent} round {i + 1}: {got} vs {want}"
+            moved = max(moved, float((got - honest[agent][i]["w"].double()).abs().max()))
+    assert moved > 0.1, f"the attacks changed the normal agents' models by at most {moved}"
