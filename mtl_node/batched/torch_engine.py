@@ -23,9 +23,10 @@ model is one row of stacked parameters (``name -> (agents, *shape)``) and a roun
   every ``eval_every`` rounds through each agent's own ``TorchTask.test_metrics``.
 
 Equality with the per-agent engine is to float32 rounding (batched matmuls and gradients sum in a
-different order; tests/unit/test_torch_batched.py checks 1e-5 relative). What it cannot run
-(:func:`unsupported_reason`: Adam, other tasks, some attacks, state dirs) the callers run on the
-per-agent engine.
+different order; tests/unit/test_torch_batched.py checks 1e-5 relative). It runs HAR with SGD, every rule, and
+the attacks in ``ATTACKS``; what it cannot run (:func:`unsupported_reason`: Adam, other tasks
+(digits, custom ``module:factory`` tasks), the other attacks, cuda, state directories) the callers
+run on the per-agent engine.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from mtl_node.aggregation import Candidate, Rule, make_rule
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
+from mtl_node.core import names
 from mtl_node.errors import WireError
 from mtl_node.kernels.combine import accumulate
 from mtl_node.recorder import RoundRecord
@@ -54,7 +56,9 @@ from mtl_node.wire import StateDict
 log = logging.getLogger(__name__)
 
 TASKS_BATCHED = ("har",)
-RULES = ("none", "average", "loss", "loss-filtered", "distance")
+# Every rule: each agent's own rule object aggregates its row, given the losses, distances and
+# flattened models it asks for (needs_loss / needs_distance / needs_models).
+RULES = names.RULE_NAMES
 # Attacks whose ``craft`` depends only on (seed, attacker, round, requester, honest model, last
 # round's fetched pool): what the attack node serves does not depend on request order.
 ATTACKS = ("constant", "gaussian", "small-perturbation", "scaled", "sign-flip", "ipm", "alie", "mimic")
@@ -360,6 +364,16 @@ class _Engine:
                     total = total + (diff**2).flatten(2).sum(dim=2).double()
                 distances = dict(zip(dist_rows, total.tolist(), strict=True))
 
+        model_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_models]
+        vectors: dict[int, Any] = {}
+        if model_rows:  # flatten(): floating tensors in name order, as float64
+            r = torch.tensor(model_rows, dtype=torch.long)
+            flat = torch.cat(
+                [received[name][r].reshape(len(model_rows), self.width, -1) for name in sorted(self.names)],
+                dim=2,
+            )
+            vectors = dict(zip(model_rows, flat.double().numpy(), strict=True))
+
         weights = torch.zeros((n, self.width), dtype=torch.float64)
         aggs = []
         combined: dict[int, StateDict] = {}
@@ -376,6 +390,7 @@ class _Engine:
                             a,
                             losses[k][s] if k in losses else None,
                             distances[k][s] if k in distances else None,
+                            model=vectors[k][s] if k in vectors else None,
                         )
                     )
             else:
