@@ -1,4 +1,4 @@
-"""The vectorized in-process engine for torch tasks (HAR): every agent's round as stacked tensors.
+"""The vectorized in-process engine for torch tasks (HAR, digits): every agent's round as stacked tensors.
 
 The per-agent engine steps each agent in its own asyncio task with its own small torch calls; for a
 linear classifier nearly all of that time is interpreter and dispatch overhead. Here every agent's
@@ -7,7 +7,8 @@ model is one row of stacked parameters (``name -> (agents, *shape)``) and a roun
 - **local steps**: ``torch.func.grad`` of the task's loss, vmapped over agents, on each agent's own
   batch (the batches come from each agent's own task object, ``TorchTask._round_batches``, so the
   sampling order, ``train_share`` draws and ``scoring: resample`` picks are the per-agent engine's
-  own); plain SGD ``p - lr * g`` per row (SGD keeps no state, so per-agent optimizer state is exact);
+  own); SGD ``p - lr * g`` per row, or Adam with per-row moments and step counts (torch.optim.Adam's
+  single-tensor algorithm, its defaults);
 - **exchange**: ``received[k, s]`` = the model agent k gets from its s-th neighbour (slot 0 = itself);
   a Byzantine sender's model is crafted by its own attack object (``attacks/``, i.e. the kernels)
   for each receiver, exactly as the attack node would serve it;
@@ -23,10 +24,11 @@ model is one row of stacked parameters (``name -> (agents, *shape)``) and a roun
   every ``eval_every`` rounds through each agent's own ``TorchTask.test_metrics``.
 
 Equality with the per-agent engine is to float32 rounding (batched matmuls and gradients sum in a
-different order; tests/unit/test_torch_batched.py checks 1e-5 relative). It runs HAR with SGD, every rule, and
-the attacks in ``ATTACKS``; what it cannot run (:func:`unsupported_reason`: Adam, other tasks
-(digits, custom ``module:factory`` tasks), the other attacks, cuda, state directories) the callers
-run on the per-agent engine.
+different order; tests/unit/test_torch_batched.py checks 1e-5 relative). It runs HAR and digits
+with SGD or Adam, every rule, and the attacks in ``ATTACKS``; what it cannot run
+(:func:`unsupported_reason`: custom ``module:factory`` tasks, the other attacks, cuda, state
+directories, agents with different optimizers or batch sizes) the callers run on the per-agent
+engine.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from mtl_node.wire import StateDict
 
 log = logging.getLogger(__name__)
 
-TASKS_BATCHED = ("har",)
+TASKS_BATCHED = ("har", "digits")
 # Every rule: each agent's own rule object aggregates its row, given the losses, distances and
 # flattened models it asks for (needs_loss / needs_distance / needs_models).
 RULES = names.RULE_NAMES
@@ -95,8 +97,6 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
         except Exception as exc:  # the per-agent engine reports invalid parameters
             return f"{c.id}: {exc}"
         assert isinstance(p, TorchTaskParams)
-        if p.optimizer != "sgd":
-            return f"{c.id}: optimizer {p.optimizer!r} (only sgd: per-agent Adam state is not batched)"
         params.append(p)
         if c.attack is not None:
             if c.attack not in ATTACKS:
@@ -105,6 +105,9 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
                 make_attack(c.attack, c.id, c.seed, c.attack_params, task=c.task)
             except Exception as exc:
                 return f"{c.id}: attack {c.attack!r}: {exc}"
+    optimizers = {p.optimizer for p in params}
+    if len(optimizers) != 1:
+        return f"agents use different optimizers ({sorted(optimizers)})"
     sizes = {(p.batch_size, p.local_steps) for p in params}
     if len(sizes) != 1:
         return f"agents differ in batch_size/local_steps ({sorted(sizes)})"
@@ -217,6 +220,12 @@ class _Engine:
         self.lr = lrs[0] if len(set(lrs)) == 1 else None
         self.lr_rows = torch.tensor(lrs, dtype=torch.float32)
         self.steps = t0.p.local_steps
+        # Adam (torch.optim.Adam's defaults, single-tensor algorithm): per-row moments and steps.
+        self.adam = t0.p.optimizer == "adam"
+        self.exp_avg = {name: torch.zeros_like(t) for name, t in self.theta.items()}
+        self.exp_avg_sq = {name: torch.zeros_like(t) for name, t in self.theta.items()}
+        self.adam_steps = [0] * n
+        self.lr64 = torch.tensor(lrs, dtype=torch.float64)
         module, loss_fn = self.module, t0.loss_fn
 
         def loss_of(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -252,7 +261,9 @@ class _Engine:
             idx = torch.stack([batches[k][s] for k in rows])
             x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
             g = self.grads(params, x, y)
-            if self.lr is not None:  # torch.optim.SGD: p.add_(g, alpha=-lr)
+            if self.adam:
+                params = self._adam(rows, r, params, g)
+            elif self.lr is not None:  # torch.optim.SGD: p.add_(g, alpha=-lr)
                 params = {name: p.add(g[name], alpha=-self.lr) for name, p in params.items()}
             else:
                 lr = self.lr_rows[r]
@@ -262,6 +273,25 @@ class _Engine:
         for name in self.names:
             psi[name][r] = params[name].detach()
         return psi
+
+    def _adam(self, rows: list[int], r: torch.Tensor, params: Stacked, g: Stacked) -> Stacked:
+        """One torch.optim.Adam step (betas 0.9/0.999, eps 1e-8) of every training row, each with
+        its own moments and step count; the scalars are float64 as Adam's, cast like its kernels."""
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        for k in rows:
+            self.adam_steps[k] += 1
+        step = torch.tensor([self.adam_steps[k] for k in rows], dtype=torch.float64)
+        step_size = (self.lr64[r] / (1 - beta1**step)).to(torch.float32)
+        bc2_sqrt = ((1 - beta2**step) ** 0.5).to(torch.float32)
+        out = {}
+        for name, p in params.items():
+            view = (-1, *([1] * (p.dim() - 1)))
+            m = self.exp_avg[name][r].lerp(g[name], 1 - beta1)
+            v = torch.addcmul(self.exp_avg_sq[name][r] * beta2, g[name], g[name], value=1 - beta2)
+            self.exp_avg[name][r], self.exp_avg_sq[name][r] = m, v
+            denom = (v.sqrt() / bc2_sqrt.view(view)).add(eps)
+            out[name] = p + (-step_size).view(view) * (m / denom)
+        return out
 
     def exchange(self, i: int, psi: Stacked) -> tuple[Stacked, dict[tuple[int, int], str]]:
         """(what every slot receives, the reasons of the slots that receive nothing valid)."""

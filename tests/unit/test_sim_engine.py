@@ -63,7 +63,7 @@ HAR: dict[str, Any] = {
     "rounds": 2,
     "seed": 1,
     "rules": ["loss"],
-    "task_params": {"optimizer": "adam"},  # the torch batched engine runs only sgd
+    "byzantine": {"count": 1, "attack": "echo"},  # not one of the torch batched engine's attacks
 }
 
 
@@ -72,7 +72,7 @@ def test_forcing_batched_on_a_plan_it_cannot_run_names_the_reason(tmp_path: Path
     with pytest.raises(ConfigError) as info:
         run(plan, tmp_path, "loss", engine="batched")
     assert info.value.field == "--option engine"
-    assert "batched engine cannot run this" in str(info.value) and "optimizer 'adam'" in str(info.value)
+    assert "batched engine cannot run this" in str(info.value) and "attack 'echo'" in str(info.value)
 
 
 def test_unknown_engine_and_option_are_config_errors(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_auto_falls_back_with_the_reason_logged(tmp_path: Path, caplog: pytest.L
     with caplog.at_level(logging.WARNING, logger="orchestrator.backends.sim"):
         out = run(plan, tmp_path, "loss")
     assert len(out.metrics) == 3 * 2
-    assert any("per-agent engine" in r.message and "optimizer 'adam'" in r.message for r in caplog.records)
+    assert any("per-agent engine" in r.message and "attack 'echo'" in r.message for r in caplog.records)
 
 
 HAR_SGD: dict[str, Any] = {
