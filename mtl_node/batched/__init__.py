@@ -27,7 +27,7 @@ fall back to the per-agent engine.
 Layout: ``network`` (the slot form and what can be batched), ``senders`` (Byzantine senders),
 ``engine`` (the round and the run loop), ``result`` (arrays, rows and records); the maths of every
 rule and attack is in ``mtl_node.kernels``. ``torch_engine`` is the same idea for torch tasks (HAR
-and digits, SGD or Adam: stacked parameters, vmapped local steps and scoring; see its docstring for what it
+with SGD or Adam: stacked parameters, vmapped local steps and scoring; see its docstring for what it
 runs and what falls back).
 """
 

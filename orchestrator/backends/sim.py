@@ -3,7 +3,7 @@
 The fast path for sweeps. ``-o engine=`` picks the engine:
 
 - ``auto`` (default): the vectorized engine (mtl_node.batched for target localization,
-  mtl_node.batched.torch_engine for HAR and digits; the same rule and attack kernels as the agents) when it
+  mtl_node.batched.torch_engine for HAR; the same rule and attack kernels as the agents) when it
   can run the plan, else the per-agent engine, with a log line saying why;
 - ``per-agent``: the per-agent asyncio engine running the very same Agent code the daemons run
   (the oracle);

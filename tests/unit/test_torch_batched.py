@@ -139,38 +139,26 @@ def test_adam_keeps_each_agents_moments_like_the_per_agent_engine() -> None:
     assert_same(cfgs)
 
 
-# The paper's classification constants ([0, 0.1]); the default [15, 16] drives a CNN's loss to 1e11,
-# where float32 cancellation alone exceeds 1e-5 relative.
-ATTACK_PARAMS: dict[str, dict[str, Any]] = {"sign-flip": {}, "constant": {"low": 0.0, "high": 0.1}}
-
-
-@pytest.mark.parametrize(("rule", "attack"), [("loss-filtered", "sign-flip"), ("average", "constant")])
-def test_digits_cnn_with_adam_equals_the_per_agent_engine(rule: str, attack: str) -> None:
-    """digits: the paper's CNN, Adam, uneven data; small synthetic images to keep it quick."""
-    ids = [f"a{k}" for k in range(4)]
+def test_digits_is_left_to_the_per_agent_engine() -> None:
+    """digits (the paper's CNN with Adam) is not batched: over ten rounds its metrics drift from
+    the per-agent engine's beyond float32 rounding (docs/performance.md), so auto must fall back."""
+    ids = [f"a{k}" for k in range(3)]
     cfgs = [
         build_config(
             {
                 "id": a,
                 "task": "digits",
-                "rule": rule,
-                "rounds": 3,
+                "rule": "loss-filtered",
+                "rounds": 2,
                 "seed": 3,
                 "neighbors": {n: "inproc:0" for n in ids if n != a},
-                "task_params": {
-                    "dataset": "synthetic",
-                    "train_samples": 30 + 5 * k,
-                    "test_samples": 12 + k,
-                    "batch_size": 6,
-                },
-                "rule_params": {"nu": 0.1, "ema_init": 1.0},
-                **({"attack": attack, "attack_params": ATTACK_PARAMS[attack]} if a == "a2" else {}),
+                "task_params": {"dataset": "synthetic", "train_samples": 20, "test_samples": 10},
             }
         )
-        for k, a in enumerate(ids)
+        for a in ids
     ]
-    assert torch_engine.unsupported_reason(cfgs) is None
-    assert_same(cfgs)
+    reason = torch_engine.unsupported_reason(cfgs)
+    assert reason is not None and "task 'digits'" in reason
 
 
 @pytest.mark.parametrize(
