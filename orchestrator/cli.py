@@ -460,6 +460,10 @@ def down(
     if dep is not None and orchestrator_alive(dep):
         stop_verified([dep], timeout)  # it stops its own agents on SIGTERM
     stopped = stop_verified(running_agents(out), timeout)
+    if list(out.glob("work/*/containers.json")):  # a docker run: its containers restart themselves
+        from orchestrator.backends.docker import remove_recorded_runs
+
+        stopped += remove_recorded_runs(out)
     progress_path = out / "progress.json"
     if progress_path.exists():
         progress = json.loads(progress_path.read_text())
@@ -468,7 +472,7 @@ def down(
             from orchestrator.backends.common import write_atomic
 
             write_atomic(progress_path, json.dumps(progress))
-    typer.echo(f"stopped {out}" + (f" ({stopped} orphaned agent processes)" if stopped else ""))
+    typer.echo(f"stopped {out}" + (f" ({stopped} orphaned agent processes or containers)" if stopped else ""))
 
 
 @app.command()
