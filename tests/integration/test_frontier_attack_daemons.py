@@ -1,7 +1,8 @@
-"""The attacks of issue 13 (dissensus, min-max, min-sum) as real attack daemons over gRPC (mutual
-TLS, tests/integration/daemons.py): six daemons on a complete graph under ``average``, three of them
-attackers. dissensus fetches each requester's own model over gRPC while serving it; min-max and
-min-sum build on the models the attacker fetched the round before.
+"""The attacks of issue 13 (dissensus, min-max, min-sum, rop) as real attack daemons over gRPC
+(mutual TLS, tests/integration/daemons.py): seven daemons under ``average``, four of them
+attackers, every agent a neighbour of every normal agent. dissensus and rop fetch each requester's
+own model over gRPC while serving it; min-max, min-sum and rop build on the models the attacker
+fetched the round before.
 
 Every normal agent's checkpoint of every round must equal the in-process engine's for the same
 configs and seeds (so each daemon served exactly what the attack's maths says), and differ from the
@@ -23,8 +24,13 @@ from mtl_node.engine import IN_PROCESS, run_agents
 
 pytestmark = pytest.mark.integration
 
-IDS = ["a0", "a1", "a2", "a3", "a4", "a5"]
-ATTACKS = {"a3": ("dissensus", {"eps": 1.5}), "a4": ("min-max", {}), "a5": ("min-sum", {"direction": "sign"})}
+IDS = ["a0", "a1", "a2", "a3", "a4", "a5", "a6"]
+ATTACKS = {
+    "a3": ("dissensus", {"eps": 1.5}),
+    "a4": ("min-max", {}),
+    "a5": ("min-sum", {"direction": "sign"}),
+    "a6": ("rop", {"z": 3.0}),
+}
 NORMAL = [a for a in IDS if a not in ATTACKS]
 ROUNDS = 10
 SEED = 13
@@ -32,7 +38,10 @@ ATOL = 1e-6
 
 
 def neighbours(k: int) -> list[str]:
-    return [IDS[(k + j) % len(IDS)] for j in range(1, len(IDS))]
+    """Every other agent, starting after oneself; attackers are not each other's neighbours, so
+    what one serves never depends on when another's on-demand fetch of it happened."""
+    around = [IDS[(k + j) % len(IDS)] for j in range(1, len(IDS))]
+    return [n for n in around if IDS[k] not in ATTACKS or n not in ATTACKS]
 
 
 def specs() -> list[AgentSpec]:
