@@ -296,7 +296,7 @@ class Agent:
 
     async def run(self) -> None:
         self._set_status(_replace(self.status, state="running"))
-        self.observer.started("start")
+        self.observer.started("resume" if self.start_round > 0 else "start")
         self.loop_watch.on_stall = lambda: self.observer.paused()
         self.loop_watch.start()
         try:

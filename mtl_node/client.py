@@ -133,6 +133,9 @@ class GrpcTransport(Transport):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._info_stubs: dict[str, pb_grpc.NodeStub] = {}
         self._seen: set[str] = set()
+        # Neighbours that stayed unreachable for a whole deadline: asked once per round, without
+        # waiting, until they answer again (the channel keeps reconnecting in the background).
+        self._down: set[str] = set()
         # Told the size of every payload received (metrics); None: nobody is counting.
         self.on_received: Callable[[int], None] | None = None
 
@@ -160,7 +163,11 @@ class GrpcTransport(Transport):
         # killed and is restarting) is asked again until the deadline, in every round, so a restart
         # within the deadline changes no result (rounds are idempotent to fetch). An UNAVAILABLE its
         # own server sent (a refusal: "<id>: ..."), an identity failure or a deadline ends it at once.
-        header, payload = await self._fetch_retrying(stub, neighbor, round_, requester, timeout)
+        if neighbor in self._down:
+            header, payload = await fetch_payload(stub, round_, requester, timeout, self.manifest)
+            self._down.discard(neighbor)
+        else:
+            header, payload = await self._fetch_retrying(stub, neighbor, round_, requester, timeout)
         if header.agent_id != neighbor:
             raise FetchError(
                 f"{neighbor}: the model's header names {header.agent_id[:64]!r}", reason="identity"
@@ -180,13 +187,21 @@ class GrpcTransport(Transport):
         assert self.manifest is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # After round 1, an unreachable neighbour is waited for half the deadline only: our own
+        # neighbours wait for our next round with the same deadline, and must get it within theirs
+        # (a wait of a whole deadline here would make them time out on us in turn).
+        unreachable_until = deadline if round_ == 1 else loop.time() + timeout / 2
         while True:
             remaining = deadline - loop.time()
             try:
                 return await fetch_payload(stub, round_, requester, max(remaining, 0.01), self.manifest)
             except FetchError as exc:
                 refused = str(exc).startswith(f"UNAVAILABLE: {neighbor}: ")
-                if exc.reason != "unavailable" or refused or deadline - loop.time() <= STARTUP_RETRY_S:
+                if exc.reason != "unavailable" or refused:
+                    raise
+                if unreachable_until - loop.time() <= STARTUP_RETRY_S:
+                    if round_ > 1:
+                        self._down.add(neighbor)  # gone for a whole deadline: do not wait again
                     raise
                 log.debug("%s: round %d: unreachable (%s); asking again", neighbor, round_, exc)
             await asyncio.sleep(STARTUP_RETRY_S)

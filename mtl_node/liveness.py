@@ -3,9 +3,9 @@
 The round loop asks ``skip(neighbor, round)`` before fetching. A neighbour whose fetch timed out
 becomes a *suspect*: later rounds leave it out at once (missing, reason ``timeout``) while a
 background probe asks it for its latest published round (GetInfo, with its own short deadline).
-It is taken back when it answers and is at most one round behind the round we need (it was only
-slow: two agents that timed out on the same stalled neighbour one after the other), or is catching
-up fast enough to publish that round within half a fetch deadline. One that times out again soon
+It is taken back as soon as it answers: then it is fetched with the normal deadline again, so a
+neighbour that is merely behind (resumed after SIGSTOP, or slowed by a stall of its own) is waited
+for and the network stays in step instead of running on without it. One that times out again soon
 after being taken back (an attacker that hangs on purpose, or a neighbour too slow to keep up) is
 held off for twice as many rounds each time: hanging costs O(log rounds) deadlines, not one a round.
 
@@ -99,8 +99,6 @@ class NeighbourLiveness:
         self._strikes.pop(neighbor, None)
 
     async def _watch(self, neighbor: str, suspect: _Suspect) -> None:
-        loop = asyncio.get_running_loop()
-        last: tuple[float, int, int] | None = None  # (time, its round, our round)
         first = True
         while True:
             if not first:
@@ -112,29 +110,11 @@ class NeighbourLiveness:
                 published = await self.probe(neighbor, min(PROBE_TIMEOUT_S, self.fetch_timeout))
             except Exception as exc:  # no answer: keep probing
                 log.debug("%s: probe of %s: %s", self.agent_id, neighbor, exc)
-                last = None
                 continue
-            now = loop.time()
-            # At most one round behind: it is computing the round we need, so it comes at once.
-            if published >= self.round - 1 or self._catching_up(last, now, published):
-                break
-            last = (now, published, self.round)
+            break
         del self._suspects[neighbor]
         self.taken_back += 1
         log.info("%s: %s answers again (published round %d)", self.agent_id, neighbor, published)
-
-    def _catching_up(self, last: tuple[float, int, int] | None, now: float, published: int) -> bool:
-        """Whether, at the rates seen since the last probe, it publishes our round within half a
-        fetch deadline."""
-        if last is None:
-            return False
-        then, its_round, our_round = last
-        elapsed = now - then
-        if elapsed <= 0:
-            return False
-        closing = ((published - its_round) - (self.round - our_round)) / elapsed
-        gap = self.round - published
-        return closing > 0 and gap / closing <= self.fetch_timeout / 2
 
     async def close(self) -> None:
         tasks = [s.task for s in self._suspects.values() if s.task is not None]

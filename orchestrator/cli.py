@@ -102,6 +102,11 @@ def up(
         out = Path("results") / f"{plan.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and any(out.iterdir()) and not (out / DEPLOYMENT_FILE).exists():
         raise _fail(ConfigError("--out", f"{out} exists and is not empty", "choose a new directory"))
+    if (out / "progress.json").exists():
+        # Its agents' state directories would be resumed: a run there is continued with `attach`.
+        raise _fail(
+            ConfigError("--out", f"{out} holds a run already", "`attach` continues it, or choose another")
+        )
     for warning in plan.warnings:
         typer.echo(f"warning: {warning}", err=True)
 

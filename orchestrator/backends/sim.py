@@ -2,8 +2,9 @@
 
 The fast path for sweeps. ``-o engine=`` picks the engine:
 
-- ``auto`` (default): the vectorized engine (mtl_node.batched, the same rule and attack kernels as
-  the agents) when it can run the plan, else the per-agent engine, with a log line saying why;
+- ``auto`` (default): the vectorized engine (mtl_node.batched for target localization,
+  mtl_node.batched.torch_engine for HAR; the same rule and attack kernels as the agents) when it
+  can run the plan, else the per-agent engine, with a log line saying why;
 - ``per-agent``: the per-agent asyncio engine running the very same Agent code the daemons run
   (the oracle);
 - ``batched``: the vectorized engine, or a ConfigError with the reason it cannot run the plan.
@@ -104,8 +105,12 @@ class SimBackend(Backend):
         configs = plan_configs(plan, ctx.rule)
 
         from mtl_node import batched
+        from mtl_node.batched import torch_engine
 
-        reason = None if engine == "per-agent" else batched.unsupported_reason(configs)
+        on_tl = any(c.task == batched.TASK for c in configs)
+        reason = None
+        if engine != "per-agent":
+            reason = (batched if on_tl else torch_engine).unsupported_reason(configs)
         if engine == "batched" and reason is not None:
             raise ConfigError(
                 "--option engine",
@@ -113,6 +118,14 @@ class SimBackend(Backend):
                 "use engine=per-agent or auto",
             )
         if engine != "per-agent" and reason is None:
+            if not on_tl:
+
+                def forward(records: list[RoundRecord]) -> None:
+                    for rec in records:
+                        collector.add(rec.metrics_row(), rec.decision_rows())
+
+                torch_engine.run_torch_batched(configs, on_round=forward)
+                return RunOutput(collector.metrics, collector.decisions)
             return _run_batched(plan, ctx, configs)
         if engine == "auto":
             log.warning(

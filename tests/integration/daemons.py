@@ -193,10 +193,12 @@ class DaemonSet:
         stand_ins: dict[str, str] | None = None,
         cert_args: Any = None,
         operator: TlsMaterial | None = None,
+        via: dict[str, str] | None = None,
     ) -> None:
         """``stand_ins``: neighbour id -> id of a daemon of this set whose address it gets (an
         impostor); ``cert_args(id)`` / ``operator``: certificates of another CA than the shared
-        test CA (e.g. made with openssl)."""
+        test CA (e.g. made with openssl); ``via``: daemon id -> address its neighbours are told
+        instead of its own (a proxy in front of it)."""
         self.base_dir = base_dir
         self.specs = list(specs)
         self.rounds = rounds
@@ -206,6 +208,7 @@ class DaemonSet:
         self.save_models_every = save_models_every
         self.insecure = insecure
         self.stand_ins = dict(stand_ins or {})
+        self.via = dict(via or {})
         self.cert_args = cert_args
         self.operator = operator
         self.peers_file = base_dir / "peers.json"
@@ -243,7 +246,7 @@ class DaemonSet:
         self.wait_serving()
         addresses = {d.id: d.address for d in self.daemons.values()}
         addresses |= {alias: addresses[real] for alias, real in self.stand_ins.items()}
-        write_peers_file(self.peers_file, addresses)
+        write_peers_file(self.peers_file, addresses | self.via)
 
     def tls_args(self, spec: AgentSpec) -> list[str]:
         if self.insecure:

@@ -28,6 +28,7 @@ byzantine: {ids: [a5], attack: gaussian}
 rules: [loss-filtered]
 rounds: 40
 seed: 11
+fetch_timeout: 60  # a restart under load must fit in half of it (mtl_node/client.py)
 """
 RULE = "loss-filtered"
 COMPARED = ("loss", "test_loss", "accepted", "filtered", "missing")

@@ -63,6 +63,7 @@ HAR: dict[str, Any] = {
     "rounds": 2,
     "seed": 1,
     "rules": ["loss"],
+    "task_params": {"optimizer": "adam"},  # the torch batched engine runs only sgd
 }
 
 
@@ -71,7 +72,7 @@ def test_forcing_batched_on_a_plan_it_cannot_run_names_the_reason(tmp_path: Path
     with pytest.raises(ConfigError) as info:
         run(plan, tmp_path, "loss", engine="batched")
     assert info.value.field == "--option engine"
-    assert "batched engine cannot run this" in str(info.value) and "task 'har'" in str(info.value)
+    assert "batched engine cannot run this" in str(info.value) and "optimizer 'adam'" in str(info.value)
 
 
 def test_unknown_engine_and_option_are_config_errors(tmp_path: Path) -> None:
@@ -87,4 +88,41 @@ def test_auto_falls_back_with_the_reason_logged(tmp_path: Path, caplog: pytest.L
     with caplog.at_level(logging.WARNING, logger="orchestrator.backends.sim"):
         out = run(plan, tmp_path, "loss")
     assert len(out.metrics) == 3 * 2
-    assert any("per-agent engine" in r.message and "task 'har'" in r.message for r in caplog.records)
+    assert any("per-agent engine" in r.message and "optimizer 'adam'" in r.message for r in caplog.records)
+
+
+HAR_SGD: dict[str, Any] = {
+    "name": "sim-har-sgd",
+    "task": "har",
+    "agents": 5,
+    "graph": {"kind": "complete"},
+    "byzantine": {"count": 1, "attack": "constant", "attack_params": {"low": 0.0, "high": 0.1}},
+    "rounds": 3,
+    "seed": 2,
+    "rules": ["loss-filtered"],
+    "task_params": {"optimizer": "sgd", "lr": 0.05, "batch_size": 5, "samples": 40},
+}
+
+
+@pytest.mark.parametrize("rule", ["loss-filtered", "distance", "average"])
+def test_har_runs_batched_by_default_with_the_per_agent_rows(
+    rule: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HAR with SGD is batched under auto (no fallback logged) and gives the per-agent rows
+    (within float32 rounding: tests/unit/test_torch_batched.py says why 1e-5)."""
+    plan = plan_topology(parse_spec(HAR_SGD))
+    with caplog.at_level(logging.WARNING, logger="orchestrator.backends.sim"):
+        fast = run(plan, tmp_path, rule)
+    assert not any("per-agent engine" in r.message for r in caplog.records)
+    oracle = run(plan, tmp_path, rule, engine="per-agent")
+    key = lambda r: (r["round"], r["agent"])  # noqa: E731
+    a, b = sorted(fast.metrics, key=key), sorted(oracle.metrics, key=key)
+    assert [key(r) for r in a] == [key(r) for r in b] and len(a) == 5 * 3
+    for x, y in zip(a, b, strict=True):
+        assert (x["accepted"], x["filtered"], x["missing"]) == (y["accepted"], y["filtered"], y["missing"])
+        for col in ("loss", "test_loss", "test_accuracy"):
+            assert math.isclose(x[col], y[col], rel_tol=1e-5, abs_tol=1e-6), (col, x, y)
+    dkey = lambda r: (r["round"], r["agent"], r["agent_id"])  # noqa: E731
+    da, db = sorted(fast.decisions, key=dkey), sorted(oracle.decisions, key=dkey)
+    assert [(dkey(r), r["decision"]) for r in da] == [(dkey(r), r["decision"]) for r in db]
+    assert len(da) == 5 * 5 * 3

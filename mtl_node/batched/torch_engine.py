@@ -1,0 +1,375 @@
+"""The vectorized in-process engine for torch tasks (HAR): every agent's round as stacked tensors.
+
+The per-agent engine steps each agent in its own asyncio task with its own small torch calls; for a
+linear classifier nearly all of that time is interpreter and dispatch overhead. Here every agent's
+model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
+
+- **local steps**: ``torch.func.grad`` of the task's loss, vmapped over agents, on each agent's own
+  batch (the batches come from each agent's own task object, ``TorchTask._round_batches``, so the
+  sampling order, ``train_share`` draws and ``scoring: resample`` picks are the per-agent engine's
+  own); plain SGD ``p - lr * g`` per row (SGD keeps no state, so per-agent optimizer state is exact);
+- **exchange**: ``received[k, s]`` = the model agent k gets from its s-th neighbour (slot 0 = itself);
+  a Byzantine sender's model is crafted by its own attack object (``attacks/``, i.e. the kernels)
+  for each receiver, exactly as the attack node would serve it;
+- **scoring**: the loss of every received model on the receiver's scoring batch, vmapped over agents
+  and over slots (and squared distances to the previous model for the distance rule);
+- **aggregation**: each agent's own rule object (``mtl_node.aggregation``, which calls the kernels in
+  ``mtl_node.kernels`` with one row): cheap per row, and the decisions and reasons are the agents'
+  own by construction;
+- **combination**: ``mtl_node.kernels.combine.accumulate`` over the slots of all rows at once
+  (float32 weights, slot order, absent or zero-weight slots adding an exact 0: the same sum the
+  agent's ``weighted_sum`` does);
+- **evaluation**: the loss of the combined models on the scoring batches (vmapped); test metrics
+  every ``eval_every`` rounds through each agent's own ``TorchTask.test_metrics``.
+
+Equality with the per-agent engine is to float32 rounding (batched matmuls and gradients sum in a
+different order; tests/unit/test_torch_batched.py checks 1e-5 relative). What it cannot run
+(:func:`unsupported_reason`: Adam, other tasks, some attacks, state dirs) the callers run on the
+per-agent engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from mtl_node import wire
+from mtl_node.aggregation import Candidate, Rule, make_rule
+from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
+from mtl_node.combine import unflatten
+from mtl_node.config import NodeConfig
+from mtl_node.errors import WireError
+from mtl_node.kernels.combine import accumulate
+from mtl_node.recorder import RoundRecord
+from mtl_node.tasks import Metrics, Task, make_task
+from mtl_node.tasks.base import TASKS, parse_params
+from mtl_node.tasks.torch_task import TorchTask, TorchTaskParams
+from mtl_node.wire import StateDict
+
+log = logging.getLogger(__name__)
+
+TASKS_BATCHED = ("har",)
+RULES = ("none", "average", "loss", "loss-filtered", "distance")
+# Attacks whose ``craft`` depends only on (seed, attacker, round, requester, honest model, last
+# round's fetched pool): what the attack node serves does not depend on request order.
+ATTACKS = ("constant", "gaussian", "small-perturbation", "scaled", "sign-flip", "ipm", "alie", "mimic")
+POOL_ATTACKS = ("ipm", "alie", "mimic")
+
+Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape) or (rows, slots, *shape)
+
+
+def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
+    """Why the torch batched engine cannot run these configs, or None when it can."""
+    if not configs:
+        return "no agents"
+    ids = [c.id for c in configs]
+    if len(set(ids)) != len(ids):
+        return "agent ids are not unique"
+    if len({c.rounds for c in configs}) != 1:
+        return "agents run different numbers of rounds"
+    known = set(ids)
+    params: list[TorchTaskParams] = []
+    for c in configs:
+        if c.task not in TASKS_BATCHED:
+            return f"{c.id}: task {c.task!r} (the torch batched engine runs only {', '.join(TASKS_BATCHED)})"
+        if c.device != "cpu":
+            return f"{c.id}: device {c.device!r} (only cpu)"
+        if c.state_path is not None:
+            return f"{c.id}: a state directory (crash-only state is per-agent)"
+        if c.rule not in RULES:
+            return f"{c.id}: rule {c.rule!r} (the torch batched engine runs {', '.join(RULES)})"
+        missing = [n for n in c.neighbors if n not in known]
+        if missing:
+            return f"{c.id}: neighbour {missing[0]!r} is not an agent of this run"
+        try:
+            p = parse_params(TASKS.get(c.task), c.task_params)
+        except Exception as exc:  # the per-agent engine reports invalid parameters
+            return f"{c.id}: {exc}"
+        assert isinstance(p, TorchTaskParams)
+        if p.optimizer != "sgd":
+            return f"{c.id}: optimizer {p.optimizer!r} (only sgd: per-agent Adam state is not batched)"
+        params.append(p)
+        if c.attack is not None:
+            if c.attack not in ATTACKS:
+                return f"{c.id}: attack {c.attack!r} (the torch batched engine runs {', '.join(ATTACKS)})"
+            try:
+                make_attack(c.attack, c.id, c.seed, c.attack_params, task=c.task)
+            except Exception as exc:
+                return f"{c.id}: attack {c.attack!r}: {exc}"
+    sizes = {(p.batch_size, p.local_steps) for p in params}
+    if len(sizes) != 1:
+        return f"agents differ in batch_size/local_steps ({sorted(sizes)})"
+    return None
+
+
+class _View(AttackView):
+    """What attack node k sees: its own task and the neighbour models it fetched per round."""
+
+    def __init__(self, engine: _Engine, k: int) -> None:
+        self.engine, self.k = engine, k
+
+    @property
+    def task(self) -> Task:
+        return self.engine.tasks[self.k]
+
+    def neighbors(self, round_: int) -> Mapping[str, StateDict]:
+        return self.engine.fetched[self.k].get(round_, {})
+
+    def model_of(self, agent_id: str, round_: int) -> StateDict | None:
+        return None  # no supported attack asks for the requester's model
+
+    def own(self, round_: int) -> StateDict | None:
+        return None  # no supported attack replays its own history
+
+
+def _row(stacked: Mapping[str, torch.Tensor], k: int) -> StateDict:
+    return {name: t[k] for name, t in stacked.items()}
+
+
+def _reason(exc: Exception) -> str:
+    return f"{getattr(exc, 'reason', 'error')}: {exc}"
+
+
+class _Engine:
+    def __init__(self, configs: Sequence[NodeConfig]) -> None:
+        reason = unsupported_reason(configs)
+        if reason is not None:
+            raise ValueError(f"the torch batched engine cannot run this: {reason}")
+        self.configs = list(configs)
+        self.n = n = len(configs)
+        self.ids = [c.id for c in configs]
+        index = {a: k for k, a in enumerate(self.ids)}
+        tasks = [make_task(c.task, c.id, c.seed, c.task_params, c.device) for c in configs]
+        assert all(isinstance(t, TorchTask) for t in tasks)
+        self.tasks: list[TorchTask] = tasks  # type: ignore[assignment]
+        t0 = self.tasks[0]
+        self.module = t0.module
+        self.names = list(t0.names)
+        if set(self.names) != {name for name, _ in self.module.named_parameters()}:
+            raise ValueError("the torch batched engine cannot run this: the model has buffers")
+        self.theta: Stacked = {
+            name: torch.stack([t.init_model()[name] for t in self.tasks]) for name in self.names
+        }
+        self.manifest = wire.manifest_of(_row(self.theta, 0))
+        self.slot_ids = [(c.id, *c.neighbors) for c in configs]
+        self.width = width = max(len(s) for s in self.slot_ids)
+        nbr = torch.zeros((n, width), dtype=torch.long)
+        for k, slots in enumerate(self.slot_ids):
+            nbr[k] = k
+            for s, a in enumerate(slots):
+                nbr[k, s] = index[a]
+        self.nbr = nbr
+        self.byzantine = [c.attack is not None for c in configs]
+        self.rules: list[Rule] = [make_rule("none" if c.attack else c.rule, c.rule_params) for c in configs]
+        self.cooperating = [
+            not z and r.name != "none" for z, r in zip(self.byzantine, self.rules, strict=True)
+        ]
+        self.attacks: dict[int, Attack] = {}
+        self.fetched: list[dict[int, dict[str, StateDict]]] = [{} for _ in configs]
+        for k, c in enumerate(configs):
+            if c.attack is not None:
+                attack = make_attack(c.attack, c.id, c.seed, c.attack_params, task=c.task)
+                attack.bind(_View(self, k))
+                self.attacks[k] = attack
+        self.keeps_pool = [c.attack in POOL_ATTACKS for c in configs]
+        # Which (receiver, slot) pairs see a crafted model: receivers that use what they fetch.
+        self.crafted_pairs = [
+            (k, s, int(nbr[k, s]))
+            for k in range(n)
+            if self.cooperating[k] or self.keeps_pool[k]
+            for s in range(1, len(self.slot_ids[k]))
+            if self.byzantine[int(nbr[k, s])]
+        ]
+        lrs = [t.p.lr for t in self.tasks]
+        self.lr = lrs[0] if len(set(lrs)) == 1 else None
+        self.lr_rows = torch.tensor(lrs, dtype=torch.float32)
+        self.steps = t0.p.local_steps
+        module, loss_fn = self.module, t0.loss_fn
+
+        def loss_of(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(functional_call(module, params, (x,)), y)
+
+        self.grads: Callable[..., dict[str, torch.Tensor]] = vmap(grad(loss_of))
+        self.row_loss: Callable[..., torch.Tensor] = vmap(loss_of)
+        self.slot_loss: Callable[..., torch.Tensor] = vmap(vmap(loss_of, in_dims=(0, None, None)))
+
+    # -- one round ---------------------------------------------------------------------------------
+
+    def adapt(self, i: int) -> Stacked:
+        batches = [t._round_batches(i) for t in self.tasks]
+        rows = [k for k, t in enumerate(self.tasks) if t.trains_in(i)]
+        psi = {name: t.clone() for name, t in self.theta.items()}
+        if not rows:
+            return psi
+        r = torch.tensor(rows, dtype=torch.long)
+        params = {name: t[r] for name, t in self.theta.items()}
+        self.module.train()
+        for s in range(self.steps):
+            x = torch.stack([self.tasks[k].train.x[batches[k][s]] for k in rows])
+            y = torch.stack([self.tasks[k].train.y[batches[k][s]] for k in rows])
+            g = self.grads(params, x, y)
+            if self.lr is not None:  # torch.optim.SGD: p.add_(g, alpha=-lr)
+                params = {name: p.add(g[name], alpha=-self.lr) for name, p in params.items()}
+            else:
+                lr = self.lr_rows[r]
+                params = {
+                    name: p.add(-lr.view(-1, *([1] * (p.dim() - 1))) * g[name]) for name, p in params.items()
+                }
+        for name in self.names:
+            psi[name][r] = params[name].detach()
+        return psi
+
+    def exchange(self, i: int, psi: Stacked) -> tuple[Stacked, dict[tuple[int, int], str]]:
+        """(what every slot receives, the reasons of the slots that receive nothing valid)."""
+        received = {name: t[self.nbr].clone() for name, t in psi.items()}
+        missing: dict[tuple[int, int], str] = {}
+        honest = {a: _row(psi, a) for a in self.attacks}
+        for k, s, a in self.crafted_pairs:
+            attack = self.attacks[a]
+            try:
+                model = attack.craft(i, self.ids[k], honest[a])
+                wire.validate_state(model, self.manifest)
+            except Withhold:
+                missing[k, s] = f"unavailable: {self.ids[a]}: round {i}: refused (omission)"
+                continue
+            except WireError as exc:
+                missing[k, s] = _reason(exc)
+                continue
+            except Exception:  # the attack node serves its honest model when its attack fails
+                log.exception("%s: attack %s failed; serving the honest model", self.ids[a], attack.name)
+                model = honest[a]
+            for name in self.names:
+                received[name][k, s] = model[name]
+        for k, s in missing:
+            for name in self.names:
+                received[name][k, s] = 0.0
+        for k in range(self.n):
+            if self.keeps_pool[k]:
+                self.fetched[k][i] = {
+                    self.slot_ids[k][s]: {name: received[name][k, s] for name in self.names}
+                    for s in range(1, len(self.slot_ids[k]))
+                    if (k, s) not in missing
+                }
+                self.fetched[k].pop(i - 2, None)
+        return received, missing
+
+    def scoring_batches(self, i: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.tasks[k].scoring_batch(i) for k in rows), strict=True)
+        return torch.stack(xs), torch.stack(ys)
+
+    def step(self, i: int) -> list[RoundRecord]:
+        started = time.perf_counter()
+        theta_prev = self.theta
+        psi = self.adapt(i)
+        received, missing = self.exchange(i, psi)
+        n = self.n
+        loss_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_loss]
+        dist_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_distance]
+        losses: dict[int, list[float]] = {}
+        self.module.eval()
+        with torch.no_grad():
+            if loss_rows:
+                r = torch.tensor(loss_rows, dtype=torch.long)
+                x, y = self.scoring_batches(i, loss_rows)
+                values = self.slot_loss({name: t[r] for name, t in received.items()}, x, y).tolist()
+                losses = dict(zip(loss_rows, values, strict=True))
+            distances: dict[int, list[float]] = {}
+            if dist_rows:
+                r = torch.tensor(dist_rows, dtype=torch.long)
+                total = torch.zeros((len(dist_rows), self.width), dtype=torch.float64)
+                for name in self.names:  # squared_distance: a float32 sum per tensor, added in float64
+                    diff = theta_prev[name][r].unsqueeze(1) - received[name][r]
+                    total = total + (diff**2).flatten(2).sum(dim=2).double()
+                distances = dict(zip(dist_rows, total.tolist(), strict=True))
+
+        weights = torch.zeros((n, self.width), dtype=torch.float64)
+        aggs = []
+        combined: dict[int, StateDict] = {}
+        for k in range(n):
+            slots = self.slot_ids[k]
+            if self.cooperating[k]:
+                cands = []
+                for s, a in enumerate(slots):
+                    if (k, s) in missing:
+                        cands.append(Candidate(a, missing_reason=missing[k, s]))
+                        continue
+                    cands.append(
+                        Candidate(
+                            a,
+                            losses[k][s] if k in losses else None,
+                            distances[k][s] if k in distances else None,
+                        )
+                    )
+            else:
+                cands = [Candidate(a) for a in slots]
+            agg = self.rules[k].aggregate(cands)
+            aggs.append(agg)
+            if agg.combined is not None:
+                combined[k] = unflatten(agg.combined, _row(psi, k))
+                continue
+            for s, a in enumerate(slots):
+                weights[k, s] = agg.weights.get(a, 0.0)
+
+        # theta = sum_s w_s psi_s in slot order, as weighted_sum does it for one agent.
+        w32 = weights.to(torch.float32)
+        theta: Stacked = {}
+        for name, t in received.items():
+            shape = (n, *([1] * (t.dim() - 2)))
+            theta[name] = accumulate(
+                [w32[:, s].view(shape) for s in range(self.width)], [t[:, s] for s in range(self.width)]
+            )
+        for k, model in combined.items():
+            for name in self.names:
+                theta[name][k] = model[name]
+        self.theta = theta
+
+        with torch.no_grad():
+            x, y = self.scoring_batches(i, range(n))
+            own_loss = self.row_loss(theta, x, y).tolist()
+        seconds = (time.perf_counter() - started) / n
+        records = []
+        for k, c in enumerate(self.configs):
+            task = self.tasks[k]
+            metrics = Metrics(loss=float(own_loss[k]))
+            if not (i % task.p.eval_every or len(task.test) == 0):
+                test_loss, test_acc = task.test_metrics(_row(theta, k))
+                metrics = Metrics(loss=metrics.loss, test_loss=test_loss, test_accuracy=test_acc)
+            agg = aggs[k]
+            records.append(
+                RoundRecord(
+                    agent=c.id,
+                    round=i,
+                    role=c.role,
+                    rule=c.rule,
+                    metrics=metrics,
+                    accepted=agg.count("accepted"),
+                    filtered=agg.count("filtered"),
+                    missing=agg.count("missing"),
+                    decisions=tuple(agg.decisions),
+                    seconds=seconds,
+                )
+            )
+        return records
+
+
+def run_torch_batched(
+    configs: Sequence[NodeConfig],
+    on_round: Callable[[list[RoundRecord]], Any] | None = None,
+) -> dict[str, list[RoundRecord]]:
+    """Run every agent to its last round, all at once; per agent its RoundRecords (as the
+    per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come."""
+    engine = _Engine(configs)
+    out: dict[str, list[RoundRecord]] = {c.id: [] for c in configs}
+    rounds = configs[0].rounds
+    for i in range(1, rounds + 1):
+        records = engine.step(i)
+        for rec in records:
+            out[rec.agent].append(rec)
+        if on_round is not None:
+            on_round(records)
+    return out
