@@ -26,8 +26,9 @@ RULES = ["none", "average", "loss", "loss-filtered", "distance"]
 ROBUST = list(ROBUST_RULES)
 # Both engines run the same kernels (mtl_node/kernels: the task's LMS step, residual and test loss,
 # the rules, the attacks' formulas, the combination, slot sums in slot order), so every number is
-# equal bit for bit: TOL is 0. The exception is ipm and alie, whose pool statistics the attack
-# sums over the models it knows by neighbour id and the engine in slot order: equal to POOL_TOL.
+# equal bit for bit: TOL is 0. The exception is ipm, alie, min-max and min-sum, whose pool
+# statistics the attack sums over the models it knows by neighbour id and the engine in slot order:
+# equal to POOL_TOL.
 TOL = 0.0
 POOL_TOL = 1e-9
 EXACT = TOL
@@ -256,6 +257,9 @@ ATTACK_CASES: list[tuple[str, dict[str, Any]]] = [
     ("alie", {"z": 1.5}),
     ("mimic", {}),
     ("mimic", {"target": "m03"}),
+    ("min-max", {}),
+    ("min-max", {"direction": "unit"}),
+    ("min-sum", {"direction": "sign", "gamma_init": 3.0, "iters": 20}),
     ("echo", {}),
     ("distance-capture", {"r": 0.3}),
     ("distance-capture", {"r": 0.3, "goal": [12.0, -3.0]}),
@@ -307,7 +311,7 @@ def test_attacks_same_as_per_agent_engine(attack: str, params: dict[str, Any]) -
     assert any(set(c.neighbors) & bad for c in configs if c.attack), "attackers must fetch from attackers"
     assert supports(configs), unsupported_reason(configs)
     reference = run_agents(configs, keep_models=True)
-    pooled = attack in ("ipm", "alie") or params.get("then") in ("ipm", "alie")
+    pooled = attack in ("ipm", "alie", "min-max", "min-sum") or params.get("then") in ("ipm", "alie")
     tol = POOL_TOL if pooled else TOL
     assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), tol)
 
