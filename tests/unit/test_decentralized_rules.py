@@ -15,6 +15,8 @@ from mtl_node.config import build_config
 from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError
 from mtl_node.kernels import decentralized as kernels
+from orchestrator.planner import plan_topology
+from orchestrator.spec import parse_spec
 
 NEW = ("ubar", "balance", "clipped-gossip", "ios")
 
@@ -339,3 +341,17 @@ def test_random_rounds_give_finite_models_and_consistent_decisions() -> None:
                     assert d.agent_id in agg.weights, (rule, d)
                 else:
                     assert d.agent_id not in agg.weights or agg.weights[d.agent_id] == 0.0, (rule, d)
+
+
+def test_the_planner_refuses_a_ring_too_sparse_for_clipped_gossip_and_ios() -> None:
+    # ring k=1: 2 neighbours; clipped-gossip with f=1 needs 3, ios with f=1 needs 2
+    spec = {"name": "t", "agents": 8, "graph": {"kind": "ring", "k": 1}, "rules": ["ubar", "clipped-gossip"]}
+    with pytest.raises(ConfigError) as err:
+        plan_topology(parse_spec(spec))
+    assert (
+        err.value.field == "rules.1" and "2 neighbours" in err.value.problem and "2f+2" in err.value.problem
+    )
+    plan = plan_topology(parse_spec({**spec, "rules": ["ubar", "balance", "ios"]}))
+    assert plan.rules == ("ubar", "balance", "ios")
+    with pytest.raises(ConfigError, match="ios with f=2 needs 5"):
+        plan_topology(parse_spec({**spec, "rules": ["ios"], "rule_params": {"f": 2}}))
