@@ -372,10 +372,11 @@ NEWER_DEFENSES = (
     "honest model h, the models its neighbours sent the round before, and the requester's own model "
     "(fetched on demand). Each one hurts `average` measurably (tests/unit/test_attacks.py, efficacy "
     "cases) and runs as a real daemon over gRPC (tests/integration/test_frontier_attack_daemons.py). "
-    "They are not yet in the matrix above. The vectorized engine runs min-max and min-sum (equal to "
-    "the per-agent engine to 1e-9, tests/unit/test_batched.py), not yet dissensus and rop: a sweep "
-    "or `up --backend sim` with those runs on the per-agent engine (it says so in a warning). The "
-    "four rules above likewise run on the per-agent engine only.",
+    "They are not yet in the matrix above. The vectorized engine runs all four (equal to the "
+    "per-agent engine to 1e-9, tests/unit/test_batched.py), except where a dissensus or rop "
+    "attacker fetches from another attacker (what it serves would depend on who asks first): such "
+    "a run, and any with the four rules above (not yet vectorized), runs on the per-agent engine "
+    "with a warning that says why.",
     "",
     "- `dissensus` (He et al. 2022): to victim k, psi_k - `eps` x sum_j (psi_j - psi_k) / "
     "`byzantine`, the psi_j the attacker's other neighbours' models (its view of k's honest "

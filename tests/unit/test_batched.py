@@ -300,8 +300,33 @@ def attack_configs(attack: str, params: dict[str, Any], n: int = 12, rounds: int
     return configs
 
 
+# Built from the requester's model and the attacker's fetch: attackers must not fetch from each other.
+VICTIM_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("dissensus", {}),
+    ("dissensus", {"eps": 1.5, "byzantine": 2}),
+    ("rop", {}),
+    ("rop", {"z": 3.0, "angle": 45.0, "relocation": 0.5}),
+]
+
+
 def test_every_batched_attack_has_a_case() -> None:
-    assert {a for a, _ in ATTACK_CASES} == set(ATTACKS)
+    assert {a for a, _ in ATTACK_CASES + VICTIM_CASES} == set(ATTACKS)
+
+
+@pytest.mark.parametrize(("attack", "params"), VICTIM_CASES, ids=lambda x: str(x))
+def test_victim_and_pool_attacks_same_as_per_agent_engine(attack: str, params: dict[str, Any]) -> None:
+    configs = attack_configs(attack, params)
+    bad = {c.id for c in configs if c.attack}
+    assert "fetches from" in (unsupported_reason(configs) or ""), "attackers fetching attackers: a race"
+    configs = [
+        c.model_copy(update={"neighbors": {n: v for n, v in c.neighbors.items() if n not in bad}})
+        if c.attack
+        else c
+        for c in configs
+    ]
+    assert supports(configs), unsupported_reason(configs)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), POOL_TOL)
 
 
 @pytest.mark.parametrize(("attack", "params"), ATTACK_CASES, ids=lambda x: str(x))
