@@ -26,7 +26,9 @@ fall back to the per-agent engine.
 
 Layout: ``network`` (the slot form and what can be batched), ``senders`` (Byzantine senders),
 ``engine`` (the round and the run loop), ``result`` (arrays, rows and records); the maths of every
-rule and attack is in ``mtl_node.kernels``.
+rule and attack is in ``mtl_node.kernels``. ``torch_engine`` is the same idea for torch tasks (HAR
+with SGD today: stacked parameters, vmapped local steps and scoring; see its docstring for what it
+runs and what falls back).
 """
 
 from mtl_node.batched.engine import run_batched, run_many

@@ -131,6 +131,17 @@ def _row(stacked: Mapping[str, torch.Tensor], k: int) -> StateDict:
     return {name: t[k] for name, t in stacked.items()}
 
 
+def _padded(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, longest, ...) zero-padded stack of ``parts``, and the (rows, longest) float64 mask."""
+    longest = max(len(p) for p in parts)
+    out = parts[0].new_zeros((len(parts), longest, *parts[0].shape[1:]))
+    mask = torch.zeros((len(parts), longest), dtype=torch.float64)
+    for k, p in enumerate(parts):
+        out[k, : len(p)] = p
+        mask[k, : len(p)] = 1.0
+    return out, mask
+
+
 def _reason(exc: Exception) -> str:
     return f"{getattr(exc, 'reason', 'error')}: {exc}"
 
@@ -185,6 +196,19 @@ class _Engine:
             for s in range(1, len(self.slot_ids[k]))
             if self.byzantine[int(nbr[k, s])]
         ]
+        self.pair_rows = torch.tensor([k for k, _, _ in self.crafted_pairs], dtype=torch.long)
+        self.pair_slots = torch.tensor([s for _, s, _ in self.crafted_pairs], dtype=torch.long)
+        # Attacks whose model does not depend on the requester are crafted once per round.
+        self.per_requester = {
+            a: getattr(attack.params, "redraw", None) == "request" for a, attack in self.attacks.items()
+        }
+        # Every agent's training and test split, padded to the longest (rows index them at once).
+        self.train_x, _ = _padded([t.train.x for t in self.tasks])
+        self.train_y, _ = _padded([t.train.y for t in self.tasks])
+        self.test_x, self.test_mask = _padded([t.test.x for t in self.tasks])
+        self.test_y, _ = _padded([t.test.y for t in self.tasks])
+        self.test_count = torch.tensor([len(t.test) for t in self.tasks], dtype=torch.float64)
+        self.arange = torch.arange(n)
         lrs = [t.p.lr for t in self.tasks]
         self.lr = lrs[0] if len(set(lrs)) == 1 else None
         self.lr_rows = torch.tensor(lrs, dtype=torch.float32)
@@ -198,6 +222,17 @@ class _Engine:
         self.row_loss: Callable[..., torch.Tensor] = vmap(loss_of)
         self.slot_loss: Callable[..., torch.Tensor] = vmap(vmap(loss_of, in_dims=(0, None, None)))
 
+        def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_of(params, x[None], y[None])
+
+        def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(module, params, (x,))
+
+        # (rows, samples) per-sample losses, and outputs, for the padded test splits.
+        self.sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss, in_dims=(None, 0, 0)))
+        self.outputs: Callable[..., torch.Tensor] = vmap(outputs)
+        self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
     # -- one round ---------------------------------------------------------------------------------
 
     def adapt(self, i: int) -> Stacked:
@@ -210,8 +245,8 @@ class _Engine:
         params = {name: t[r] for name, t in self.theta.items()}
         self.module.train()
         for s in range(self.steps):
-            x = torch.stack([self.tasks[k].train.x[batches[k][s]] for k in rows])
-            y = torch.stack([self.tasks[k].train.y[batches[k][s]] for k in rows])
+            idx = torch.stack([batches[k][s] for k in rows])
+            x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
             g = self.grads(params, x, y)
             if self.lr is not None:  # torch.optim.SGD: p.add_(g, alpha=-lr)
                 params = {name: p.add(g[name], alpha=-self.lr) for name, p in params.items()}
@@ -226,28 +261,25 @@ class _Engine:
 
     def exchange(self, i: int, psi: Stacked) -> tuple[Stacked, dict[tuple[int, int], str]]:
         """(what every slot receives, the reasons of the slots that receive nothing valid)."""
-        received = {name: t[self.nbr].clone() for name, t in psi.items()}
+        received = {name: t[self.nbr] for name, t in psi.items()}
         missing: dict[tuple[int, int], str] = {}
+        if not self.crafted_pairs:
+            return received, missing
         honest = {a: _row(psi, a) for a in self.attacks}
+        once: dict[int, StateDict | str] = {}
+        served: list[StateDict] = []
         for k, s, a in self.crafted_pairs:
-            attack = self.attacks[a]
-            try:
-                model = attack.craft(i, self.ids[k], honest[a])
-                wire.validate_state(model, self.manifest)
-            except Withhold:
-                missing[k, s] = f"unavailable: {self.ids[a]}: round {i}: refused (omission)"
-                continue
-            except WireError as exc:
-                missing[k, s] = _reason(exc)
-                continue
-            except Exception:  # the attack node serves its honest model when its attack fails
-                log.exception("%s: attack %s failed; serving the honest model", self.ids[a], attack.name)
-                model = honest[a]
-            for name in self.names:
-                received[name][k, s] = model[name]
-        for k, s in missing:
-            for name in self.names:
-                received[name][k, s] = 0.0
+            got = once.get(a)
+            if got is None:
+                got = self._craft(a, i, self.ids[k], honest[a])
+                if not self.per_requester[a]:
+                    once[a] = got
+            if isinstance(got, str):
+                missing[k, s] = got
+                got = {name: torch.zeros_like(t) for name, t in honest[a].items()}
+            served.append(got)
+        for name in self.names:
+            received[name][self.pair_rows, self.pair_slots] = torch.stack([m[name] for m in served])
         for k in range(self.n):
             if self.keeps_pool[k]:
                 self.fetched[k][i] = {
@@ -258,15 +290,55 @@ class _Engine:
                 self.fetched[k].pop(i - 2, None)
         return received, missing
 
-    def scoring_batches(self, i: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(self.tasks[k].scoring_batch(i) for k in rows), strict=True)
-        return torch.stack(xs), torch.stack(ys)
+    def _craft(self, a: int, i: int, requester: str, honest: StateDict) -> StateDict | str:
+        """What attack node ``a`` serves ``requester`` in round ``i``, or why nothing valid arrives."""
+        attack = self.attacks[a]
+        try:
+            model = attack.craft(i, requester, honest)
+            wire.validate_state(model, self.manifest)
+        except Withhold:
+            return f"unavailable: {self.ids[a]}: round {i}: refused (omission)"
+        except WireError as exc:
+            return _reason(exc)
+        except Exception:  # the attack node serves its honest model when its attack fails
+            log.exception("%s: attack %s failed; serving the honest model", self.ids[a], attack.name)
+            return honest
+        return model
+
+    def scoring_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every agent's scoring samples of round ``i`` (TorchTask.scoring_batch, gathered at once)."""
+        if self._score is None or self._score[0] != i:
+            idx = []
+            for t in self.tasks:
+                if t.p.scoring == "resample":
+                    t.scoring_batch(i)
+                    assert t._scoring is not None
+                    idx.append(t._scoring[1])
+                else:
+                    idx.append(torch.cat(t._round_batches(i)))
+            rows = torch.stack(idx)
+            self._score = (
+                i,
+                self.train_x[self.arange[:, None], rows],
+                self.train_y[self.arange[:, None], rows],
+            )
+        return self._score[1], self._score[2]
+
+    def test_metrics(self, theta: Stacked) -> tuple[list[float], list[float]]:
+        """Every agent's (mean loss, accuracy) on its whole test split (TorchTask.test_metrics)."""
+        losses = self.sample_losses(theta, self.test_x, self.test_y).double()
+        loss = (losses * self.test_mask).sum(dim=1) / self.test_count
+        hit = (self.outputs(theta, self.test_x).argmax(dim=-1) == self.test_y).double()
+        acc = (hit * self.test_mask).sum(dim=1) / self.test_count
+        return loss.tolist(), acc.tolist()
 
     def step(self, i: int) -> list[RoundRecord]:
         started = time.perf_counter()
         theta_prev = self.theta
         psi = self.adapt(i)
-        received, missing = self.exchange(i, psi)
+        # Nobody uses what it fetches (rule none, no pool attack): every agent keeps its own psi.
+        alone = not any(self.cooperating) and not any(self.keeps_pool)
+        received, missing = (psi, {}) if alone else self.exchange(i, psi)
         n = self.n
         loss_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_loss]
         dist_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_distance]
@@ -275,7 +347,8 @@ class _Engine:
         with torch.no_grad():
             if loss_rows:
                 r = torch.tensor(loss_rows, dtype=torch.long)
-                x, y = self.scoring_batches(i, loss_rows)
+                x, y = self.scoring_batch(i)
+                x, y = x[r], y[r]
                 values = self.slot_loss({name: t[r] for name, t in received.items()}, x, y).tolist()
                 losses = dict(zip(loss_rows, values, strict=True))
             distances: dict[int, list[float]] = {}
@@ -319,6 +392,9 @@ class _Engine:
         w32 = weights.to(torch.float32)
         theta: Stacked = {}
         for name, t in received.items():
+            if not any(self.cooperating):  # every row keeps psi (weighted_sum's single-member copy)
+                theta[name] = psi[name].clone()
+                continue
             shape = (n, *([1] * (t.dim() - 2)))
             theta[name] = accumulate(
                 [w32[:, s].view(shape) for s in range(self.width)], [t[:, s] for s in range(self.width)]
@@ -328,17 +404,17 @@ class _Engine:
                 theta[name][k] = model[name]
         self.theta = theta
 
+        due = [not (i % t.p.eval_every or len(t.test) == 0) for t in self.tasks]
         with torch.no_grad():
-            x, y = self.scoring_batches(i, range(n))
+            x, y = self.scoring_batch(i)
             own_loss = self.row_loss(theta, x, y).tolist()
+            test_loss, test_acc = self.test_metrics(theta) if any(due) else ([], [])
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
-            task = self.tasks[k]
             metrics = Metrics(loss=float(own_loss[k]))
-            if not (i % task.p.eval_every or len(task.test) == 0):
-                test_loss, test_acc = task.test_metrics(_row(theta, k))
-                metrics = Metrics(loss=metrics.loss, test_loss=test_loss, test_accuracy=test_acc)
+            if due[k]:
+                metrics = Metrics(loss=metrics.loss, test_loss=test_loss[k], test_accuracy=test_acc[k])
             agg = aggs[k]
             records.append(
                 RoundRecord(
