@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from attacks._common import PARAMS_CONFIG, flat, from_flat, honest_pool, victim_model
 from mtl_node.attack_api import ATTACKS, Attack
-from mtl_node.kernels.attacks import dissensus, min_max
+from mtl_node.kernels.attacks import dissensus, min_max, rop
 from mtl_node.wire import StateDict
 
 
@@ -112,3 +112,47 @@ class MinSum(_MinMaxBase):
     name = "min-sum"
     Params = MinMaxParams
     objective = "sum"
+
+
+class RopParams(BaseModel):
+    model_config = PARAMS_CONFIG
+
+    z: float = Field(1.0, ge=0.0, description="length of the perturbation, in norms of the honest std")
+    angle: float = Field(90.0, ge=0.0, le=180.0, description="degrees between the perturbation and mu - c")
+    relocation: float = Field(
+        0.9, ge=0.0, le=1.0, description="lam: the perturbation starts at lam * mu + (1 - lam) * c"
+    )
+
+
+@ATTACKS.register("rop")
+class Rop(Attack):
+    """x = lam * mu + (1 - lam) * c + z * ||sigma|| * (sin(a) p + cos(a) u), per victim
+    (Ozfatura et al. 2023, aimed at centred clipping): c the victim's own model (the centre a
+    self-clipping, clipped-gossip or balance victim clips around; fetched on demand, else its round
+    i-1 model), mu and sigma the mean and std over H_i = [h] + the neighbour models fetched in round
+    i-1, u the unit vector of mu - c, p the all-ones direction made orthogonal to u. At a = 90 the
+    perturbation is orthogonal to where the victim is heading, so clipping it does not undo it.
+    Serves h when c is unknown. Two-faced: each victim gets its own."""
+
+    name = "rop"
+    Params = RopParams
+    needs_requester_model = True
+
+    def craft(self, round_: int, requester: str, honest: StateDict) -> StateDict:
+        p = self.params
+        assert isinstance(p, RopParams)
+        victim = victim_model(self.view, round_, requester)
+        if victim is None:
+            return honest
+        pool = honest_pool(self.view, round_, honest)
+        H = np.stack([flat(m) for m in pool])
+        mean, std = H.mean(axis=0), H.std(axis=0)
+        x = rop(
+            flat(victim)[None],
+            mean[None],
+            std[None],
+            np.array([p.relocation]),
+            np.array([np.deg2rad(p.angle)]),
+            np.array([p.z]),
+        )
+        return from_flat(honest, x[0])

@@ -364,6 +364,35 @@ NEWER_DEFENSES = (
     "still in (the agent included) is taken and the neighbour farthest from it dropped (never the "
     "agent; ties: the earlier neighbour); theta is the mean of the members left. Parameter: `f`. "
     "Needs n >= 2f + 1 members, checked like clipped-gossip.",
+    "",
+    "## Attacks since 2021: what each serves",
+    "",
+    "Four attacks aimed at these defenses (`mtl-node attacks`; maths once in "
+    "mtl_node/kernels/attacks.py, classes in attacks/disagreement.py). An attack node knows its own "
+    "honest model h, the models its neighbours sent the round before, and the requester's own model "
+    "(fetched on demand). Each one hurts `average` measurably (tests/unit/test_attacks.py, efficacy "
+    "cases) and runs as a real daemon over gRPC (tests/integration/test_frontier_attack_daemons.py). "
+    "They are not yet in the matrix above. The vectorized engine runs all four (equal to the "
+    "per-agent engine to 1e-9, tests/unit/test_batched.py), except where a dissensus or rop "
+    "attacker fetches from another attacker (what it serves would depend on who asks first): such "
+    "a run, and any with the four rules above (not yet vectorized), runs on the per-agent engine "
+    "with a warning that says why.",
+    "",
+    "- `dissensus` (He et al. 2022): to victim k, psi_k - `eps` x sum_j (psi_j - psi_k) / "
+    "`byzantine`, the psi_j the attacker's other neighbours' models (its view of k's honest "
+    "neighbours), uniform weights. eps = 1 (default) with `byzantine` attackers cancels the victim's "
+    "gossip step; eps > 1 reverses it. Two-faced.",
+    "- `min-max` / `min-sum` (Shejwalkar & Houmansadr, NDSS 2021): mu - gamma x p over the honest "
+    "models known, p the honest std (`direction: std`, default), the unit vector of mu (`unit`) or "
+    "its sign (`sign`); gamma from `gamma_init` (10) by the paper's halving search (`iters`, 40) as "
+    "large as keeps the model no farther from any honest model than the honest models are from each "
+    "other (min-max) or within the largest summed squared distance (min-sum).",
+    "- `rop` (Ozfatura et al. 2023, aimed at centred clipping): to victim k, `relocation` x mu + "
+    "(1 - `relocation`) x psi_k + `z` x ||sigma|| x (sin(a) p + cos(a) u), u the direction from "
+    "psi_k to mu, p the all-ones direction made orthogonal to u, a = `angle` (90 degrees: "
+    "orthogonal to where the victim is heading, which clipping around psi_k does not undo). "
+    "Defaults relocation 0.9, z 1; the efficacy case under `average` needs z = 3 (z = 1 stays "
+    "within one honest spread of the mean: 1.1x the honest deviation). Two-faced.",
 )
 
 

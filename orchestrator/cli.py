@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -128,12 +129,11 @@ def up(
     )
     options = {**backend_options, **({"processes": processes} if processes else {})} or None
     from orchestrator.deployment import write_deployment
-    from orchestrator.runner import LostAgents
 
     # Before any agent starts: status/attach/down work from here even if this process dies.
     write_deployment(out, backend, options)
-    try:
-        summary = run_plan(
+    _run_to_the_end(
+        lambda: run_plan(
             plan,
             backend=backend,
             out=out,
@@ -141,7 +141,19 @@ def up(
             backend_options=options,
             certs=run_certs,
             insecure=insecure,
-        )
+        ),
+        out,
+        report,
+    )
+
+
+def _run_to_the_end(run: Callable[[], dict[str, Any]], out: Path, report: bool) -> None:
+    """`up` and `attach`: follow a run to its end, then summary and report; Ctrl-C exits 130,
+    lost agents exit 1, a user mistake exits 2 with one line."""
+    from orchestrator.runner import LostAgents
+
+    try:
+        summary = run()
     except KeyboardInterrupt:
         typer.echo("interrupted: every agent was stopped", err=True)
         raise typer.Exit(130) from None
@@ -408,20 +420,9 @@ def attach(
 ) -> None:
     """Follow a run to its end and collect it, as if `up` had never died (local backend)."""
     from orchestrator.deployment import attach as attach_run
-    from orchestrator.runner import LostAgents
 
     _setup_logging(log_level)
-    try:
-        summary = attach_run(out, show_progress=progress)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: every agent was stopped", err=True)
-        raise typer.Exit(130) from None
-    except LostAgents as exc:
-        typer.echo(f"mtl-orchestrate: error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except MTLError as exc:
-        raise _fail(exc) from None
-    _finish(summary, out, report)
+    _run_to_the_end(lambda: attach_run(out, show_progress=progress), out, report)
 
 
 @app.command()
@@ -460,6 +461,10 @@ def down(
     if dep is not None and orchestrator_alive(dep):
         stop_verified([dep], timeout)  # it stops its own agents on SIGTERM
     stopped = stop_verified(running_agents(out), timeout)
+    if list(out.glob("work/*/containers.json")):  # a docker run: its containers restart themselves
+        from orchestrator.backends.docker import remove_recorded_runs
+
+        stopped += remove_recorded_runs(out)
     progress_path = out / "progress.json"
     if progress_path.exists():
         progress = json.loads(progress_path.read_text())
@@ -468,7 +473,7 @@ def down(
             from orchestrator.backends.common import write_atomic
 
             write_atomic(progress_path, json.dumps(progress))
-    typer.echo(f"stopped {out}" + (f" ({stopped} orphaned agent processes)" if stopped else ""))
+    typer.echo(f"stopped {out}" + (f" ({stopped} orphaned agent processes or containers)" if stopped else ""))
 
 
 @app.command()

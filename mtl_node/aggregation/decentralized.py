@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from mtl_node.aggregation.base import RULES, Aggregation, Candidate, NeighborDecision, Rule
-from mtl_node.aggregation.robust import keep_own, too_few_reason
+from mtl_node.aggregation.base import RULES, Aggregation, Candidate, NeighborDecision
+from mtl_node.aggregation.robust import RobustRule, keep_own
 from mtl_node.kernels import decentralized as kernels
 from mtl_node.kernels import decisions as reasons
 
@@ -50,30 +50,10 @@ def _missing(c: Candidate) -> NeighborDecision:
     return NeighborDecision(c.agent_id, "missing", 0.0, NAN, NAN, c.missing_reason or "missing")
 
 
-class _OneRow(Rule):
-    """Shared plumbing: the present members as one row of a batch, the assumption checked."""
+class _OneRow(RobustRule):
+    """The robust rules' plumbing, with the present members alone as the row."""
 
-    needs_models = True
-
-    def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
-        present = [c for c in candidates if c.present]
-        reason = too_few_reason(self.name, self.params.f, len(present))
-        if reason is not None:
-            return keep_own(candidates, reason)
-        vectors = []
-        for c in present:
-            if c.model is None:
-                raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
-            vectors.append(np.asarray(c.model, dtype=np.float64))
-        X = np.stack(vectors)[None, :, :]
-        mask = np.ones((1, len(present)), dtype=bool)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self.combine(candidates, present, X, mask)
-
-    def combine(
-        self, candidates: Sequence[Candidate], present: list[Candidate], X: np.ndarray, mask: np.ndarray
-    ) -> Aggregation:
-        raise NotImplementedError
+    present_only = True
 
     def _mixed(
         self,

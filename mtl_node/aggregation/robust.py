@@ -170,10 +170,13 @@ def keep_own(candidates: Sequence[Candidate], reason: str) -> Aggregation:
     return Aggregation({own.agent_id: 1.0}, decisions)
 
 
-class _RobustRule(Rule):
-    """Shared plumbing: collect the present members' vectors, check the assumption, run a kernel."""
+class RobustRule(Rule):
+    """Shared plumbing: collect the present members' vectors, check the assumption, run a kernel
+    on them as one row of a batch (the layout the vectorized engine uses, or, with
+    ``present_only``, the present members alone)."""
 
     needs_models = True
+    present_only = False
 
     def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
         present = [c for c in candidates if c.present]
@@ -183,13 +186,19 @@ class _RobustRule(Rule):
         for c in present:
             if c.model is None:
                 raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
-        # One row of the batched kernels, as the vectorized engine lays it out: every member in
-        # neighbourhood order, absent ones as zeros masked out.
-        own = np.asarray(candidates[0].model, dtype=np.float64)
-        X = np.stack(
-            [np.asarray(c.model, dtype=np.float64) if c.present else np.zeros_like(own) for c in candidates]
-        )[None, :, :]
-        mask = np.array([[c.present for c in candidates]])
+        if self.present_only:
+            X = np.stack([np.asarray(c.model, dtype=np.float64) for c in present])[None, :, :]
+            mask = np.ones((1, len(present)), dtype=bool)
+        else:
+            # Every member in neighbourhood order, absent ones as zeros masked out.
+            own = np.asarray(candidates[0].model, dtype=np.float64)
+            X = np.stack(
+                [
+                    np.asarray(c.model, dtype=np.float64) if c.present else np.zeros_like(own)
+                    for c in candidates
+                ]
+            )[None, :, :]
+            mask = np.array([[c.present for c in candidates]])
         # Overflow is a legitimate input (a crafted 1e308 model): the result is checked instead.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self.combine(candidates, present, X, mask)
@@ -214,7 +223,7 @@ class _RobustRule(Rule):
 
 
 @RULES.register("median")
-class Median(_RobustRule):
+class Median(RobustRule):
     name = "median"
 
     def combine(
@@ -224,7 +233,7 @@ class Median(_RobustRule):
 
 
 @RULES.register("trimmed-mean")
-class TrimmedMean(_RobustRule):
+class TrimmedMean(RobustRule):
     name = "trimmed-mean"
 
     def combine(
@@ -235,7 +244,7 @@ class TrimmedMean(_RobustRule):
 
 
 @RULES.register("geometric-median")
-class GeometricMedian(_RobustRule):
+class GeometricMedian(RobustRule):
     name = "geometric-median"
 
     def combine(
@@ -247,7 +256,7 @@ class GeometricMedian(_RobustRule):
 
 
 @RULES.register("krum")
-class Krum(_RobustRule):
+class Krum(RobustRule):
     name = "krum"
 
     def combine(
@@ -267,7 +276,7 @@ class Krum(_RobustRule):
 
 
 @RULES.register("self-clipping")
-class SelfClipping(_RobustRule):
+class SelfClipping(RobustRule):
     name = "self-clipping"
 
     def combine(

@@ -16,7 +16,13 @@ import torch
 
 from mtl_node import seeding
 from mtl_node.aggregation import RuleParams, hardened, robust
-from mtl_node.batched.senders import POOL_ATTACKS, Attackers, attack_unsupported, sender_of
+from mtl_node.batched.senders import (
+    POOL_ATTACKS,
+    VICTIM_POOL_ATTACKS,
+    Attackers,
+    attack_unsupported,
+    sender_of,
+)
 from mtl_node.config import NodeConfig
 from mtl_node.tasks import TaskContext
 from mtl_node.tasks.base import parse_params
@@ -191,7 +197,11 @@ class Batch:
         # Byzantine senders, as the receivers that use what they fetch see them (cooperating
         # normal agents, and attackers whose attack is built from what they fetched).
         self.keeps_fetched = np.array(
-            [c.attack is not None and sender_of(c).kind in POOL_ATTACKS for c in configs], dtype=bool
+            [
+                c.attack is not None and sender_of(c).kind in (*POOL_ATTACKS, *VICTIM_POOL_ATTACKS)
+                for c in configs
+            ],
+            dtype=bool,
         )
         readers = self.uses_fetched | self.keeps_fetched
         attacked = self.exists & self.neighbours & self.byzantine[self.nbr] & readers[:, None]

@@ -31,8 +31,9 @@ _DRAWN = {  # name -> (distribution, first parameter, second parameter, name sal
     "small-perturbation": ("normal", None, "std", True),
     "scaled": ("uniform", "low", "high", True),
 }
-POOL_ATTACKS = ("ipm", "alie", "mimic")  # built from the models the attacker fetched last round
+POOL_ATTACKS = ("ipm", "alie", "mimic", "min-max", "min-sum")  # built from last round's fetch
 REQUESTER_ATTACKS = ("echo", "distance-capture", "loss-budget")  # built from the requester's model
+VICTIM_POOL_ATTACKS = ("dissensus", "rop")  # built from both
 ATTACKS = (
     *_DRAWN,
     "nan",
@@ -40,6 +41,7 @@ ATTACKS = (
     "sign-flip",
     *POOL_ATTACKS,
     *REQUESTER_ATTACKS,
+    *VICTIM_POOL_ATTACKS,
     "low-loss",
     "stale",
     "on-off",
@@ -104,9 +106,9 @@ def attack_unsupported(configs: Sequence[NodeConfig]) -> str | None:
     # What an attacker crafting from the requester's model serves another attacker depends on
     # which of the two asks first; only attackers that use what they fetch would see it.
     for c in byzantine.values():
-        if kinds[c.id] in POOL_ATTACKS:
+        if kinds[c.id] in (*POOL_ATTACKS, *VICTIM_POOL_ATTACKS):
             for n in c.neighbors:
-                if kinds.get(n) in REQUESTER_ATTACKS:
+                if kinds.get(n) in (*REQUESTER_ATTACKS, *VICTIM_POOL_ATTACKS):
                     return f"{c.id} ({kinds[c.id]}) fetches from {n} ({kinds[n]})"
     return None
 
@@ -159,7 +161,8 @@ class Attackers:
         )
         # Pool attacks: which rows' pools, and for mimic each row's neighbour slots by id.
         self.pool_rows = np.array(
-            sorted(a for a, sp in spec.items() if sp.kind in ("ipm", "alie")), dtype=np.intp
+            sorted(a for a, sp in spec.items() if sp.kind in ("ipm", "alie", "min-max", "min-sum")),
+            dtype=np.intp,
         )
         self.mimic_rows = np.array(sorted(a for a, sp in spec.items() if sp.kind == "mimic"), dtype=np.intp)
         self.mimic_order = np.zeros((len(self.mimic_rows), b.width), dtype=np.intp)
@@ -236,6 +239,10 @@ class Attackers:
                 else:
                     sign, z = self._param(a, "sign")[:, None], self._param(a, "z")[:, None]
                     out[idx] = ka.alie(mean[pos], std[pos], sign, z)
+            elif kind in ("min-max", "min-sum"):
+                out[idx] = self._min_max(kind, a, psi, prev)
+            elif kind in VICTIM_POOL_ATTACKS:
+                out[idx] = self._against_victim(kind, idx, psi, prev)
             elif kind == "mimic":
                 copied = self._mimic(psi, prev)
                 out[idx] = copied[np.searchsorted(self.mimic_rows, a)]
@@ -295,6 +302,50 @@ class Attackers:
             return own, np.zeros_like(own)
         received, present = prev
         return ka.pool_moments(own, received[rows], present[rows] & self.b.neighbours[rows])
+
+    def _min_max(
+        self, kind: str, senders: np.ndarray, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
+    ) -> np.ndarray:
+        """min-max / min-sum over H = [h] + [models fetched last round], per sender of ``kind``."""
+        rows = senders
+        H = psi[rows][:, None, :]
+        mask = np.ones((len(rows), 1), dtype=bool)
+        if prev is not None:
+            received, present = prev
+            H = np.concatenate([H, received[rows]], axis=1)
+            mask = np.concatenate([mask, present[rows] & self.b.neighbours[rows]], axis=1)
+        objective = "max" if kind == "min-max" else "sum"
+        direction = np.array([self.spec[a].params.direction for a in rows.tolist()], dtype=object)
+        out = np.empty((len(rows), H.shape[2]))
+        for d in sorted(set(direction.tolist())):
+            sel = direction == d
+            gamma, iters = self._param(rows[sel], "gamma_init"), self._param(rows[sel], "iters")
+            out[sel] = ka.min_max(H[sel], mask[sel], d, objective, gamma, iters.astype(np.intp))[0]
+        return out
+
+    def _against_victim(
+        self, kind: str, idx: np.ndarray, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
+    ) -> np.ndarray:
+        """dissensus / rop (attacks/disagreement.py) for the pairs ``idx``: built from the
+        requester's model (when the attacker lists it; else the honest model is served) and what
+        the attacker fetched last round (for dissensus, less the requester's own slot)."""
+        b = self.b
+        a, r = self.senders[idx], self.rows[idx]
+        own, victim = psi[a], psi[r]
+        if prev is None:
+            X, mask = np.zeros((len(a), 0, own.shape[1])), np.zeros((len(a), 0), dtype=bool)
+        else:
+            received, present = prev
+            X, mask = received[a], present[a] & b.neighbours[a]
+        if kind == "dissensus":
+            if X.shape[1]:
+                mask = mask & (b.nbr[a] != r[:, None])
+            x = ka.dissensus(victim, X, mask, self._param(a, "eps"), self._param(a, "byzantine"))
+        else:
+            mean, std = ka.pool_moments(own, X, mask)
+            angle = np.deg2rad(self._param(a, "angle"))
+            x = ka.rop(victim, mean, std, self._param(a, "relocation"), angle, self._param(a, "z"))
+        return np.where(self.route[idx][:, None], x, own)
 
     def _mimic(self, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Per mimic row: the model fetched last round from its target (the smallest id present)."""

@@ -55,6 +55,8 @@ ATTACKS: dict[str, str] = {
     "nan": "NaN or Inf payloads: a fraction of coordinates set to nan, inf or -inf",
     "omission": "never sends a model: refuses at once, or hangs until the requester's deadline",
     "on-off": "honest for honest_rounds rounds, then another attack (optionally in cycles)",
+    "rop": "relocated orthogonal perturbation: near the honest mean, pushed orthogonally to the "
+    "victim's heading (against clipping)",
     "scaled": "honest parameters times U[low, high] per coordinate (paper: U[0,0.1])",
     "sign-flip": "the honest model with its sign flipped: -scale * h",
     "small-perturbation": "the honest model plus tiny Gaussian noise N(0, std^2)",

@@ -186,3 +186,34 @@ def min_max(
         gamma = np.where(active, np.where(ok, gamma + step / 2, gamma - step / 2), gamma)
         step = np.where(active, step / 2, step)
     return mean - best[:, None] * p, best
+
+
+# -- rop -----------------------------------------------------------------------------------------------
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = np.sqrt((v * v).sum(axis=-1, keepdims=True))
+    return np.where(n > 0.0, v / np.where(n > 0.0, n, 1.0), 0.0)
+
+
+def rop(
+    center: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    lam: np.ndarray,
+    angle: np.ndarray,
+    z: np.ndarray,
+) -> np.ndarray:
+    """rop, relocated orthogonal perturbation (Ozfatura et al. 2023), per row:
+    x = lam * mu + (1 - lam) * c + z * ||sigma|| * (sin(a) p + cos(a) u),
+    c the centre the victim clips around (its own model), mu / sigma the honest mean / std, u the
+    unit vector of mu - c, p the unit vector of the all-ones direction with its u component
+    removed (orthogonal to u), a = ``angle`` in radians. u = 0 when mu = c; p = 0 when the ones
+    direction is parallel to u. ``lam``, ``angle``, ``z``: (rows,)."""
+    u = _unit(mean - center)
+    ones = np.ones_like(mean)
+    p = _unit(ones - (ones * u).sum(axis=-1, keepdims=True) * u)
+    d = np.sin(angle)[:, None] * p + np.cos(angle)[:, None] * u
+    relocated = lam[:, None] * mean + (1.0 - lam)[:, None] * center
+    spread = np.sqrt((std * std).sum(axis=-1, keepdims=True))
+    return relocated + z[:, None] * spread * d

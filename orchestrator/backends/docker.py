@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,14 +261,47 @@ class DockerBackend(Backend):
         except (subprocess.TimeoutExpired, DeploymentError) as exc:
             log.warning("docker run %s: stopping: %s", run_id, exc)
         finally:
-            # By label too: a container whose `docker run` was cut short by Ctrl-C is not in `names`.
-            labelled = docker(
-                "ps", "--all", "--quiet", "--filter", f"label={RUN_LABEL}={run_id}", check=False, timeout=60
-            ).split()
-            if full or labelled:
-                docker("rm", "--force", *full, *labelled, check=False, timeout=120)
-            # Always tried: Ctrl-C may land between `network create` and noting it was made.
-            docker("network", "rm", run_id, check=False, timeout=60)
+            remove_run(docker, run_id, full)
+
+
+def remove_run(docker: Docker, run_id: str, names: Sequence[str] = ()) -> int:
+    """Remove every container and the network of a run; returns how many containers there were.
+
+    By label too: a container whose `docker run` was cut short by Ctrl-C is not in ``names``, and
+    ``mtl-orchestrate down`` after the orchestrator died knows only the run id (containers.json).
+    """
+    labelled = docker(
+        "ps", "--all", "--quiet", "--filter", f"label={RUN_LABEL}={run_id}", check=False, timeout=60
+    ).split()
+    if names or labelled:
+        docker("rm", "--force", *names, *labelled, check=False, timeout=120)
+    # Always tried: Ctrl-C may land between `network create` and noting it was made.
+    docker("network", "rm", run_id, check=False, timeout=60)
+    return len(labelled)
+
+
+def remove_recorded_runs(out: Path) -> int:
+    """``down`` for docker runs: remove the containers of every run recorded under ``out``.
+
+    Their restart policy keeps them running after the orchestrator died; only the run's label
+    (written to containers.json before any container starts) is needed to find them.
+    """
+    removed = 0
+    records = sorted(out.glob("work/*/containers.json"))
+    if not records:
+        return 0
+    docker = Docker()
+    for record in records:
+        try:
+            run_id = json.loads(record.read_text())["run"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable, its containers (if any) are left alone", record)
+            continue
+        try:
+            removed += remove_run(docker, str(run_id))
+        except DeploymentError as exc:
+            log.warning("docker run %s: %s", run_id, exc)
+    return removed
 
 
 def _cname(run_id: str, c: Container) -> str:

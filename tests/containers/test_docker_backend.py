@@ -212,3 +212,46 @@ def test_docker_container_killed_mid_run_is_restarted_and_summary_equals_sim(
         s.pop("backend")
         s.pop("wall_seconds")
     assert_same(summary, sim_summary)
+
+
+def test_down_after_up_was_sigkilled_removes_the_containers(
+    node_image: str, docker_client: Any, tmp_path: Path
+) -> None:
+    """`up` dies with SIGKILL mid-run: its containers keep running (restart policy, nobody to stop
+    them); `mtl-orchestrate down DIR` finds them from the results directory and removes them all,
+    with the run's network."""
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(TOPOLOGY.replace("rules: [average, loss-filtered]", "rules: [loss-filtered]")
+                        .replace("rounds: 20", "rounds: 2000"))  # fmt: skip
+    out = tmp_path / "docker"
+    up = subprocess.Popen(
+        [str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", "docker",
+         "-o", f"image={node_image}", "--out", str(out), "--no-progress", "--no-report"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    work = out / "work" / "loss-filtered"
+    run_id = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and up.poll() is None:
+            rows = work / "agents" / "a1" / "metrics.jsonl"
+            if (work / "containers.json").exists() and rows.exists() and rows.read_text().count("\n") >= 3:
+                run_id = json.loads((work / "containers.json").read_text())["run"]
+                break
+            time.sleep(0.2)
+        assert run_id, up.stderr.read() if up.poll() is not None else "the run never reached round 3"
+        up.kill()
+        up.wait(timeout=60)
+        containers, networks = run_labels(docker_client, run_id)
+        assert len(containers) == 5 and len(networks) == 1  # orphaned, still there
+        done = orchestrate("down", str(out), timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert run_labels(docker_client, run_id) == ([], [])
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if run_id:  # never leave containers behind, whatever failed above
+            subprocess.run(["docker", "rm", "--force", *[c.id for c in run_labels(docker_client, run_id)[0]]],
+                           capture_output=True, check=False)  # fmt: skip
+            subprocess.run(["docker", "network", "rm", run_id], capture_output=True, check=False)

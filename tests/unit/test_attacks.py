@@ -245,6 +245,24 @@ def test_min_max_and_min_sum_go_as_far_as_the_honest_spread_allows(name: str, di
     assert spread(gamma * (1 + 1e-6)) > bound  # as far as it goes: the search converged
 
 
+@pytest.mark.parametrize(("angle", "lam", "z"), [(90.0, 0.9, 1.0), (45.0, 0.5, 2.0), (180.0, 1.0, 0.5)])
+def test_rop_relocates_and_perturbs_at_the_angle(angle: float, lam: float, z: float) -> None:
+    h = honest()["w"]
+    H = torch.stack([h, w(9.0, 11.0)["w"], w(10.5, 9.0)["w"], w(10.4, 9.7)["w"]])
+    mean, spread = H.mean(0), float(H.std(0, correction=0).norm())
+    c = w(10.3, 9.6)["w"]  # v1's own model: the centre it clips around
+    x = craft(attack("rop", {"angle": angle, "relocation": lam, "z": z}), "v1")["w"]
+    start = lam * mean + (1 - lam) * c
+    step = x - start
+    assert float(step.norm()) == pytest.approx(z * spread, rel=1e-12)
+    heading = mean - c
+    cos = float(step @ heading) / (float(step.norm()) * float(heading.norm()))
+    assert cos == pytest.approx(math.cos(math.radians(angle)), abs=1e-12)
+    # in 2-D the orthogonal part is the all-ones direction's: its sign says which side
+    if angle == 90.0:
+        assert float(step.sum()) > 0
+
+
 def honest_at(r: int) -> torch.Tensor:
     got = view().own(r)
     assert got is not None
@@ -301,6 +319,7 @@ TWO_FACED: dict[str, dict[str, Any]] = {
     **RANDOM_PER_REQUEST,
     "echo": {},
     "dissensus": {},
+    "rop": {},
     "distance-capture": {},
     "loss-budget": {"goal": [15.5, 4.5]},
 }
@@ -374,6 +393,8 @@ def test_random_attacks_redraw_per_round_unless_told_otherwise(name: str) -> Non
         ("dissensus", {"eps": -1}, "attack_params.eps", "greater than 0"),
         ("min-max", {"direction": "mean"}, "attack_params.direction", "'std', 'unit' or 'sign'"),
         ("min-sum", {"iters": 0}, "attack_params.iters", "greater than or equal to 1"),
+        ("rop", {"angle": 200}, "attack_params.angle", "less than or equal to 180"),
+        ("rop", {"relocation": -0.5}, "attack_params.relocation", "greater than or equal to 0"),
     ],
 )
 def test_bad_parameters_name_the_field(name: str, params: dict[str, Any], field: str, says: str) -> None:
@@ -424,6 +445,7 @@ EFFICACY: list[tuple[str, dict[str, Any], str]] = [
     ("dissensus", {}, "same"),  # eps 1 cancels each victim's gossip step: back to learning alone
     ("min-max", {}, "same"),
     ("min-sum", {}, "same"),
+    ("rop", {"z": 3.0}, "same"),  # z = 1 stays within one honest spread of the mean (1.1x)
     ("mimic", {}, "informative"),
     ("echo", {}, "informative"),
     ("nan", {}, "informative"),

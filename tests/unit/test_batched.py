@@ -26,8 +26,9 @@ RULES = ["none", "average", "loss", "loss-filtered", "distance"]
 ROBUST = list(ROBUST_RULES)
 # Both engines run the same kernels (mtl_node/kernels: the task's LMS step, residual and test loss,
 # the rules, the attacks' formulas, the combination, slot sums in slot order), so every number is
-# equal bit for bit: TOL is 0. The exception is ipm and alie, whose pool statistics the attack
-# sums over the models it knows by neighbour id and the engine in slot order: equal to POOL_TOL.
+# equal bit for bit: TOL is 0. The exception is ipm, alie, min-max and min-sum, whose pool
+# statistics the attack sums over the models it knows by neighbour id and the engine in slot order:
+# equal to POOL_TOL.
 TOL = 0.0
 POOL_TOL = 1e-9
 EXACT = TOL
@@ -256,6 +257,9 @@ ATTACK_CASES: list[tuple[str, dict[str, Any]]] = [
     ("alie", {"z": 1.5}),
     ("mimic", {}),
     ("mimic", {"target": "m03"}),
+    ("min-max", {}),
+    ("min-max", {"direction": "unit"}),
+    ("min-sum", {"direction": "sign", "gamma_init": 3.0, "iters": 20}),
     ("echo", {}),
     ("distance-capture", {"r": 0.3}),
     ("distance-capture", {"r": 0.3, "goal": [12.0, -3.0]}),
@@ -296,8 +300,33 @@ def attack_configs(attack: str, params: dict[str, Any], n: int = 12, rounds: int
     return configs
 
 
+# Built from the requester's model and the attacker's fetch: attackers must not fetch from each other.
+VICTIM_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("dissensus", {}),
+    ("dissensus", {"eps": 1.5, "byzantine": 2}),
+    ("rop", {}),
+    ("rop", {"z": 3.0, "angle": 45.0, "relocation": 0.5}),
+]
+
+
 def test_every_batched_attack_has_a_case() -> None:
-    assert {a for a, _ in ATTACK_CASES} == set(ATTACKS)
+    assert {a for a, _ in ATTACK_CASES + VICTIM_CASES} == set(ATTACKS)
+
+
+@pytest.mark.parametrize(("attack", "params"), VICTIM_CASES, ids=lambda x: str(x))
+def test_victim_and_pool_attacks_same_as_per_agent_engine(attack: str, params: dict[str, Any]) -> None:
+    configs = attack_configs(attack, params)
+    bad = {c.id for c in configs if c.attack}
+    assert "fetches from" in (unsupported_reason(configs) or ""), "attackers fetching attackers: a race"
+    configs = [
+        c.model_copy(update={"neighbors": {n: v for n, v in c.neighbors.items() if n not in bad}})
+        if c.attack
+        else c
+        for c in configs
+    ]
+    assert supports(configs), unsupported_reason(configs)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), POOL_TOL)
 
 
 @pytest.mark.parametrize(("attack", "params"), ATTACK_CASES, ids=lambda x: str(x))
@@ -307,7 +336,7 @@ def test_attacks_same_as_per_agent_engine(attack: str, params: dict[str, Any]) -
     assert any(set(c.neighbors) & bad for c in configs if c.attack), "attackers must fetch from attackers"
     assert supports(configs), unsupported_reason(configs)
     reference = run_agents(configs, keep_models=True)
-    pooled = attack in ("ipm", "alie") or params.get("then") in ("ipm", "alie")
+    pooled = attack in ("ipm", "alie", "min-max", "min-sum") or params.get("then") in ("ipm", "alie")
     tol = POOL_TOL if pooled else TOL
     assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), tol)
 

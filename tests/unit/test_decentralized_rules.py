@@ -15,6 +15,8 @@ from mtl_node.config import build_config
 from mtl_node.core import names as catalog
 from mtl_node.errors import ConfigError
 from mtl_node.kernels import decentralized as kernels
+from orchestrator.planner import plan_topology
+from orchestrator.spec import parse_spec
 
 NEW = ("ubar", "balance", "clipped-gossip", "ios")
 
@@ -308,3 +310,48 @@ def test_one_row_rule_equals_the_batched_kernel() -> None:
             cands = members(*map(tuple, X[r]), losses=tuple(loss[r]), missing=missing)
             got = combined(make_rule(rule, p).aggregate(cands))
             np.testing.assert_array_equal(got, expected[r], err_msg=f"{rule} row {r}")
+
+
+def test_random_rounds_give_finite_models_and_consistent_decisions() -> None:
+    """Property: whatever arrives (huge, tiny, duplicated, missing), the new model is finite, the
+    weights are finite, non-negative and sum to 1, and the decisions agree with the weights."""
+    rng = np.random.default_rng(11)
+    scales = [1e-300, 1e-3, 1.0, 1e6, 1e300, 1.5e308]
+    for rule in NEW:
+        for trial in range(60):
+            f = int(rng.integers(0, 3))
+            params = RuleParams(
+                f=f, ubar_rho=float(rng.uniform(0.1, 1.0)), balance_gamma=float(rng.choice([0.1, 1.0, 1e3]))
+            )
+            n = int(rng.integers(1, 9))
+            pts = rng.uniform(-1.0, 1.0, (n, 3)) * rng.choice(scales, size=(n, 1))
+            if n > 2 and trial % 3 == 0:
+                pts[2] = pts[1]  # an exact duplicate (ties)
+            losses = tuple(rng.choice([0.1, 1.0, 10.0, math.inf, math.nan], size=n).tolist())
+            missing = tuple(i for i in range(1, n) if rng.random() < 0.2)
+            cands = members(*map(tuple, pts), losses=losses, missing=missing)
+            agg = make_rule(rule, params).aggregate(cands)
+            assert len(agg.decisions) == n
+            assert all(math.isfinite(v) and v >= 0.0 for v in agg.weights.values()), (rule, agg.weights)
+            assert math.isclose(math.fsum(agg.weights.values()), 1.0, rel_tol=1e-9), (rule, agg.weights)
+            model = agg.combined if agg.combined is not None else cands[0].model
+            assert model is not None and np.isfinite(model).all(), (rule, trial)
+            for d in agg.decisions:
+                if d.decision == "accepted":
+                    assert d.agent_id in agg.weights, (rule, d)
+                else:
+                    assert d.agent_id not in agg.weights or agg.weights[d.agent_id] == 0.0, (rule, d)
+
+
+def test_the_planner_refuses_a_ring_too_sparse_for_clipped_gossip_and_ios() -> None:
+    # ring k=1: 2 neighbours; clipped-gossip with f=1 needs 3, ios with f=1 needs 2
+    spec = {"name": "t", "agents": 8, "graph": {"kind": "ring", "k": 1}, "rules": ["ubar", "clipped-gossip"]}
+    with pytest.raises(ConfigError) as err:
+        plan_topology(parse_spec(spec))
+    assert (
+        err.value.field == "rules.1" and "2 neighbours" in err.value.problem and "2f+2" in err.value.problem
+    )
+    plan = plan_topology(parse_spec({**spec, "rules": ["ubar", "balance", "ios"]}))
+    assert plan.rules == ("ubar", "balance", "ios")
+    with pytest.raises(ConfigError, match="ios with f=2 needs 5"):
+        plan_topology(parse_spec({**spec, "rules": ["ios"], "rule_params": {"f": 2}}))
