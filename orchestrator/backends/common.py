@@ -254,6 +254,13 @@ def process_record(pid: int) -> dict[str, Any]:
         return {"pid": pid, "create_time": None, "cmdline": []}
 
 
+# A start time is boot time + ticks since boot, and Linux gives the boot time to the second,
+# recomputed from the wall clock: two processes reading it can differ by a second (a VM's clock
+# being adjusted). A pid reused by a process with the same command line within two seconds is not
+# a case to guard against.
+START_TIME_TOLERANCE_S = 2.0
+
+
 def is_same_process(record: Mapping[str, Any]) -> bool:
     """Whether the process ``record`` (process_record) describes is still running as that
     process: same pid, same start time, same command line, not a zombie."""
@@ -265,7 +272,7 @@ def is_same_process(record: Mapping[str, Any]) -> bool:
     try:
         p = psutil.Process(pid)
         return (
-            abs(p.create_time() - float(record["create_time"])) < 0.01
+            abs(p.create_time() - float(record["create_time"])) < START_TIME_TOLERANCE_S
             and p.cmdline() == list(record.get("cmdline", []))
             and p.status() != psutil.STATUS_ZOMBIE
         )

@@ -164,9 +164,12 @@ class Daemon:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete rows of a file a running daemon may be appending to: a last line without its
+    newline is still being written and is left for the next read."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def mtl_node_command() -> list[str]:
