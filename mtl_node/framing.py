@@ -150,9 +150,11 @@ def frames(payload: bytes, header: pb.ModelHeader, chunk_bytes: int = CHUNK_BYTE
 _MAX_FIELD = (1 << 29) - 1  # protobuf's largest field number; its tags are 32-bit
 
 
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+def _read_varint(view: memoryview, pos: int, max_bytes: int = 10) -> tuple[int, int]:
+    """A varint of at most ``max_bytes``: 10 for values, 5 for tags and lengths, which protobuf
+    reads as 32-bit varints and refuses longer (even zero-padded ones: found by tests/fuzz)."""
     result = 0
-    for shift in range(0, 70, 7):
+    for shift in range(0, 7 * max_bytes, 7):
         if pos >= len(view):
             raise BadPayload("chunk message ends inside a varint")
         byte = view[pos]
@@ -160,7 +162,7 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
-    raise BadPayload("chunk message has a varint longer than 10 bytes")
+    raise BadPayload(f"chunk message has a varint longer than {max_bytes} bytes")
 
 
 def split_chunk(message: bytes) -> tuple[bytes | None, memoryview]:
@@ -178,14 +180,14 @@ def split_chunk(message: bytes) -> tuple[bytes | None, memoryview]:
     headers: list[memoryview] = []
     data = view[0:0]
     while pos < end:
-        key, pos = _read_varint(view, pos)
+        key, pos = _read_varint(view, pos, max_bytes=5)
         field, wire_type = key >> 3, key & 7
         if field == 0 or key >> 32 or field > _MAX_FIELD:
             raise BadPayload(f"chunk message has an invalid field number ({field})")
         if field in (_HEADER_FIELD, _DATA_FIELD) and wire_type != _LEN:
             raise BadPayload(f"chunk field {field} has wire type {wire_type}, expected {_LEN}")
         if wire_type == _LEN:
-            length, pos = _read_varint(view, pos)
+            length, pos = _read_varint(view, pos, max_bytes=5)
             if length > end - pos:
                 raise BadPayload("chunk field runs past the end of the message")
             value = view[pos : pos + length]

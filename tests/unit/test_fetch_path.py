@@ -104,6 +104,28 @@ def test_split_rejects_malformed_messages(message: bytes) -> None:
         wire.split_chunk(message)
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"b\x00b\x00\x1a" + b"\x80" * 8 + b"\x00",  # unknown field, 9-byte length 0 (tests/fuzz)
+        b"\x12" + b"\x80" * 5 + b"\x00",  # data with a 6-byte length 0
+        b"\x92" + b"\x80" * 4 + b"\x00\x00",  # data with a 6-byte tag
+    ],
+)
+def test_split_rejects_overlong_tags_and_lengths_like_protobuf(message: bytes) -> None:
+    """protobuf reads tags and lengths as varints of at most 5 bytes, zero-padded ones too."""
+    with pytest.raises(DecodeError):
+        pb.ModelChunk.FromString(message)
+    with pytest.raises(BadPayload):
+        wire.split_chunk(message)
+
+
+def test_split_accepts_five_byte_tags_and_lengths_like_protobuf() -> None:
+    message = b"\x92\x80\x80\x80\x00" + b"\x82\x80\x80\x80\x00" + b"xy"  # data, 5-byte tag + length
+    assert pb.ModelChunk.FromString(message).data == b"xy"
+    assert bytes(wire.split_chunk(message)[1]) == b"xy"
+
+
 def test_split_agrees_with_protobuf_on_mutated_messages() -> None:
     """Property (seeded): whenever both accept a corrupted message, they read the same thing."""
     rng = random.Random(5)
