@@ -3,8 +3,8 @@
 #   bash tests/fuzz/run.sh [SECONDS]
 # A finding stops the target with a non-zero exit and leaves crash-<hash> in tests/fuzz/findings/.
 # FUZZ_SEED (default 1) fixes the order of the inputs tried; FUZZ_RUNS=N stops after N inputs
-# instead of SECONDS, so that a run is the same on every machine: CI uses that, so its verdict does
-# not depend on how fast the machine explores (a longer exploration is for a person to start).
+# instead of SECONDS, so that how far a run gets does not depend on the machine's speed: CI uses
+# that (a longer exploration is for a person to start).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-60}"
