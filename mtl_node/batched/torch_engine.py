@@ -1,33 +1,48 @@
-"""The vectorized in-process engine for torch tasks (HAR): every agent's round as stacked tensors.
+"""The vectorized in-process engine for torch tasks: every agent's round as stacked tensors.
 
 The per-agent engine steps each agent in its own asyncio task with its own small torch calls; for a
-linear classifier nearly all of that time is interpreter and dispatch overhead. Here every agent's
+small model nearly all of that time is interpreter and dispatch overhead. Here every agent's
 model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
 
-- **local steps**: ``torch.func.grad`` of the task's loss, vmapped over agents, on each agent's own
-  batch (the batches come from each agent's own task object, ``TorchTask._round_batches``, so the
-  sampling order, ``train_share`` draws and ``scoring: resample`` picks are the per-agent engine's
-  own); SGD ``p - lr * g`` per row, or Adam with per-row moments and step counts (torch.optim.Adam's
-  single-tensor algorithm, its defaults);
+- **local steps**: the gradient of the task's loss for every training agent on its own batch
+  (mtl_node.batched.torch_model: vmapped, or one call per agent for convolutional models), the
+  batches from each agent's own task object (``TorchTask._round_batches``, so the sampling order,
+  ``train_share`` draws and ``scoring: resample`` picks are the per-agent engine's own), then each
+  agent's own SGD or Adam step (mtl_node.batched.torch_optim: per-row moments and step counts);
 - **exchange**: ``received[k, s]`` = the model agent k gets from its s-th neighbour (slot 0 = itself);
   a Byzantine sender's model is crafted by its own attack object (``attacks/``, i.e. the kernels)
   for each receiver, exactly as the attack node would serve it;
-- **scoring**: the loss of every received model on the receiver's scoring batch, vmapped over agents
-  and over slots (and squared distances to the previous model for the distance rule);
+- **scoring**: the loss of every received model on the receiver's scoring batch (vmapped over agents
+  and slots, or each distinct model once on the stacked batches of its receivers), and squared
+  distances to the previous model for the distance rule;
 - **aggregation**: each agent's own rule object (``mtl_node.aggregation``, which calls the kernels in
   ``mtl_node.kernels`` with one row): cheap per row, and the decisions and reasons are the agents'
   own by construction;
 - **combination**: ``mtl_node.kernels.combine.accumulate`` over the slots of all rows at once
   (float32 weights, slot order, absent or zero-weight slots adding an exact 0: the same sum the
   agent's ``weighted_sum`` does);
-- **evaluation**: the loss of the combined models on the scoring batches (vmapped); test metrics
-  every ``eval_every`` rounds through each agent's own ``TorchTask.test_metrics``.
+- **evaluation**: the loss of the combined models on the scoring batches; test metrics every
+  ``eval_every`` rounds.
 
-Equality with the per-agent engine is to float32 rounding (batched matmuls and gradients sum in a
-different order; tests/unit/test_torch_batched.py checks 1e-5 relative). It runs HAR with SGD or
-Adam, every rule, and the attacks in ``ATTACKS``; what it cannot run (:func:`unsupported_reason`:
-digits, custom ``module:factory`` tasks, the other attacks, cuda, state directories, agents with
-different optimizers or batch sizes) the callers run on the per-agent engine.
+It runs every task built on ``TorchTask`` (HAR, digits, custom ``module:factory`` tasks) whose
+agents share one model and loss (torch_model.model_reason), with SGD or Adam, every rule, and the
+attacks in ``ATTACKS``, on the device of the configs (cuda when asked for and available: written
+for it, but it has not run on a GPU). What it cannot run (:func:`unsupported_reason`, and
+``Unbatchable`` from the task checks once the tasks are built) the callers run on the per-agent
+engine.
+
+**Equality with the per-agent engine** (tests/unit/test_torch_batched.py). With SGD, metrics and
+decisions agree within 1e-5 relative: batched matmuls and grouped batches sum in a different order,
+so values differ in the last bits of a float32. With Adam the same rounding differences are
+amplified: Adam's step is ``lr * m / (sqrt(v) + 1e-8)``, so a gradient component that is nearly zero
+(dead ReLU units, background pixels) and differs by a rounding error of ~1e-9 moves its parameter by
+up to ``lr * 1e-9 / 1e-8``, a tenth of a full step, instead of by ``lr * 1e-9``; from then on the two
+trajectories differ by more than rounding, and chaotically. For convolutional models the local steps
+are the agent's own forward/backward, so this starts only once scoring (a different batch layout
+than the agent's vmapped scoring) shifts a weight in the last bit. What can be guaranteed with Adam:
+decisions (accepted / filtered / missing per round) equal, and metrics within 1e-4 relative over
+the first rounds (the tests: 1e-5 for SGD, 1e-4 for Adam over six rounds); over hundreds of rounds
+the runs are statistically alike, not equal (docs/performance.md gives the figures measured).
 """
 
 from __future__ import annotations
@@ -38,11 +53,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vmap
 
 from mtl_node import wire
 from mtl_node.aggregation import Candidate, Rule, make_rule
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
+from mtl_node.batched.torch_model import BatchedModel, class_reason
+from mtl_node.batched.torch_model import Unbatchable as Unbatchable  # what the callers catch
+from mtl_node.batched.torch_optim import RowOptimizers
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core import names
@@ -56,9 +73,6 @@ from mtl_node.wire import StateDict
 
 log = logging.getLogger(__name__)
 
-# digits is left out on purpose: its CNN with Adam drifts from the per-agent engine beyond float32
-# rounding within ten rounds (docs/performance.md), and batched it was no faster on this CPU.
-TASKS_BATCHED = ("har",)
 # Every rule: each agent's own rule object aggregates its row, given the losses, distances and
 # flattened models it asks for (needs_loss / needs_distance / needs_models).
 RULES = names.RULE_NAMES
@@ -81,11 +95,13 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
         return "agents run different numbers of rounds"
     known = set(ids)
     params: list[TorchTaskParams] = []
+    if len({c.task for c in configs}) != 1:
+        return "agents run different tasks"
+    if len({c.device for c in configs}) != 1:
+        return "agents run on different devices"
     for c in configs:
-        if c.task not in TASKS_BATCHED:
-            return f"{c.id}: task {c.task!r} (the torch batched engine runs only {', '.join(TASKS_BATCHED)})"
-        if c.device != "cpu":
-            return f"{c.id}: device {c.device!r} (only cpu)"
+        if c.device.startswith("cuda") and not torch.cuda.is_available():
+            return f"{c.id}: device {c.device!r}, but torch sees no CUDA device"
         if c.state_path is not None:
             return f"{c.id}: a state directory (crash-only state is per-agent)"
         if c.rule not in RULES:
@@ -94,9 +110,13 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
         if missing:
             return f"{c.id}: neighbour {missing[0]!r} is not an agent of this run"
         try:
-            p = parse_params(TASKS.get(c.task), c.task_params)
+            cls = TASKS.get(c.task)
+            p = parse_params(cls, c.task_params)
         except Exception as exc:  # the per-agent engine reports invalid parameters
             return f"{c.id}: {exc}"
+        why = class_reason(cls)
+        if why is not None:
+            return f"{c.id}: task {c.task!r}: {why}"
         assert isinstance(p, TorchTaskParams)
         params.append(p)
         if c.attack is not None:
@@ -143,7 +163,7 @@ def _padded(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, longest, ...) zero-padded stack of ``parts``, and the (rows, longest) float64 mask."""
     longest = max(len(p) for p in parts)
     out = parts[0].new_zeros((len(parts), longest, *parts[0].shape[1:]))
-    mask = torch.zeros((len(parts), longest), dtype=torch.float64)
+    mask = torch.zeros((len(parts), longest), dtype=torch.float64, device=parts[0].device)
     for k, p in enumerate(parts):
         out[k, : len(p)] = p
         mask[k, : len(p)] = 1.0
@@ -158,7 +178,7 @@ class _Engine:
     def __init__(self, configs: Sequence[NodeConfig]) -> None:
         reason = unsupported_reason(configs)
         if reason is not None:
-            raise ValueError(f"the torch batched engine cannot run this: {reason}")
+            raise Unbatchable(reason)
         self.configs = list(configs)
         self.n = n = len(configs)
         self.ids = [c.id for c in configs]
@@ -166,11 +186,10 @@ class _Engine:
         tasks = [make_task(c.task, c.id, c.seed, c.task_params, c.device) for c in configs]
         assert all(isinstance(t, TorchTask) for t in tasks)
         self.tasks: list[TorchTask] = tasks  # type: ignore[assignment]
+        self.model = BatchedModel(self.tasks)  # raises Unbatchable
         t0 = self.tasks[0]
-        self.module = t0.module
+        self.device = device = t0.train.x.device
         self.names = list(t0.names)
-        if set(self.names) != {name for name, _ in self.module.named_parameters()}:
-            raise ValueError("the torch batched engine cannot run this: the model has buffers")
         self.theta: Stacked = {
             name: torch.stack([t.init_model()[name] for t in self.tasks]) for name in self.names
         }
@@ -182,7 +201,8 @@ class _Engine:
             nbr[k] = k
             for s, a in enumerate(slots):
                 nbr[k, s] = index[a]
-        self.nbr = nbr
+        self.nbr = nbr.to(device)
+        self.senders: list[list[int]] = nbr.tolist()
         self.byzantine = [c.attack is not None for c in configs]
         self.rules: list[Rule] = [make_rule("none" if c.attack else c.rule, c.rule_params) for c in configs]
         self.cooperating = [
@@ -204,8 +224,9 @@ class _Engine:
             for s in range(1, len(self.slot_ids[k]))
             if self.byzantine[int(nbr[k, s])]
         ]
-        self.pair_rows = torch.tensor([k for k, _, _ in self.crafted_pairs], dtype=torch.long)
-        self.pair_slots = torch.tensor([s for _, s, _ in self.crafted_pairs], dtype=torch.long)
+        self.pair_rows = torch.tensor([k for k, _, _ in self.crafted_pairs], dtype=torch.long, device=device)
+        self.pair_slots = torch.tensor([s for _, s, _ in self.crafted_pairs], dtype=torch.long, device=device)
+        self.crafted = {(k, s): a for k, s, a in self.crafted_pairs}
         # Attacks whose model does not depend on the requester are crafted once per round.
         self.per_requester = {
             a: getattr(attack.params, "redraw", None) == "request" for a, attack in self.attacks.items()
@@ -213,38 +234,14 @@ class _Engine:
         # Every agent's training and test split, padded to the longest (rows index them at once).
         self.train_x, _ = _padded([t.train.x for t in self.tasks])
         self.train_y, _ = _padded([t.train.y for t in self.tasks])
-        self.test_x, self.test_mask = _padded([t.test.x for t in self.tasks])
-        self.test_y, _ = _padded([t.test.y for t in self.tasks])
-        self.test_count = torch.tensor([len(t.test) for t in self.tasks], dtype=torch.float64)
-        self.arange = torch.arange(n)
-        lrs = [t.p.lr for t in self.tasks]
-        self.lr = lrs[0] if len(set(lrs)) == 1 else None
-        self.lr_rows = torch.tensor(lrs, dtype=torch.float32)
+        self.test_split: tuple[torch.Tensor, ...] | None = None
+        if self.model.per_sample_tests and all(len(t.test) for t in self.tasks):
+            test_x, test_mask = _padded([t.test.x for t in self.tasks])
+            test_count = torch.tensor([len(t.test) for t in self.tasks], dtype=torch.float64, device=device)
+            self.test_split = (test_x, _padded([t.test.y for t in self.tasks])[0], test_mask, test_count)
+        self.arange = torch.arange(n, device=device)
         self.steps = t0.p.local_steps
-        # Adam (torch.optim.Adam's defaults, single-tensor algorithm): per-row moments and steps.
-        self.adam = t0.p.optimizer == "adam"
-        self.exp_avg = {name: torch.zeros_like(t) for name, t in self.theta.items()}
-        self.exp_avg_sq = {name: torch.zeros_like(t) for name, t in self.theta.items()}
-        self.adam_steps = [0] * n
-        self.lr64 = torch.tensor(lrs, dtype=torch.float64)
-        module, loss_fn = self.module, t0.loss_fn
-
-        def loss_of(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_fn(functional_call(module, params, (x,)), y)
-
-        self.grads: Callable[..., dict[str, torch.Tensor]] = vmap(grad(loss_of))
-        self.row_loss: Callable[..., torch.Tensor] = vmap(loss_of)
-        self.slot_loss: Callable[..., torch.Tensor] = vmap(vmap(loss_of, in_dims=(0, None, None)))
-
-        def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_of(params, x[None], y[None])
-
-        def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return functional_call(module, params, (x,))
-
-        # (rows, samples) per-sample losses, and outputs, for the padded test splits.
-        self.sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss, in_dims=(None, 0, 0)))
-        self.outputs: Callable[..., torch.Tensor] = vmap(outputs)
+        self.optim = RowOptimizers(t0.p.optimizer, [t.p.lr for t in self.tasks], self.theta)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # -- one round ---------------------------------------------------------------------------------
@@ -255,44 +252,15 @@ class _Engine:
         psi = {name: t.clone() for name, t in self.theta.items()}
         if not rows:
             return psi
-        r = torch.tensor(rows, dtype=torch.long)
+        r = torch.tensor(rows, dtype=torch.long, device=self.device)
         params = {name: t[r] for name, t in self.theta.items()}
-        self.module.train()
         for s in range(self.steps):
             idx = torch.stack([batches[k][s] for k in rows])
             x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
-            g = self.grads(params, x, y)
-            if self.adam:
-                params = self._adam(rows, r, params, g)
-            elif self.lr is not None:  # torch.optim.SGD: p.add_(g, alpha=-lr)
-                params = {name: p.add(g[name], alpha=-self.lr) for name, p in params.items()}
-            else:
-                lr = self.lr_rows[r]
-                params = {
-                    name: p.add(-lr.view(-1, *([1] * (p.dim() - 1))) * g[name]) for name, p in params.items()
-                }
+            params = self.optim.step(rows, r, params, self.model.grads(params, x, y))
         for name in self.names:
             psi[name][r] = params[name].detach()
         return psi
-
-    def _adam(self, rows: list[int], r: torch.Tensor, params: Stacked, g: Stacked) -> Stacked:
-        """One torch.optim.Adam step (betas 0.9/0.999, eps 1e-8) of every training row, each with
-        its own moments and step count; the scalars are float64 as Adam's, cast like its kernels."""
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        for k in rows:
-            self.adam_steps[k] += 1
-        step = torch.tensor([self.adam_steps[k] for k in rows], dtype=torch.float64)
-        step_size = (self.lr64[r] / (1 - beta1**step)).to(torch.float32)
-        bc2_sqrt = ((1 - beta2**step) ** 0.5).to(torch.float32)
-        out = {}
-        for name, p in params.items():
-            view = (-1, *([1] * (p.dim() - 1)))
-            m = self.exp_avg[name][r].lerp(g[name], 1 - beta1)
-            v = torch.addcmul(self.exp_avg_sq[name][r] * beta2, g[name], g[name], value=1 - beta2)
-            self.exp_avg[name][r], self.exp_avg_sq[name][r] = m, v
-            denom = (v.sqrt() / bc2_sqrt.view(view)).add(eps)
-            out[name] = p + (-step_size).view(view) * (m / denom)
-        return out
 
     def exchange(self, i: int, psi: Stacked) -> tuple[Stacked, dict[tuple[int, int], str]]:
         """(what every slot receives, the reasons of the slots that receive nothing valid)."""
@@ -359,13 +327,36 @@ class _Engine:
             )
         return self._score[1], self._score[2]
 
-    def test_metrics(self, theta: Stacked) -> tuple[list[float], list[float]]:
-        """Every agent's (mean loss, accuracy) on its whole test split (TorchTask.test_metrics)."""
-        losses = self.sample_losses(theta, self.test_x, self.test_y).double()
-        loss = (losses * self.test_mask).sum(dim=1) / self.test_count
-        hit = (self.outputs(theta, self.test_x).argmax(dim=-1) == self.test_y).double()
-        acc = (hit * self.test_mask).sum(dim=1) / self.test_count
-        return loss.tolist(), acc.tolist()
+    def scores(
+        self, i: int, rows: list[int], received: Stacked, psi: Stacked, missing: Mapping[tuple[int, int], str]
+    ) -> dict[int, list[float]]:
+        """Loss of every model row k received (slot by slot) on k's scoring batch, for ``rows``."""
+        x, y = self.scoring_batch(i)
+        r = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if not self.model.per_model:
+            values = self.model.slot_losses({name: t[r] for name, t in received.items()}, x[r], y[r])
+            return dict(zip(rows, values.tolist(), strict=True))
+        # One call per distinct model, on the stacked batches of every row that received it: an
+        # honest sender's model is the same for all its receivers, and so is an attack's model
+        # crafted once per round.
+        groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for k in rows:
+            for s in range(len(self.slot_ids[k])):
+                if (k, s) in missing:
+                    continue
+                a = self.crafted.get((k, s))
+                key: tuple[int, ...] = (self.senders[k][s],) if a is None else (a, -1)
+                if a is not None and self.per_requester[a]:
+                    key = (a, k, s)
+                groups.setdefault(key, []).append((k, s))
+        out = {k: [float("nan")] * len(self.slot_ids[k]) for k in rows}
+        for key, pairs in groups.items():
+            k0, s0 = pairs[0]
+            model = _row(psi, key[0]) if len(key) == 1 else {n: t[k0, s0] for n, t in received.items()}
+            on = torch.tensor([k for k, _ in pairs], dtype=torch.long, device=self.device)
+            for (k, s), v in zip(pairs, self.model.losses_on(model, x[on], y[on]).tolist(), strict=True):
+                out[k][s] = v
+        return out
 
     def step(self, i: int) -> list[RoundRecord]:
         started = time.perf_counter()
@@ -377,19 +368,12 @@ class _Engine:
         n = self.n
         loss_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_loss]
         dist_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_distance]
-        losses: dict[int, list[float]] = {}
-        self.module.eval()
+        losses = self.scores(i, loss_rows, received, psi, missing) if loss_rows else {}
         with torch.no_grad():
-            if loss_rows:
-                r = torch.tensor(loss_rows, dtype=torch.long)
-                x, y = self.scoring_batch(i)
-                x, y = x[r], y[r]
-                values = self.slot_loss({name: t[r] for name, t in received.items()}, x, y).tolist()
-                losses = dict(zip(loss_rows, values, strict=True))
             distances: dict[int, list[float]] = {}
             if dist_rows:
-                r = torch.tensor(dist_rows, dtype=torch.long)
-                total = torch.zeros((len(dist_rows), self.width), dtype=torch.float64)
+                r = torch.tensor(dist_rows, dtype=torch.long, device=self.device)
+                total = torch.zeros((len(dist_rows), self.width), dtype=torch.float64, device=self.device)
                 for name in self.names:  # squared_distance: a float32 sum per tensor, added in float64
                     diff = theta_prev[name][r].unsqueeze(1) - received[name][r]
                     total = total + (diff**2).flatten(2).sum(dim=2).double()
@@ -398,12 +382,12 @@ class _Engine:
         model_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_models]
         vectors: dict[int, Any] = {}
         if model_rows:  # flatten(): floating tensors in name order, as float64
-            r = torch.tensor(model_rows, dtype=torch.long)
+            r = torch.tensor(model_rows, dtype=torch.long, device=self.device)
             flat = torch.cat(
                 [received[name][r].reshape(len(model_rows), self.width, -1) for name in sorted(self.names)],
                 dim=2,
             )
-            vectors = dict(zip(model_rows, flat.double().numpy(), strict=True))
+            vectors = dict(zip(model_rows, flat.double().cpu().numpy(), strict=True))
 
         weights = torch.zeros((n, self.width), dtype=torch.float64)
         aggs = []
@@ -435,7 +419,7 @@ class _Engine:
                 weights[k, s] = agg.weights.get(a, 0.0)
 
         # theta = sum_s w_s psi_s in slot order, as weighted_sum does it for one agent.
-        w32 = weights.to(torch.float32)
+        w32 = weights.to(self.device, torch.float32)
         theta: Stacked = {}
         for name, t in received.items():
             if not any(self.cooperating):  # every row keeps psi (weighted_sum's single-member copy)
@@ -451,16 +435,17 @@ class _Engine:
         self.theta = theta
 
         due = [not (i % t.p.eval_every or len(t.test) == 0) for t in self.tasks]
-        with torch.no_grad():
-            x, y = self.scoring_batch(i)
-            own_loss = self.row_loss(theta, x, y).tolist()
-            test_loss, test_acc = self.test_metrics(theta) if any(due) else ([], [])
+        x, y = self.scoring_batch(i)
+        own_loss = self.model.row_losses(theta, x, y).tolist()
+        tested = [k for k in range(n) if due[k]]
+        test_loss, test_acc = self.model.test_metrics(theta, tested, self.test_split)
+        tests = {k: (test_loss[j], test_acc[j]) for j, k in enumerate(tested)}
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
             metrics = Metrics(loss=float(own_loss[k]))
             if due[k]:
-                metrics = Metrics(loss=metrics.loss, test_loss=test_loss[k], test_accuracy=test_acc[k])
+                metrics = Metrics(loss=metrics.loss, test_loss=tests[k][0], test_accuracy=tests[k][1])
             agg = aggs[k]
             records.append(
                 RoundRecord(
