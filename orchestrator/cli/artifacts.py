@@ -28,7 +28,7 @@ def certs_command(
     are mode 0600. Identities: spiffe://TRUST_DOMAIN/agent/<id> (with DNS SAN
     <id>.agent.TRUST_DOMAIN) and spiffe://TRUST_DOMAIN/operator/OPERATOR.
     """
-    from mtl_node.identity import make_certs
+    from mtl_node.ca import make_certs
 
     try:
         if days <= 0:
