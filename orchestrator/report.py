@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.results import (
     METRICS,
     METRICS_FILE,

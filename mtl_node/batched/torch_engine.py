@@ -46,7 +46,7 @@ from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core import names
-from mtl_node.errors import WireError
+from mtl_node.core.errors import WireError
 from mtl_node.kernels.combine import accumulate
 from mtl_node.recorder import RoundRecord
 from mtl_node.tasks import Metrics, Task, make_task

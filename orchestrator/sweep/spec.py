@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError, UnknownNameError
+from mtl_node.core.errors import ConfigError, UnknownNameError
 from orchestrator.spec import GRAPH_KINDS, GraphSpec, GroupSpec, parse_spec
 
 log = logging.getLogger(__name__)
