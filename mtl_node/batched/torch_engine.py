@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,13 @@ RULES = names.RULE_NAMES
 # round's fetched pool): what the attack node serves does not depend on request order.
 ATTACKS = ("constant", "gaussian", "small-perturbation", "scaled", "sign-flip", "ipm", "alie", "mimic")
 POOL_ATTACKS = ("ipm", "alie", "mimic")
+# torch's intra-op threads while the engine runs (restored after). One: a round is a few dozen
+# operations of well under a millisecond each (HAR: 30 x 10 samples x 561 features), too small for
+# a thread team to pay for its fork/join; and on a shared 2-core machine a team of two waits for its
+# descheduled member at every operation, which made the engine 4-6x slower than with one thread
+# (docs/performance.md, "Threads"). Larger models (a CNN on big batches) may gain from more:
+# run_torch_batched(threads=None) keeps the caller's setting.
+THREADS = 1
 
 Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape) or (rows, slots, *shape)
 
@@ -212,6 +220,8 @@ class _Engine:
             for s in range(1, len(self.slot_ids[k]))
             if self.byzantine[int(nbr[k, s])]
         ]
+        self.pair_rows = torch.tensor([k for k, _, _ in self.crafted_pairs], dtype=torch.long)
+        self.pair_slots = torch.tensor([s for _, s, _ in self.crafted_pairs], dtype=torch.long)
         # Attacks whose model does not depend on the requester are crafted once per round.
         self.per_requester = {
             a: getattr(attack.params, "redraw", None) == "request" for a, attack in self.attacks.items()
@@ -244,15 +254,17 @@ class _Engine:
         self.loss_rows = _rows(self.rules.needs_loss)
         self.dist_rows = _rows(self.rules.needs_distance)
 
-        def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_of(params, x[None], y[None])
+        def sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(out[None], y[None])
 
         def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
 
-        # (rows, samples) per-sample losses, and outputs, for the padded test splits.
-        self.sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss, in_dims=(None, 0, 0)))
+        # For the padded test splits: (rows, samples, ...) outputs, one forward call per row, and
+        # from them the (rows, samples) per-sample losses (a per-sample forward call under a
+        # second vmap copied the weights once per sample: 8 ms of a 30 ms HAR round).
         self.outputs: Callable[..., torch.Tensor] = vmap(outputs)
+        self.sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss))
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # -- one round ---------------------------------------------------------------------------------
@@ -311,6 +323,7 @@ class _Engine:
         if self.crafted_pairs:
             honest = {a: _row(psi, a) for a in self.attacks}
             once: dict[int, int | str] = {}
+            where = []
             for k, s, a in self.crafted_pairs:
                 got = once.get(a)
                 if got is None:
@@ -325,8 +338,10 @@ class _Engine:
                 if isinstance(got, str):
                     missing[k, s] = got
                     present[k, s] = False
+                    where.append(a)
                 else:
-                    src[k, s] = got
+                    where.append(got)
+            src[self.pair_rows, self.pair_slots] = torch.tensor(where, dtype=torch.long)
         models = psi
         if extra:
             models = {name: torch.cat([t, torch.stack([m[name] for m in extra])]) for name, t in psi.items()}
@@ -392,9 +407,10 @@ class _Engine:
 
     def test_metrics(self, theta: Stacked) -> tuple[list[float], list[float]]:
         """Every agent's (mean loss, accuracy) on its whole test split (TorchTask.test_metrics)."""
-        losses = self.sample_losses(theta, self.test_x, self.test_y).double()
+        out = self.outputs(theta, self.test_x)
+        losses = self.sample_losses(out, self.test_y).double()
         loss = (losses * self.test_mask).sum(dim=1) / self.test_count
-        hit = (self.outputs(theta, self.test_x).argmax(dim=-1) == self.test_y).double()
+        hit = (out.argmax(dim=-1) == self.test_y).double()
         acc = (hit * self.test_mask).sum(dim=1) / self.test_count
         return loss.tolist(), acc.tolist()
 
@@ -458,16 +474,31 @@ class _Engine:
 def run_torch_batched(
     configs: Sequence[NodeConfig],
     on_round: Callable[[list[RoundRecord]], Any] | None = None,
+    threads: int | None = THREADS,
 ) -> dict[str, list[RoundRecord]]:
     """Run every agent to its last round, all at once; per agent its RoundRecords (as the
-    per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come."""
-    engine = _Engine(configs)
-    out: dict[str, list[RoundRecord]] = {c.id: [] for c in configs}
-    rounds = configs[0].rounds
-    for i in range(1, rounds + 1):
-        records = engine.step(i)
-        for rec in records:
-            out[rec.agent].append(rec)
-        if on_round is not None:
-            on_round(records)
+    per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come.
+    ``threads``: torch's intra-op threads during the run (restored after; None: leave as set)."""
+    with _torch_threads(threads):
+        engine = _Engine(configs)
+        out: dict[str, list[RoundRecord]] = {c.id: [] for c in configs}
+        rounds = configs[0].rounds
+        for i in range(1, rounds + 1):
+            records = engine.step(i)
+            for rec in records:
+                out[rec.agent].append(rec)
+            if on_round is not None:
+                on_round(records)
     return out
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
