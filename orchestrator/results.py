@@ -39,6 +39,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "loss",
     "test_loss",
     "test_accuracy",
+    "attack_success",
     "accepted",
     "filtered",
     "missing",
@@ -56,7 +57,7 @@ DECISION_COLUMNS: tuple[str, ...] = (
     "reason",
 )
 # The metrics a task may report; summaries and plots cover those that are not all empty.
-METRICS: tuple[str, ...] = ("loss", "test_loss", "test_accuracy")
+METRICS: tuple[str, ...] = ("loss", "test_loss", "test_accuracy", "attack_success")
 COUNTS: tuple[str, ...] = ("accepted", "filtered", "missing")
 ROLES: tuple[str, ...] = ("normal", "byzantine")
 DEFAULT_WINDOW = 0.2
@@ -69,7 +70,7 @@ SUMMARY_FILE = "summary.json"
 _METRIC_REQUIRED = ("round", "agent", "role", "rule")
 _DECISION_REQUIRED = ("round", "agent", "rule", "neighbor", "decision")
 _METRIC_INTS = ("round", "accepted", "filtered", "missing")
-_METRIC_FLOATS = ("loss", "test_loss", "test_accuracy", "seconds")
+_METRIC_FLOATS = ("loss", "test_loss", "test_accuracy", "attack_success", "seconds")
 _DECISION_FLOATS = ("weight", "ema", "loss")
 
 PlanLike = RunPlan | Mapping[str, Any]

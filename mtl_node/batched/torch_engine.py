@@ -460,7 +460,12 @@ class _Engine:
         for k, c in enumerate(self.configs):
             metrics = Metrics(loss=float(own_loss[k]))
             if due[k]:
-                metrics = Metrics(loss=metrics.loss, test_loss=test_loss[k], test_accuracy=test_acc[k])
+                metrics = Metrics(
+                    loss=metrics.loss,
+                    test_loss=test_loss[k],
+                    test_accuracy=test_acc[k],
+                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                )
             agg = aggs[k]
             records.append(
                 RoundRecord(
