@@ -451,7 +451,12 @@ class _Engine:
         records = []
         for k, c in enumerate(self.configs):
             if due[k]:
-                metrics = Metrics(loss=own_loss[k], test_loss=test_loss[k], test_accuracy=test_acc[k])
+                metrics = Metrics(
+                    loss=own_loss[k],
+                    test_loss=test_loss[k],
+                    test_accuracy=test_acc[k],
+                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                )
             else:
                 metrics = Metrics(loss=own_loss[k])
             records.append(
