@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from mtl_node.batched.torch_pool import Pool
 from mtl_node.tasks.plugin import FactoryTask
 from mtl_node.tasks.torch_task import TorchTask
 from mtl_node.wire import StateDict
@@ -146,8 +147,8 @@ class BatchedModel:
         def loss_of(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return loss_fn(functional_call(module, params, (x,)), y)
 
-        def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_of(params, x[None], y[None])
+        def sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(out[None], y[None])
 
         def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
@@ -155,10 +156,10 @@ class BatchedModel:
         self.loss_of = loss_of
         self._grads: Callable[..., Stacked] = vmap(grad(loss_of))
         self._row_loss: Callable[..., torch.Tensor] = vmap(loss_of)
-        self._slot_loss: Callable[..., torch.Tensor] = vmap(vmap(loss_of, in_dims=(0, None, None)))
-        # (rows, samples) per-sample losses, and outputs, for the padded test splits.
-        self._sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss, in_dims=(None, 0, 0)))
+        # For the padded test splits: (rows, samples, ...) outputs, one forward call per row, and
+        # from them the (rows, samples) per-sample losses.
         self._outputs: Callable[..., torch.Tensor] = vmap(outputs)
+        self._sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss))
         self._loss_rows: Callable[..., torch.Tensor] = vmap(loss_fn)
         self.per_sample_tests = not self.per_model and all(_default_metrics(t) for t in tasks)
         if not self.per_model and not self._traceable(t0):
@@ -200,11 +201,21 @@ class BatchedModel:
                 [self.loss_of({n: t[j] for n, t in params.items()}, x[j], y[j]) for j in range(x.shape[0])]
             )
 
-    def slot_losses(self, received: Stacked, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(rows, slots): every received model of row j on ``(x[j], y[j])`` (vmap way)."""
-        self.module.eval()
-        with torch.no_grad():
-            return self._slot_loss(received, x, y)
+    def pool_losses(self, pool: Pool, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(len(rows), slots): the loss of what each slot of ``rows`` received, on that row's batch
+        (x, y: (len(rows), batch, ...)); each distinct pool model in one call over the batches of
+        every row that received it (the way for convolutional models, see the module doc)."""
+        src = pool.src[rows]
+        out = torch.empty(src.shape, dtype=torch.float32, device=x.device)
+        users: dict[int, list[tuple[int, int]]] = {}
+        for j, line in enumerate(src.tolist()):
+            for s, m in enumerate(line):
+                users.setdefault(m, []).append((j, s))
+        for m, pairs in users.items():
+            on = torch.tensor([j for j, _ in pairs], dtype=torch.long, device=x.device)
+            at = torch.tensor([s for _, s in pairs], dtype=torch.long, device=x.device)
+            out[on, at] = self.losses_on({n: t[m] for n, t in pool.models.items()}, x[on], y[on])
+        return out
 
     def losses_on(self, model: StateDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(rows,): one model on the batches ``(x[j], y[j])`` of several rows, as one call."""
@@ -229,8 +240,9 @@ class BatchedModel:
         params = {n: t[r] for n, t in theta.items()}
         self.module.eval()
         with torch.no_grad():
-            losses = self._sample_losses(params, x[r], y[r]).double()
+            out = self._outputs(params, x[r])
+            losses = self._sample_losses(out, y[r]).double()
             loss = (losses * mask[r]).sum(dim=1) / count[r]
-            hit = (self._outputs(params, x[r]).argmax(dim=-1) == y[r]).double()
+            hit = (out.argmax(dim=-1) == y[r]).double()
             acc = (hit * mask[r]).sum(dim=1) / count[r]
         return loss.tolist(), acc.tolist()
