@@ -1,48 +1,37 @@
 """The vectorized in-process engine for torch tasks: every agent's round as stacked tensors.
 
-The per-agent engine steps each agent in its own asyncio task with its own small torch calls; for a
-small model nearly all of that time is interpreter and dispatch overhead. Here every agent's
-model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
+Every agent's model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
 
-- **local steps**: the gradient of the task's loss for every training agent on its own batch
-  (mtl_node.batched.torch_model: vmapped, or one call per agent for convolutional models), the
-  batches from each agent's own task object (``TorchTask._round_batches``, so the sampling order,
-  ``train_share`` draws and ``scoring: resample`` picks are the per-agent engine's own), then each
-  agent's own SGD or Adam step (mtl_node.batched.torch_optim: per-row moments and step counts);
-- **exchange**: ``received[k, s]`` = the model agent k gets from its s-th neighbour (slot 0 = itself);
-  a Byzantine sender's model is crafted by its own attack object (``attacks/``, i.e. the kernels)
-  for each receiver, exactly as the attack node would serve it;
-- **scoring**: the loss of every received model on the receiver's scoring batch (vmapped over agents
-  and slots, or each distinct model once on the stacked batches of its receivers), and squared
-  distances to the previous model for the distance rule;
-- **aggregation**: each agent's own rule object (``mtl_node.aggregation``, which calls the kernels in
-  ``mtl_node.kernels`` with one row): cheap per row, and the decisions and reasons are the agents'
-  own by construction;
-- **combination**: ``mtl_node.kernels.combine.accumulate`` over the slots of all rows at once
-  (float32 weights, slot order, absent or zero-weight slots adding an exact 0: the same sum the
-  agent's ``weighted_sum`` does);
-- **evaluation**: the loss of the combined models on the scoring batches; test metrics every
+- **local steps** for every training agent on its own batch, drawn by its own task object
+  (``TorchTask._round_batches``, ``trains_in``: the per-agent engine's sampling, ``train_share``
+  and ``scoring: resample`` draws): gradients from mtl_node.batched.torch_model (vmapped, or the
+  agent's own forward/backward for convolutional models), then each agent's own SGD or Adam step
+  (mtl_node.batched.torch_optim: per-row moments and step counts);
+- **exchange** (mtl_node.batched.torch_pool): a pool of the round's distinct models, Byzantine
+  ones crafted by each attacker's own attack object exactly as its attack node would serve them;
+- **scoring** of every received model on the receiver's scoring batch, distances, **aggregation**
+  of all rows with the kernels (mtl_node.batched.torch_rules) and **combination**;
+- **evaluation**: the combined models' loss on the scoring batches, test metrics every
   ``eval_every`` rounds.
 
 It runs every task built on ``TorchTask`` (HAR, digits, custom ``module:factory`` tasks) whose
-agents share one model and loss (torch_model.model_reason), with SGD or Adam, every rule, and the
-attacks in ``ATTACKS``, on the device of the configs (cuda when asked for and available: written
-for it, but it has not run on a GPU). What it cannot run (:func:`unsupported_reason`, and
-``Unbatchable`` from the task checks once the tasks are built) the callers run on the per-agent
-engine.
+agents share one model and loss (torch_model.model_reason), with SGD or Adam, every rule and the
+attacks in ``ATTACKS``, on the configs' device (cuda when asked for and available: written for it,
+but it has not run on a GPU). What it cannot run (:func:`unsupported_reason`, or ``Unbatchable``
+once the tasks are built) the callers run on the per-agent engine.
 
 **Equality with the per-agent engine** (tests/unit/test_torch_batched.py). With SGD, metrics and
-decisions agree within 1e-5 relative: batched matmuls and grouped batches sum in a different order,
-so values differ in the last bits of a float32. With Adam the same rounding differences are
-amplified: Adam's step is ``lr * m / (sqrt(v) + 1e-8)``, so a gradient component that is nearly zero
-(dead ReLU units, background pixels) and differs by a rounding error of ~1e-9 moves its parameter by
-up to ``lr * 1e-9 / 1e-8``, a tenth of a full step, instead of by ``lr * 1e-9``; from then on the two
-trajectories differ by more than rounding, and chaotically. For convolutional models the local steps
-are the agent's own forward/backward, so this starts only once scoring (a different batch layout
-than the agent's vmapped scoring) shifts a weight in the last bit. What can be guaranteed with Adam:
-decisions (accepted / filtered / missing per round) equal, and metrics within 1e-4 relative over
-the first rounds (the tests: 1e-5 for SGD, 1e-4 for Adam over six rounds); over hundreds of rounds
-the runs are statistically alike, not equal (docs/performance.md gives the figures measured).
+decisions agree within 1e-5 relative: batched calls sum in a different order, so values differ in
+the last bits of a float32 (the digits example: equal to the last printed digit over 10 rounds).
+Adam amplifies such differences: its first step moves each parameter by about ``lr * sign(g)``, so a
+gradient component that is nearly zero and whose sign a last-bit difference of the model decides
+ends up 2 lr apart in the two engines, and the trajectories separate from there, chaotically. The
+local steps of a convolutional model are the agent's own operations (bitwise its gradients), so
+with rules that do not weigh by scores (none, average) Adam runs equal too; with loss-based rules
+the scores (other batch layouts than the agent's vmapped scoring) move the weights, hence the
+combined model, by an ulp, and the drift starts (digits example, loss-filtered: 2e-6 relative in
+round 2, 3e-4 by round 9). Guaranteed there: the same decisions over the first rounds and metrics
+within 1e-3 (the tests), not equal runs; over hundreds of rounds the two are statistically alike.
 """
 
 from __future__ import annotations
@@ -59,30 +48,25 @@ import torch
 from mtl_node import wire
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.batched import torch_pool
-from mtl_node.batched.torch_model import BatchedModel, class_reason
+from mtl_node.batched.torch_model import BatchedModel
 from mtl_node.batched.torch_model import Unbatchable as Unbatchable  # what the callers catch
 from mtl_node.batched.torch_optim import RowOptimizers
 from mtl_node.batched.torch_pool import Pool, PoolScorer, finite_rows
 from mtl_node.batched.torch_rules import RowRules
+from mtl_node.batched.torch_support import ATTACKS as ATTACKS
+from mtl_node.batched.torch_support import POOL_ATTACKS
+from mtl_node.batched.torch_support import RULES as RULES
+from mtl_node.batched.torch_support import unsupported_reason as unsupported_reason
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
-from mtl_node.core import names
 from mtl_node.core.errors import WireError
 from mtl_node.recorder import RoundRecord
 from mtl_node.tasks import Metrics, Task, make_task
-from mtl_node.tasks.base import TASKS, parse_params
-from mtl_node.tasks.torch_task import TorchTask, TorchTaskParams
+from mtl_node.tasks.torch_task import TorchTask
 from mtl_node.wire import StateDict
 
 log = logging.getLogger(__name__)
 
-# Every rule: each agent's own rule object aggregates its row, given the losses, distances and
-# flattened models it asks for (needs_loss / needs_distance / needs_models).
-RULES = names.RULE_NAMES
-# Attacks whose ``craft`` depends only on (seed, attacker, round, requester, honest model, last
-# round's fetched pool): what the attack node serves does not depend on request order.
-ATTACKS = ("constant", "gaussian", "small-perturbation", "scaled", "sign-flip", "ipm", "alie", "mimic")
-POOL_ATTACKS = ("ipm", "alie", "mimic")
 # torch's intra-op threads while the engine runs (restored after). One: a round is a few dozen
 # operations of well under a millisecond each (HAR: 30 x 10 samples x 561 features), too small for
 # a thread team to pay for its fork/join; and on a shared 2-core machine a team of two waits for its
@@ -92,57 +76,6 @@ POOL_ATTACKS = ("ipm", "alie", "mimic")
 THREADS = 1
 
 Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape) or (rows, slots, *shape)
-
-
-def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
-    """Why the torch batched engine cannot run these configs, or None when it can."""
-    if not configs:
-        return "no agents"
-    ids = [c.id for c in configs]
-    if len(set(ids)) != len(ids):
-        return "agent ids are not unique"
-    if len({c.rounds for c in configs}) != 1:
-        return "agents run different numbers of rounds"
-    known = set(ids)
-    params: list[TorchTaskParams] = []
-    if len({c.task for c in configs}) != 1:
-        return "agents run different tasks"
-    if len({c.device for c in configs}) != 1:
-        return "agents run on different devices"
-    for c in configs:
-        if c.device.startswith("cuda") and not torch.cuda.is_available():
-            return f"{c.id}: device {c.device!r}, but torch sees no CUDA device"
-        if c.state_path is not None:
-            return f"{c.id}: a state directory (crash-only state is per-agent)"
-        if c.rule not in RULES:
-            return f"{c.id}: rule {c.rule!r} (the torch batched engine runs {', '.join(RULES)})"
-        missing = [n for n in c.neighbors if n not in known]
-        if missing:
-            return f"{c.id}: neighbour {missing[0]!r} is not an agent of this run"
-        try:
-            cls = TASKS.get(c.task)
-            p = parse_params(cls, c.task_params)
-        except Exception as exc:  # the per-agent engine reports invalid parameters
-            return f"{c.id}: {exc}"
-        why = class_reason(cls)
-        if why is not None:
-            return f"{c.id}: task {c.task!r}: {why}"
-        assert isinstance(p, TorchTaskParams)
-        params.append(p)
-        if c.attack is not None:
-            if c.attack not in ATTACKS:
-                return f"{c.id}: attack {c.attack!r} (the torch batched engine runs {', '.join(ATTACKS)})"
-            try:
-                make_attack(c.attack, c.id, c.seed, c.attack_params, task=c.task)
-            except Exception as exc:
-                return f"{c.id}: attack {c.attack!r}: {exc}"
-    optimizers = {p.optimizer for p in params}
-    if len(optimizers) != 1:
-        return f"agents use different optimizers ({sorted(optimizers)})"
-    sizes = {(p.batch_size, p.local_steps) for p in params}
-    if len(sizes) != 1:
-        return f"agents differ in batch_size/local_steps ({sorted(sizes)})"
-    return None
 
 
 class _View(AttackView):
@@ -173,7 +106,7 @@ def _padded(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, longest, ...) zero-padded stack of ``parts``, and the (rows, longest) float64 mask."""
     longest = max(len(p) for p in parts)
     out = parts[0].new_zeros((len(parts), longest, *parts[0].shape[1:]))
-    mask = torch.zeros((len(parts), longest), dtype=torch.float64)
+    mask = torch.zeros((len(parts), longest), dtype=torch.float64, device=parts[0].device)
     for k, p in enumerate(parts):
         out[k, : len(p)] = p
         mask[k, : len(p)] = 1.0
@@ -217,7 +150,7 @@ class _Engine:
             nbr[k] = k
             for s, a in enumerate(slots):
                 nbr[k, s] = index[a]
-        self.nbr = nbr
+        self.nbr = nbr.to(self.device)
         self.byzantine = [c.attack is not None for c in configs]
         self.rules = RowRules(
             [c.rule for c in configs], [c.rule_params for c in configs], self.byzantine, self.slot_ids
@@ -239,8 +172,12 @@ class _Engine:
             for s in range(1, len(self.slot_ids[k]))
             if self.byzantine[int(nbr[k, s])]
         ]
-        self.pair_rows = torch.tensor([k for k, _, _ in self.crafted_pairs], dtype=torch.long)
-        self.pair_slots = torch.tensor([s for _, s, _ in self.crafted_pairs], dtype=torch.long)
+        self.pair_rows = torch.tensor(
+            [k for k, _, _ in self.crafted_pairs], dtype=torch.long, device=self.device
+        )
+        self.pair_slots = torch.tensor(
+            [s for _, s, _ in self.crafted_pairs], dtype=torch.long, device=self.device
+        )
         # Attacks whose model does not depend on the requester are crafted once per round.
         self.per_requester = {
             a: getattr(attack.params, "redraw", None) == "request" for a, attack in self.attacks.items()
@@ -251,9 +188,11 @@ class _Engine:
         self.test_split: tuple[torch.Tensor, ...] | None = None
         if self.model.per_sample_tests and all(len(t.test) for t in self.tasks):
             test_x, test_mask = _padded([t.test.x for t in self.tasks])
-            test_count = torch.tensor([len(t.test) for t in self.tasks], dtype=torch.float64)
+            test_count = torch.tensor(
+                [len(t.test) for t in self.tasks], dtype=torch.float64, device=self.device
+            )
             self.test_split = (test_x, _padded([t.test.y for t in self.tasks])[0], test_mask, test_count)
-        self.arange = torch.arange(n)
+        self.arange = torch.arange(n, device=self.device)
         self.steps = t0.p.local_steps
         self.optim = RowOptimizers(t0.p.optimizer, [t.p.lr for t in self.tasks], self.theta)
         self.scorer = PoolScorer(self.model.module, self.model.loss_fn)
@@ -269,7 +208,7 @@ class _Engine:
         psi = {name: t.clone() for name, t in self.theta.items()}
         if not rows:
             return psi
-        r = torch.tensor(rows, dtype=torch.long)
+        r = torch.tensor(rows, dtype=torch.long, device=self.device)
         params = {name: t[r] for name, t in self.theta.items()}
         for s in range(self.steps):
             idx = torch.stack([batches[k][s] for k in rows])
@@ -306,7 +245,7 @@ class _Engine:
                     where.append(a)
                 else:
                     where.append(got)
-            src[self.pair_rows, self.pair_slots] = torch.tensor(where, dtype=torch.long)
+            src[self.pair_rows, self.pair_slots] = torch.tensor(where, dtype=torch.long, device=self.device)
         models = psi
         if extra:
             models = {name: torch.cat([t, torch.stack([m[name] for m in extra])]) for name, t in psi.items()}
@@ -383,10 +322,10 @@ class _Engine:
                 x, y = self.scoring_batch(i)
                 r = self.loss_rows
                 score = self.model.pool_losses if self.model.per_model else self.scorer.losses
-                losses[r.numpy()] = score(pool, r, x[r], y[r]).double().numpy()
+                losses[r.numpy()] = score(pool, r, x[r], y[r]).double().cpu().numpy()
             if self.dist_rows is not None:
                 r = self.dist_rows
-                distances[r.numpy()] = torch_pool.distances(theta_prev, pool, r).numpy()
+                distances[r.numpy()] = torch_pool.distances(theta_prev, pool, r).cpu().numpy()
         agg = self.rules.aggregate(
             losses, distances, pool.present, pool.missing, lambda k: torch_pool.vectors(pool, k)
         )
