@@ -230,6 +230,15 @@ def test_digits_with_sgd_equals_the_per_agent_engine(rule: str) -> None:
     assert_same(cfgs)
 
 
+def test_digits_with_two_local_steps_resampled_scores_and_sparse_tests_equals_the_per_agent_engine() -> None:
+    cfgs = digits("loss-filtered", "sgd", rounds=4, a2=("ipm", {"epsilon": 0.5}))
+    extra = {"local_steps": 2, "scoring": "resample", "eval_every": 2}
+    cfgs = [
+        NodeConfig.model_validate({**c.model_dump(), "task_params": {**c.task_params, **extra}}) for c in cfgs
+    ]
+    assert_same(cfgs)
+
+
 @pytest.mark.parametrize("rule", ["none", "average"])
 def test_digits_with_adam_trains_as_the_agents_do(rule: str) -> None:
     """The CNN's local steps are each agent's own forward/backward and Adam step: equal."""
