@@ -19,7 +19,8 @@ are read (the per-agent engine builds them every round); the time to read all of
 next to it ("+decisions").
 
     python benchmarks/bench_torch_engine.py [--rounds 300] [--digits-rounds 300] [--threads 1]
-        [--only har|digits] [--rules none,average]
+        [--only har|digits] [--rules none,average] [--spec other.yaml]
+    python benchmarks/bench_torch_engine.py --thread-counts 1,2 [--rounds 30] [--rules loss-filtered]
 
 Prints a table with the load average before and after, and writes benchmarks/results/torch_engine.json.
 """
@@ -180,6 +181,26 @@ def bench(name: str, spec: Path, rounds: int | None, rules: list[str] | None, th
     }
 
 
+def thread_counts(spec: Path, rounds: int | None, rule: str, counts: list[int]) -> list[dict[str, Any]]:
+    """The batched engine alone on one rule with each torch thread count, alternating, twice."""
+    data = yaml.safe_load(spec.read_text())
+    if rounds is not None:
+        data["rounds"] = rounds
+    configs = plan_configs(plan_topology(parse_spec(data)), rule)
+    torch_engine.run_torch_batched(configs, threads=counts[0])  # warm; the data stay cached
+    out = []
+    for _ in range(2):
+        for n in counts:
+            c0, t0 = time.process_time(), time.perf_counter()
+            torch_engine.run_torch_batched(configs, threads=n)
+            row = {"threads": n, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            print(
+                f"batched {rule}, {n} torch threads: wall {row['wall_s']:6.2f} s  CPU {row['cpu_s']:6.2f} s"
+            )
+            out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=None, help="HAR: first N rounds (default: the example's)")
@@ -190,15 +211,35 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=torch_engine.THREADS, help="torch threads for both engines"
     )
     ap.add_argument("--only", choices=sorted(EXAMPLES), default=None, help="one example only")
+    ap.add_argument("--spec", type=Path, default=None, help="this topology file instead of the examples")
     ap.add_argument("--rules", default=None, help="comma-separated subset of the examples' rules")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--thread-counts",
+        default=None,
+        help="instead: the batched engine alone on HAR's first rule (or --rules) with these torch "
+        "thread counts, e.g. 1,2",
+    )
     args = ap.parse_args(argv)
+    if args.thread_counts:
+        before = loadavg()
+        rule = args.rules.split(",")[0] if args.rules else "loss-filtered"
+        rows = thread_counts(
+            EXAMPLES["har"], args.rounds, rule, [int(n) for n in args.thread_counts.split(",")]
+        )
+        print(f"load average before {before}, after {loadavg()}")
+        document = {"thread_counts": rows, "rule": rule, "loadavg_before": before, "loadavg_after": loadavg()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("torch_engine_threads.json").write_text(json.dumps(document, indent=2) + "\n")
+        return 0
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",") if args.rules else None
     rounds = {"har": args.rounds, "digits": args.digits_rounds}
     before = loadavg()
     results = {}
-    for name, spec in EXAMPLES.items():
+    if args.spec is not None:
+        results[args.spec.stem] = bench(args.spec.stem[:6], args.spec, args.rounds, rules, args.threads)
+    for name, spec in EXAMPLES.items() if args.spec is None else ():
         if args.only in (None, name):
             results[name] = bench(name, spec, rounds[name], rules, args.threads)
     after = loadavg()
