@@ -41,6 +41,8 @@ from mtl_node.kernels import decisions as reasons
 
 NAN = math.nan
 
+DECENTRALIZED_RULES = ("ubar", "balance", "clipped-gossip", "ios")
+
 
 def _loss(c: Candidate) -> float:
     return c.loss if c.loss is not None else NAN
@@ -60,15 +62,15 @@ class _OneRow(RobustRule):
         candidates: Sequence[Candidate],
         present: list[Candidate],
         z: np.ndarray,
-        keep: list[bool],
+        keep: np.ndarray,
         why: dict[str, str],
     ) -> Aggregation:
         """alpha * own + (1 - alpha) * mean(kept): own weight alpha (1 without any kept)."""
         if not np.isfinite(z).all():
             return keep_own(candidates, reasons.COMBINED_NOT_FINITE)
-        kept = [c.agent_id for c, k in zip(present, keep, strict=True) if k and c is not present[0]]
-        alpha = self.params.alpha if kept else 1.0
-        weights = {present[0].agent_id: alpha} | {a: (1.0 - alpha) / len(kept) for a in kept}
+        row = kernels.mixed_weights(keep[None, :], np.array([self.params.alpha]))[0].tolist()
+        members = enumerate(zip(present, row, strict=True))
+        weights = {c.agent_id: w for s, (c, w) in members if s == 0 or keep[s]}
         decisions = []
         for c in candidates:
             if not c.present:
@@ -99,7 +101,7 @@ class Ubar(_OneRow):
             c.agent_id: reasons.ubar_loss(_loss(c), own) if selected[0, s] else reasons.ubar_far(k)
             for s, c in enumerate(present)
         }
-        return self._mixed(candidates, present, z[0], keep[0].tolist(), why)
+        return self._mixed(candidates, present, z[0], keep[0], why)
 
 
 @RULES.register("balance")
@@ -133,11 +135,11 @@ class Balance(_OneRow):
             np.array([float(p.balance_rounds)]),
             np.array([p.alpha]),
         )
-        d = np.linalg.norm(X[0] - X[0, :1], axis=1)
+        d = kernels.distances_to_own(X)[0]
         why = {
             c.agent_id: reasons.outside_radius(float(d[s]), float(radius[0])) for s, c in enumerate(present)
         }
-        return self._mixed(candidates, present, z[0], accepted[0].tolist(), why)
+        return self._mixed(candidates, present, z[0], accepted[0], why)
 
 
 @RULES.register("clipped-gossip")
@@ -150,10 +152,10 @@ class ClippedGossip(_OneRow):
         z, scales, tau = kernels.clipped_gossip(X, mask, np.array([self.params.f]))
         if not np.isfinite(z).all():
             return keep_own(candidates, reasons.COMBINED_NOT_FINITE)
-        n = len(present)
-        scale = dict(zip([c.agent_id for c in present], scales[0].tolist(), strict=True))
-        weights = {c.agent_id: scale[c.agent_id] / n for c in present[1:] if scale[c.agent_id] > 0.0}
-        weights = {candidates[0].agent_id: 1.0 - math.fsum(weights.values()), **weights}
+        ids = [c.agent_id for c in present]
+        scale = dict(zip(ids, scales[0].tolist(), strict=True))
+        row = kernels.clipped_weights(scales, mask)[0].tolist()
+        weights = {a: w for s, (a, w) in enumerate(zip(ids, row, strict=True)) if s == 0 or scale[a] > 0.0}
         radius = float(tau[0])
         decisions = []
         for c in candidates:
@@ -180,8 +182,8 @@ class Ios(_OneRow):
         z, keep = kernels.ios(X, mask, np.array([self.params.f]))
         if not np.isfinite(z).all():
             return keep_own(candidates, reasons.COMBINED_NOT_FINITE)
-        kept = [c.agent_id for c, k in zip(present, keep[0].tolist(), strict=True) if k]
-        weights = {a: 1.0 / len(kept) for a in kept}
+        row = kernels.ios_weights(keep)[0].tolist()
+        weights = {c.agent_id: w for c, w, k in zip(present, row, keep[0].tolist(), strict=True) if k}
         decisions = []
         for c in candidates:
             if not c.present:

@@ -15,17 +15,19 @@ order, padded to the largest neighbourhood D. In slot form
   theta_k = sum_l a_lk psi_l is one batched matrix product.
 
 It runs the same kernels as the agents (``mtl_node.kernels``: the EMA rules, the hardened and robust
-rules, every attack's formula, the decision reasons), with every row at once where the agents call
-them with one row, and draws its data from ``mtl_node.tasks.target_localization`` and its attack
-draws from ``mtl_node.attack_api.draw_generator`` with the same seeds. What is left here is
-plumbing: gathering each row's inputs and storing the outputs. ``tests/unit/test_batched.py`` keeps
-cross-checking it against the per-agent engine (per-round metrics, decisions and final models agree
-to 1e-9: the adaptation and scoring are float64 numpy here and float64 torch there). Anything it
-does not cover (other tasks, a few attack settings, cuda) is refused by :func:`supports`; callers
-fall back to the per-agent engine.
+rules, the decentralized defenses, every attack's formula, the decision reasons), with every row at
+once where the agents call them with one row, and draws its data from
+``mtl_node.tasks.target_localization`` and its attack draws from
+``mtl_node.attack_api.draw_generator`` with the same seeds. What is left here is plumbing: gathering
+each row's inputs and storing the outputs. ``tests/unit/test_batched.py`` and
+``tests/unit/test_batched_decentralized.py`` keep cross-checking it against the per-agent engine
+(per-round metrics, decisions and final models agree to 1e-9: the adaptation and scoring are
+float64 numpy here and float64 torch there). Anything it does not cover (other tasks, a few attack
+settings, cuda) is refused by :func:`supports`; callers fall back to the per-agent engine.
 
 Layout: ``network`` (the slot form and what can be batched), ``senders`` (Byzantine senders),
-``engine`` (the round and the run loop), ``result`` (arrays, rows and records); the maths of every
+``engine`` (the round and the run loop), ``decentralized`` (ubar, balance, clipped-gossip and ios
+rows), ``result`` (arrays, rows and records); the maths of every
 rule and attack is in ``mtl_node.kernels``. ``torch_engine`` is the same idea for torch tasks (HAR
 with SGD or Adam: stacked parameters, vmapped local steps and scoring; see its docstring for what it
 runs and what falls back).

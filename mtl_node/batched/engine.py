@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtl_node.batched import decentralized
 from mtl_node.batched.network import Batch, unsupported_reason
 from mtl_node.batched.result import (
     ROW_COMBINED_NOT_FINITE,
@@ -70,6 +71,7 @@ class _Round:
     row_reason: np.ndarray
     chosen: np.ndarray
     radius: np.ndarray
+    distance: np.ndarray | None
 
 
 def _step(b: Batch, st: _State, i: int) -> _Round:
@@ -194,6 +196,11 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
         else:
             weights[rows] = mask / n
         combined.append((rows, z))
+    # the decentralized defenses (ubar, balance, clipped-gossip, ios): mtl_node/batched/decentralized.py
+    decentral = None
+    if b.decentral_index:
+        decentral = decentralized.aggregate(b, i, received, present, losses, weights, row_reason, radius)
+        combined.extend(decentral.combined)
     robust_fallback = b.robust_rows & ((row_reason == ROW_TOO_FEW) | (row_reason == ROW_COMBINED_NOT_FINITE))
     self_only |= robust_fallback
     weights[self_only] = 0.0
@@ -238,9 +245,23 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     if clipped_code is not None:
         rows, clip, dropped = clipped_code
         code[rows] = np.where(clip, RADIUS_CLIPPED, np.where(dropped, UNBOUNDED, code[rows]))
+    if decentral is not None:
+        for rows, block in decentral.codes:
+            code[rows] = np.where(block >= 0, block, code[rows])
     code[~b.listed] = -1
     return _Round(
-        loss, test_loss, code, weights, losses, present, cooperating, self_only, row_reason, chosen, radius
+        loss,
+        test_loss,
+        code,
+        weights,
+        losses,
+        present,
+        cooperating,
+        self_only,
+        row_reason,
+        chosen,
+        radius,
+        None if decentral is None else decentral.distance,
     )
 
 
@@ -291,6 +312,7 @@ def run_many(
             row_reason=np.empty((rounds, n), dtype=np.int8),
             chosen=np.empty((rounds, n), dtype=np.intp),
             radius=np.empty((rounds, n)),
+            distance=np.full((rounds, n, width), math.nan) if "balance" in b.decentral_index else None,
         )
         if record_decisions
         else None
@@ -321,6 +343,8 @@ def run_many(
                 dec.row_reason[r] = out.row_reason
                 dec.chosen[r] = out.chosen
                 dec.radius[r] = out.radius
+                if dec.distance is not None and out.distance is not None:
+                    dec.distance[r] = out.distance
             round_seconds[r] = time.perf_counter() - t0
 
     seconds = time.perf_counter() - started
@@ -351,6 +375,7 @@ def run_many(
                     row_reason=dec.row_reason[:, sl],
                     chosen=dec.chosen[:, sl],
                     radius=dec.radius[:, sl],
+                    distance=None if dec.distance is None else dec.distance[:, sl],
                 ),
                 round_seconds=round_seconds,
                 seconds=seconds,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mtl_node import seeding
-from mtl_node.aggregation import RuleParams, hardened, robust
+from mtl_node.aggregation import RuleParams, decentralized, hardened, robust
 from mtl_node.batched.senders import (
     POOL_ATTACKS,
     VICTIM_POOL_ATTACKS,
@@ -43,6 +43,7 @@ RULES = (
     "distance",
     *hardened.HARDENED_RULES,
     *robust.ROBUST_RULES,
+    *decentralized.DECENTRALIZED_RULES,
 )
 
 # Row kinds: how an agent aggregates (Byzantine agents learn alone, like Agent does).
@@ -79,8 +80,8 @@ def _kind(c: NodeConfig) -> int:
         return _NONE
     if c.rule == "average":
         return _AVERAGE
-    if c.rule in robust.ROBUST_RULES:
-        return _ROBUST
+    if c.rule in robust.ROBUST_RULES or c.rule in decentralized.DECENTRALIZED_RULES:
+        return _ROBUST  # a statistic of the present members' models
     return _EMA
 
 
@@ -131,11 +132,20 @@ class Batch:
             for rule in robust.ROBUST_RULES
         }
         self.robust_index = {rule: rows for rule, rows in self.robust_index.items() if len(rows)}
+        # The decentralized defenses (mtl_node/batched/decentralized.py), likewise.
+        self.decentral_index = {
+            rule: np.flatnonzero(self.robust_rows & np.array([c.rule == rule for c in configs]))
+            for rule in decentralized.DECENTRALIZED_RULES
+        }
+        self.decentral_index = {rule: rows for rule, rows in self.decentral_index.items() if len(rows)}
+        ubar_rows = self.robust_rows & np.array([c.rule == "ubar" for c in configs])
         by_distance = np.array([c.rule == "distance" for c in configs])
         self.by_distance = by_distance[:, None]
         filtering = ("loss-filtered", *hardened.HARDENED_RULES)
         self.filtering = np.array([c.rule in filtering for c in configs])[:, None]
-        self.reports_loss = np.array([c.rule in ("loss", *filtering) and not c.attack for c in configs])
+        self.reports_loss = np.array(
+            [c.rule in ("loss", "ubar", *filtering) and not c.attack for c in configs]
+        )
         self.capped_rows = np.flatnonzero(
             [c.rule == "loss-filtered-capped" and not c.attack for c in configs]
         )
@@ -157,7 +167,12 @@ class Batch:
         self.eps = np.array([p.weiszfeld_eps for p in params])
         self.weight_cap = np.array([p.weight_cap for p in params])
         self.clip_scale = np.array([p.clip_scale for p in params])
-        self.need_loss = bool((self.ema_rows & ~by_distance).any())
+        self.alpha = np.array([p.alpha for p in params])
+        self.ubar_rho = np.array([p.ubar_rho for p in params])
+        self.gamma = np.array([p.balance_gamma for p in params])
+        self.kappa = np.array([p.balance_kappa for p in params])
+        self.horizon = np.array([float(p.balance_rounds) for p in params])
+        self.need_loss = bool((self.ema_rows & ~by_distance).any() or ubar_rows.any())
         self.need_distance = bool((self.ema_rows & by_distance).any())
 
         # The task: the same resolved parameters and streams as TargetLocalization. Agents with the

@@ -18,14 +18,19 @@ from mtl_node.kernels import decisions as reasons
 from mtl_node.kernels.decisions import (
     CAPPED,
     CLIPPED,
+    CLIPPED_AWAY,
     DECISION_NAMES,
     FILTERED,
+    IOS_OUT,
     KRUM_OTHER,
     MISSING,
     MISSING_CODES,
     NOT_FINITE,
+    OUTSIDE_RADIUS,
     RADIUS_CLIPPED,
     REFUSED,
+    UBAR_FAR,
+    UBAR_LOSS,
     UNBOUNDED,
 )
 from mtl_node.recorder import RoundRecord
@@ -52,7 +57,9 @@ class Decisions:
     loss: np.ndarray
     row_reason: np.ndarray  # (rounds, agents) int8: ROW_*
     chosen: np.ndarray  # (rounds, agents) int: the slot Krum selected (-1: not a Krum row)
-    radius: np.ndarray  # (rounds, agents): loss-filtered-clipped's clipping radius
+    radius: np.ndarray  # (rounds, agents): the row's number its reasons quote: the clipping radius
+    # (loss-filtered-clipped, clipped-gossip), balance's radius, ubar's count of closest neighbours
+    distance: np.ndarray | None = None  # (rounds, agents, slots): balance's distances to own model
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,17 @@ class BatchedResult:
                 reason = reasons.PULL_NOT_FINITE
             elif code == CAPPED:
                 reason = reasons.weight_capped(self.rule_params[k].weight_cap)
-            elif code == RADIUS_CLIPPED:
+            elif code in (RADIUS_CLIPPED, CLIPPED_AWAY):
                 reason = reasons.pull_clipped(float(d.radius[r, k]))
+            elif code == UBAR_FAR:
+                reason = reasons.ubar_far(int(d.radius[r, k]))
+            elif code == UBAR_LOSS:
+                reason = reasons.ubar_loss(float(d.loss[r, k, s]), float(d.loss[r, k, 0]))
+            elif code == OUTSIDE_RADIUS:
+                assert d.distance is not None  # recorded when a balance row exists
+                reason = reasons.outside_radius(float(d.distance[r, k, s]), float(d.radius[r, k]))
+            elif code == IOS_OUT:
+                reason = reasons.IOS_DROPPED
             elif code == REFUSED:
                 reason = f"unavailable: {neighbor}: round {r + 1}: refused (omission)"
             else:

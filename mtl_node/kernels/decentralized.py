@@ -4,15 +4,18 @@ gossip with the adaptive radius (CS+) and IOS. The only copy of their maths.
 X: (rows, slots, dim) float64, present: (rows, slots) bool, slot 0 the agent itself (always
 present). Absent slots may hold anything finite; they never reach a result. Neighbours are weighed
 uniformly (every present member 1/n): a daemon knows no gossip matrix beyond its neighbour list.
-The rule classes (``mtl_node.aggregation.decentralized``) call these with one row; each kernel
-returns the new models and the per-slot masks the decision log needs.
+The rule classes (``mtl_node.aggregation.decentralized``) call these with one row (the present
+members alone), the vectorized engine (``mtl_node.batched.decentralized``) with every row of a rule
+at once (padded, a presence mask); each kernel returns the new models and the per-slot masks the
+decision log needs. Sums over the slots are taken in slot order (``slot_sum``) so that both give
+bit-identical models: absent slots add exact zeros.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mtl_node.kernels.robust import norms, self_clip
+from mtl_node.kernels.robust import norms, self_clip, slot_sum
 
 
 def _pulls(X: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -27,10 +30,15 @@ def _pulls(X: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _own_plus_mean(X: np.ndarray, keep: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """alpha * own + (1 - alpha) * mean(kept) per row; the own model where nothing is kept."""
     count = keep.sum(axis=1)
-    total = np.where(keep[:, :, None], X, 0.0).sum(axis=1)
+    total = slot_sum(np.where(keep[:, :, None], X, 0.0))
     mean = total / np.maximum(count, 1)[:, None]
     mixed = alpha[:, None] * X[:, 0, :] + (1.0 - alpha)[:, None] * mean
     return np.where((count > 0)[:, None], mixed, X[:, 0, :])
+
+
+def distances_to_own(X: np.ndarray) -> np.ndarray:
+    """(rows, slots): ||psi_l - psi_own|| as BALANCE's decision log quotes it."""
+    return np.linalg.norm(X - X[:, :1, :], axis=2)
 
 
 def ubar(
@@ -122,7 +130,7 @@ def ios(X: np.ndarray, present: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, 
     Xs = np.where(keep[:, :, None], X, 0.0)
     for it in range(int(b.max(initial=0))):
         count = keep.sum(axis=1)
-        mean = np.where(keep[:, :, None], Xs, 0.0).sum(axis=1) / count[:, None]
+        mean = slot_sum(np.where(keep[:, :, None], Xs, 0.0)) / count[:, None]
         d = norms(Xs - mean[:, None, :])
         candidates = keep.copy()
         candidates[:, 0] = False
@@ -131,4 +139,30 @@ def ios(X: np.ndarray, present: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, 
         active = (it < b) & candidates.any(axis=1)
         keep[np.arange(rows), drop] &= ~active
     count = keep.sum(axis=1)
-    return np.where(keep[:, :, None], Xs, 0.0).sum(axis=1) / count[:, None], keep
+    return slot_sum(np.where(keep[:, :, None], Xs, 0.0)) / count[:, None], keep
+
+
+# -- the weights the decision log reports (the new model comes from the kernels above) ------------
+
+
+def mixed_weights(keep: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """(rows, slots) for ubar and balance: the agent's own alpha (1 when nothing is kept), each kept
+    neighbour (1 - alpha) / (number kept), the others 0."""
+    count = keep.sum(axis=1)
+    share = (1.0 - alpha) / np.maximum(count, 1)
+    w = np.where(keep, share[:, None], 0.0)
+    w[:, 0] = np.where(count > 0, alpha, 1.0)
+    return w
+
+
+def clipped_weights(scale: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(rows, slots) for clipped gossip: each neighbour s_l / n (its pull's scale over the present
+    members), the agent's own the rest (summed in slot order)."""
+    w = scale / present.sum(axis=1)[:, None]
+    w[:, 0] = 1.0 - slot_sum(w[:, 1:])
+    return w
+
+
+def ios_weights(keep: np.ndarray) -> np.ndarray:
+    """(rows, slots) for IOS: 1 / (members left) for each member left, the agent included."""
+    return keep / keep.sum(axis=1)[:, None]

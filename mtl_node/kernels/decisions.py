@@ -16,9 +16,13 @@ Decision = Literal["accepted", "filtered", "missing"]
 # finite, too few members for a robust rule, combined model not finite); KRUM_OTHER = not the
 # member Krum selected; CLIPPED = accepted with its pull clipped (self-clipping); UNBOUNDED = pull
 # not finite (filtered); REFUSED = the sender refused (omission); CAPPED = accepted with its weight
-# capped; RADIUS_CLIPPED = accepted with its pull clipped to the row's adaptive radius.
+# capped; RADIUS_CLIPPED = accepted with its pull clipped to the row's adaptive radius. The
+# decentralized defenses (filtered): CLIPPED_AWAY = pull clipped to a radius of 0 (clipped gossip);
+# UBAR_FAR = not among the closest; UBAR_LOSS = loss above the agent's own; OUTSIDE_RADIUS =
+# beyond BALANCE's radius; IOS_OUT = dropped by IOS.
 ACCEPTED, FILTERED, MISSING, NOT_FINITE, LEFT_OUT, KRUM_OTHER, CLIPPED, UNBOUNDED, REFUSED = range(9)
 CAPPED, RADIUS_CLIPPED = 9, 10
+CLIPPED_AWAY, UBAR_FAR, UBAR_LOSS, OUTSIDE_RADIUS, IOS_OUT = range(11, 16)
 DECISION_NAMES: tuple[Decision, ...] = (
     "accepted",
     "filtered",
@@ -31,6 +35,11 @@ DECISION_NAMES: tuple[Decision, ...] = (
     "missing",
     "accepted",
     "accepted",
+    "filtered",
+    "filtered",
+    "filtered",
+    "filtered",
+    "filtered",
 )
 ACCEPTED_CODES = (ACCEPTED, CLIPPED, CAPPED, RADIUS_CLIPPED)
 MISSING_CODES = (MISSING, REFUSED)

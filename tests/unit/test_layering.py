@@ -42,6 +42,7 @@ TORCH_FREE = [
     "orchestrator.sweep.cell",
     "orchestrator.tls",  # mtl-orchestrate certs
     "mtl_node.identity",
+    "mtl_node.ca",  # mtl-orchestrate certs
     "mtl_node.auth",
 ]
 
