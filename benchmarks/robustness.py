@@ -374,10 +374,12 @@ NEWER_DEFENSES = (
     "honest model h, the models its neighbours sent the round before, and the requester's own model "
     "(fetched on demand). Each one hurts `average` measurably (tests/unit/test_attacks.py, efficacy "
     "cases) and runs as a real daemon over gRPC (tests/integration/test_frontier_attack_daemons.py). "
-    "They are measured in the frontier matrices below. The vectorized engine runs all four (equal to the "
-    "per-agent engine to 1e-9, tests/unit/test_batched.py), except where a dissensus or rop "
-    "attacker fetches from another attacker (what it serves would depend on who asks first): such "
-    "a run, and any with the four rules above (not yet vectorized), runs on the per-agent engine "
+    "They are measured in the frontier matrices below. The vectorized engine runs all four, and "
+    "the four rules above (equal to the per-agent engine to 1e-9, tests/unit/test_batched.py, "
+    "test_batched_decentralized.py, test_batched_attackers.py), except where a dissensus or rop "
+    "attacker and another attacker built from the requester's model (echo, distance-capture, "
+    "loss-budget, dissensus, rop) fetch from each other: each needs the other's answer to make its "
+    "own, so what both serve depends on who asks first. Such a run goes to the per-agent engine "
     "with a warning that says why.",
     "",
     "- `dissensus` (He et al. 2022): to victim k, psi_k - `eps` x sum_j (psi_j - psi_k) / "

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from mtl_node.aggregation.base import RuleParams
 from mtl_node.aggregation.robust import check_neighbourhood, max_f
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator import graphs
 from orchestrator.plan import AgentPlan, RunPlan
 from orchestrator.spec import (

@@ -17,7 +17,7 @@ from mtl_node.aggregation.robust import (
 )
 from mtl_node.config import build_config
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.planner import plan_topology
 from orchestrator.spec import parse_spec
 
