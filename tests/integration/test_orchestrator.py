@@ -6,16 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from cli_helpers import BIN, orchestrate, processes_mentioning
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 TOPOLOGY = """
 name: e2e
 task: target-localization
@@ -26,25 +25,6 @@ rules: [none, loss-filtered]
 rounds: 30
 seed: 3
 """
-
-
-def orchestrate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "mtl-orchestrate"), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def processes_mentioning(path: Path) -> list[psutil.Process]:
-    """Live processes whose command line mentions ``path`` (agent hosts get their config from it)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if str(path) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 @pytest.fixture
