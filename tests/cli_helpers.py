@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 
 BIN = Path(sys.executable).parent
 ORCHESTRATE = str(BIN / "mtl-orchestrate")
@@ -25,6 +27,32 @@ def orchestrate(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_orchestrate(
+    *args: str, env: dict[str, str] | None = None, stdout: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """``mtl-orchestrate ARGS`` in the background (the test follows, interrupts or kills it)."""
+    return subprocess.Popen(
+        [ORCHESTRATE, *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_same_statistics(
+    summary: dict[str, Any], other: dict[str, Any], metrics: tuple[str, ...] = ("loss", "test_loss")
+) -> None:
+    """Two summary.json dicts give every rule the same mean/min/max of ``metrics`` (to 1e-9 relative:
+    the vectorized in-process engine sums in another order than the daemons, last-bit differences)."""
+    for rule, stats in summary["rules"].items():
+        for metric in metrics:
+            for key in ("mean", "min", "max"):
+                assert stats[metric][key] == pytest.approx(
+                    other["rules"][rule][metric][key], rel=1e-9, abs=1e-12
+                ), (rule, metric, key)
 
 
 def processes_mentioning(text: str | Path, *, cwd: bool = False) -> list[psutil.Process]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import ORCHESTRATE, orchestrate
+from cli_helpers import orchestrate, start_orchestrate
 
 # The first test's setup may build the image (deploy/build-image.sh: minutes when cold).
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
@@ -47,10 +47,9 @@ def start_up(
     topology: Path, out: Path, image: str, *extra: str, stdout: int = subprocess.PIPE
 ) -> subprocess.Popen[str]:
     """``mtl-orchestrate up --backend docker`` in the background (the test stops or follows it)."""
-    return subprocess.Popen(
-        [ORCHESTRATE, "up", str(topology), "--backend", "docker", "-o", f"image={image}",
-         "--out", str(out), "--no-progress", *extra],
-        stdout=stdout, stderr=subprocess.PIPE, text=True,
+    return start_orchestrate(
+        "up", str(topology), "--backend", "docker", "-o", f"image={image}", "--out", str(out),
+        "--no-progress", *extra, stdout=stdout,
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cli_helpers import BIN, orchestrate, processes_mentioning
+from cli_helpers import orchestrate, processes_mentioning, start_orchestrate
 
 pytestmark = pytest.mark.integration
 
@@ -36,26 +36,10 @@ COMPARED = ("loss", "test_loss", "accepted", "filtered", "missing")
 def start_up(
     topology: Path, out: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            str(BIN / "mtl-orchestrate"),
-            "up",
-            str(topology),
-            "--backend",
-            "local",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--no-report",
-            "--processes",
-            "3",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    return start_orchestrate(
+        "up", str(topology), "--backend", "local", "--out", str(out), "--no-progress", "--no-report",
+        "--processes", "3", *extra, env=env,
+    )  # fmt: skip
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

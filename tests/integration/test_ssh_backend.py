@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cli_helpers import BIN, orchestrate, processes_mentioning
+from cli_helpers import BIN, assert_same_statistics, orchestrate, processes_mentioning, start_orchestrate
 
 pytestmark = pytest.mark.integration
 
@@ -204,12 +204,7 @@ def test_ssh_backend_runs_a_topology_end_to_end(sshd: SSHServer, tmp_path: Path)
     assert any(d == "filtered" for (_, _, neighbour), d in decisions_of(out).items() if neighbour == "a3")
     summary = json.loads((out / "summary.json").read_text())
     sim_summary = json.loads((sim_out / "summary.json").read_text())
-    for rule, stats in summary["rules"].items():
-        for metric in ("loss", "test_loss"):
-            for key in ("mean", "min", "max"):
-                assert stats[metric][key] == pytest.approx(
-                    sim_summary["rules"][rule][metric][key], rel=1e-9, abs=1e-12
-                ), (rule, metric, key)
+    assert_same_statistics(summary, sim_summary)
 
 
 def test_unreachable_host_missing_command_and_missing_host_are_clear_errors(
@@ -255,11 +250,10 @@ def test_ssh_remote_supervisor_restarts_a_killed_daemon(sshd: SSHServer, tmp_pat
     topology.write_text(TOPOLOGY.replace("rounds: 20", "rounds: 60"))
     remote = tmp_path / "remote-home"
     out = tmp_path / "out"
-    up = subprocess.Popen(
-        [str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", "ssh", "--out", str(out),
-         "--no-progress", "--no-report", "-o", f"ssh_config={sshd.client_config}",
-         "-o", f"remote_command={BIN / 'mtl-node'}", "-o", f"remote_dir={remote}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    up = start_orchestrate(
+        "up", str(topology), "--backend", "ssh", "--out", str(out),
+        "--no-progress", "--no-report", "-o", f"ssh_config={sshd.client_config}",
+        "-o", f"remote_command={BIN / 'mtl-node'}", "-o", f"remote_dir={remote}",
     )  # fmt: skip
     try:
         hosts_file = out / "work" / "loss-filtered" / "hosts.json"
