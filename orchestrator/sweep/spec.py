@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtl_node.core import names as catalog
 from mtl_node.core.errors import ConfigError, UnknownNameError
-from orchestrator.spec import GRAPH_KINDS, GraphSpec, GroupSpec, parse_spec
+from orchestrator.spec import GroupSpec, parse_spec
+from orchestrator.spec_graphs import GRAPH_KINDS, GraphSpec
 
 log = logging.getLogger(__name__)
 
