@@ -50,6 +50,7 @@ class RoundRecord:
             "loss": _num(self.metrics.loss),
             "test_loss": _num(self.metrics.test_loss),
             "test_accuracy": _num(self.metrics.test_accuracy),
+            "attack_success": _num(self.metrics.attack_success),
             "accepted": self.accepted,
             "filtered": self.filtered,
             "missing": self.missing,

@@ -51,7 +51,7 @@ from mtl_node.batched.torch_rules import RowRules
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core import names
-from mtl_node.errors import WireError
+from mtl_node.core.errors import WireError
 from mtl_node.recorder import RoundRecord
 from mtl_node.tasks import Metrics, Task, make_task
 from mtl_node.tasks.base import TASKS, parse_params
@@ -459,7 +459,12 @@ class _Engine:
         records = []
         for k, c in enumerate(self.configs):
             if due[k]:
-                metrics = Metrics(loss=own_loss[k], test_loss=test_loss[k], test_accuracy=test_acc[k])
+                metrics = Metrics(
+                    loss=own_loss[k],
+                    test_loss=test_loss[k],
+                    test_accuracy=test_acc[k],
+                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                )
             else:
                 metrics = Metrics(loss=own_loss[k])
             records.append(

@@ -15,6 +15,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "loss",
     "test_loss",
     "test_accuracy",
+    "attack_success",
     "accepted",
     "filtered",
     "missing",
@@ -32,7 +33,7 @@ DECISION_COLUMNS: tuple[str, ...] = (
     "reason",
 )
 # The metrics a task may report; summaries and plots cover those that are not all empty.
-METRICS: tuple[str, ...] = ("loss", "test_loss", "test_accuracy")
+METRICS: tuple[str, ...] = ("loss", "test_loss", "test_accuracy", "attack_success")
 COUNTS: tuple[str, ...] = ("accepted", "filtered", "missing")
 ROLES: tuple[str, ...] = ("normal", "byzantine")
 DEFAULT_WINDOW = 0.2
@@ -45,7 +46,7 @@ SUMMARY_FILE = "summary.json"
 METRIC_REQUIRED = ("round", "agent", "role", "rule")
 DECISION_REQUIRED = ("round", "agent", "rule", "neighbor", "decision")
 METRIC_INTS = ("round", "accepted", "filtered", "missing")
-METRIC_FLOATS = ("loss", "test_loss", "test_accuracy", "seconds")
+METRIC_FLOATS = ("loss", "test_loss", "test_accuracy", "attack_success", "seconds")
 DECISION_FLOATS = ("weight", "ema", "loss")
 
 PlanLike = RunPlan | Mapping[str, Any]
