@@ -139,3 +139,26 @@ def test_a_daemon_refuses_the_omniscient_adaptive_attack(tmp_path: Path) -> None
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "attack_params.omniscient" in errors[0] and "in-process engine" in errors[0], errors[0]
+
+
+def test_up_refuses_the_omniscient_adaptive_attack_off_the_sim_backend(tmp_path: Path) -> None:
+    """Before any daemon starts (each would refuse it, and be restarted, and refuse again)."""
+    import sys
+
+    topology = tmp_path / "t.yaml"
+    topology.write_text(
+        "name: t\ntask: target-localization\nagents: 4\ngraph: complete\nrules: [average]\nrounds: 2\n"
+        "byzantine: {count: 1, attack: adaptive, attack_params: {omniscient: true}}\n"
+    )
+    orchestrate = str(Path(sys.executable).parent / "mtl-orchestrate")
+    done = subprocess.run(
+        [orchestrate, "up", str(topology), "--backend", "local", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "byzantine.attack_params.omniscient" in errors[0] and "--backend sim" in errors[0], errors[0]
