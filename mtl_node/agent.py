@@ -302,7 +302,7 @@ class Agent:
                 accepted=record.accepted,
                 filtered=record.filtered,
                 missing=record.missing,
-                decisions=record.decisions,
+                decisions=tuple(record.decisions),
             )
         )
 

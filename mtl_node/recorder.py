@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +37,8 @@ class RoundRecord:
     accepted: int
     filtered: int
     missing: int
-    decisions: tuple[NeighborDecision, ...]
+    # A tuple, or a sequence built on first read (the torch batched engine's RowDecisions).
+    decisions: Sequence[NeighborDecision]
     seconds: float
 
     def metrics_row(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.wire import Manifest, StateDict
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from mtl_node.core import names
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.results import (
     METRICS,
     METRICS_FILE,

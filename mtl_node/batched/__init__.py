@@ -25,7 +25,8 @@ each row's inputs and storing the outputs. ``tests/unit/test_batched.py`` and
 float64 numpy here and float64 torch there). Anything it does not cover (other tasks, a few attack
 settings, cuda) is refused by :func:`supports`; callers fall back to the per-agent engine.
 
-Layout: ``network`` (the slot form and what can be batched), ``senders`` (Byzantine senders),
+Layout: ``network`` (the slot form and what can be batched), ``attack_kinds`` (which attacks and
+networks of attackers it reproduces), ``senders`` (Byzantine senders),
 ``engine`` (the round and the run loop), ``decentralized`` (ubar, balance, clipped-gossip and ios
 rows), ``result`` (arrays, rows and records); the maths of every
 rule and attack is in ``mtl_node.kernels``. ``torch_engine`` is the same idea for torch tasks (HAR
@@ -33,10 +34,10 @@ with SGD or Adam: stacked parameters, vmapped local steps and scoring; see its d
 runs and what falls back).
 """
 
+from mtl_node.batched.attack_kinds import ATTACKS, POOL_ATTACKS, REQUESTER_ATTACKS, attack_unsupported
 from mtl_node.batched.engine import run_batched, run_many
 from mtl_node.batched.network import RULES, TASK, supports, unsupported_reason
 from mtl_node.batched.result import BatchedResult, Decisions
-from mtl_node.batched.senders import ATTACKS, POOL_ATTACKS, REQUESTER_ATTACKS, attack_unsupported
 
 __all__ = [
     "ATTACKS",

@@ -16,13 +16,8 @@ import torch
 
 from mtl_node import seeding
 from mtl_node.aggregation import RuleParams, decentralized, hardened, robust
-from mtl_node.batched.senders import (
-    POOL_ATTACKS,
-    VICTIM_POOL_ATTACKS,
-    Attackers,
-    attack_unsupported,
-    sender_of,
-)
+from mtl_node.batched.attack_kinds import POOL_ATTACKS, VICTIM_POOL_ATTACKS, attack_unsupported, sender_of
+from mtl_node.batched.senders import Attackers
 from mtl_node.config import NodeConfig
 from mtl_node.tasks import TaskContext
 from mtl_node.tasks.base import parse_params

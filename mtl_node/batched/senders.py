@@ -3,114 +3,33 @@
 Every attack's maths is ``mtl_node.kernels.attacks`` (the attack classes in ``attacks/`` call the
 same kernels); this module gathers the inputs for all pairs at once: random draws from the same
 generators (``mtl_node.attack_api.draw_generator``), pools of last round's fetched models, the
-requester's model, the attacker's own history. Long (~340 lines) because it is one class whose
-parts share its per-run tables; splitting it would only pass them around.
+requester's model, the attacker's own history. Which attacks and networks of attackers it
+reproduces is ``attack_kinds``. Long (~370 lines) because it is one class whose parts share its
+per-run tables; splitting it would only pass them around.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtl_node.attack_api import draw_generator, make_attack
-from mtl_node.config import NodeConfig
+from mtl_node.attack_api import draw_generator
+from mtl_node.batched.attack_kinds import DRAWN as _DRAWN
+from mtl_node.batched.attack_kinds import (
+    POOL_ATTACKS,
+    REQUESTER_ATTACKS,
+    VICTIM_POOL_ATTACKS,
+    Sender,
+    sender_of,
+)
+from mtl_node.batched.attack_kinds import draw_args as _draw_args
 from mtl_node.kernels import attacks as ka
 from mtl_node.kernels import target_localization as tl
 
 if TYPE_CHECKING:
     from mtl_node.batched.network import Batch
-
-# Attacks the batched engine reproduces, by what they need each round.
-_DRAWN = {  # name -> (distribution, first parameter, second parameter, name salt in the generator)
-    "constant": ("uniform", "low", "high", False),
-    "gaussian": ("normal", "mean", "std", True),
-    "small-perturbation": ("normal", None, "std", True),
-    "scaled": ("uniform", "low", "high", True),
-}
-POOL_ATTACKS = ("ipm", "alie", "mimic", "min-max", "min-sum")  # built from last round's fetch
-REQUESTER_ATTACKS = ("echo", "distance-capture", "loss-budget")  # built from the requester's model
-VICTIM_POOL_ATTACKS = ("dissensus", "rop")  # built from both
-ATTACKS = (
-    *_DRAWN,
-    "nan",
-    "omission",
-    "sign-flip",
-    *POOL_ATTACKS,
-    *REQUESTER_ATTACKS,
-    *VICTIM_POOL_ATTACKS,
-    "low-loss",
-    "stale",
-    "on-off",
-)
-HONEST = "honest"  # what an on-off attacker serves outside its attack rounds
-
-
-@dataclass(frozen=True)
-class _Sender:
-    """One Byzantine agent's attack: ``kind`` and ``params`` of what it serves in attack rounds,
-    ``on_off`` = (honest_rounds, attack_rounds) when it only attacks in some rounds."""
-
-    kind: str
-    params: Any
-    on_off: tuple[int, int] | None
-
-    def attacking(self, round_: int) -> bool:
-        return self.on_off is None or ka.on_off_attacking(round_, *self.on_off)
-
-
-def sender_of(cfg: NodeConfig) -> _Sender:
-    key = (cfg.seed, cfg.id, cfg.attack, repr(sorted(cfg.attack_params.items())))
-    got = _SENDERS.get(key)
-    if got is None:
-        got = _SENDERS[key] = _make_sender(cfg)
-    return got
-
-
-# Stacked runs repeat the same attackers: their parsed parameters are shared (they are immutable).
-_SENDERS: dict[tuple[Any, ...], _Sender] = {}
-
-
-def _make_sender(cfg: NodeConfig) -> _Sender:
-    assert cfg.attack is not None
-    attack = make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params)
-    if cfg.attack == "on-off":
-        p = attack.params
-        inner = attack.inner  # type: ignore[attr-defined]
-        return _Sender(inner.name, inner.params, (int(p.honest_rounds), int(p.attack_rounds)))  # type: ignore[attr-defined]
-    return _Sender(cfg.attack, attack.params, None)
-
-
-def attack_unsupported(configs: Sequence[NodeConfig]) -> str | None:
-    """Why the batched engine cannot reproduce these configs' attacks, or None."""
-    byzantine = {c.id: c for c in configs if c.attack is not None}
-    kinds: dict[str, str] = {}
-    for c in byzantine.values():
-        if c.attack not in ATTACKS:
-            return f"{c.id}: attack {c.attack!r} (only {', '.join(ATTACKS)})"
-        try:
-            sender = sender_of(c)
-        except Exception as exc:  # an invalid attack is the per-agent engine's to report
-            return f"{c.id}: attack {c.attack!r}: {exc}"
-        if sender.kind not in ATTACKS or sender.kind == "on-off":
-            return f"{c.id}: on-off around {sender.kind!r} (only {', '.join(ATTACKS[:-1])})"
-        if sender.kind == "omission" and sender.params.mode != "refuse":
-            return f"{c.id}: omission mode {sender.params.mode!r} (only refuse)"
-        goal = getattr(sender.params, "goal", 0.0)
-        if not isinstance(goal, int | float) and len(goal) != 2:
-            return f"{c.id}: goal of {len(goal)} values (the model has 2)"
-        kinds[c.id] = sender.kind
-    # What an attacker crafting from the requester's model serves another attacker depends on
-    # which of the two asks first; only attackers that use what they fetch would see it.
-    for c in byzantine.values():
-        if kinds[c.id] in (*POOL_ATTACKS, *VICTIM_POOL_ATTACKS):
-            for n in c.neighbors:
-                if kinds.get(n) in (*REQUESTER_ATTACKS, *VICTIM_POOL_ATTACKS):
-                    return f"{c.id} ({kinds[c.id]}) fetches from {n} ({kinds[n]})"
-    return None
 
 
 class Attackers:
@@ -129,10 +48,23 @@ class Attackers:
         senders = b.nbr[receivers, slots]
         self.senders = senders
         self.pairs = len(senders)
-        spec: dict[int, _Sender] = {a: sender_of(configs[a]) for a in sorted(set(senders.tolist()))}
+        spec: dict[int, Sender] = {a: sender_of(configs[a]) for a in sorted(set(senders.tolist()))}
         self.spec = spec
         kind = np.array([spec[a].kind for a in senders.tolist()], dtype=object)
         self.by_kind = {k: np.flatnonzero(kind == k) for k in sorted(set(kind.tolist()))}
+        # Requester-model attacks: the attacker can fetch the requester's model iff it lists it.
+        listed = {(a, n) for a in spec for n in configs[a].neighbors}
+        self.route = np.array(
+            [(a, configs[r].id) in listed for a, r in zip(senders.tolist(), receivers.tolist(), strict=True)],
+            dtype=bool,
+        )
+        # ... and when the requester is an attacker (a pool attacker: attack_kinds), it is served
+        # what that attacker serves everyone this round: its attack is run for it too.
+        requesting = np.isin(kind, (*REQUESTER_ATTACKS, *VICTIM_POOL_ATTACKS))
+        needs = requesting & self.route & b.byzantine[receivers]
+        for r in sorted(set(receivers[needs].tolist())):
+            spec.setdefault(r, sender_of(configs[r]))
+        self._last_victim: dict[str, np.ndarray] = {}  # per kind: last round's requester models
         on_off = sorted(a for a, sp in spec.items() if sp.on_off is not None)
         self.on_off_senders = np.array(on_off, dtype=np.intp)
         self.on_off_pairs = np.flatnonzero(np.isin(senders, self.on_off_senders))
@@ -154,11 +86,6 @@ class Attackers:
         self._never: dict[tuple[Any, ...], np.ndarray] = {}
         self._by_row: dict[str, np.ndarray] = {}
 
-        # Requester-model attacks: the attacker can fetch the requester's model iff it lists it.
-        listed = {(a, n) for a in spec for n in configs[a].neighbors}
-        self.route = np.array(
-            [(a, configs[r].id) in listed for a, r in zip(senders.tolist(), receivers.tolist(), strict=True)]
-        )
         # Pool attacks: which rows' pools, and for mimic each row's neighbour slots by id.
         self.pool_rows = np.array(
             sorted(a for a, sp in spec.items() if sp.kind in ("ipm", "alie", "min-max", "min-sum")),
@@ -212,7 +139,7 @@ class Attackers:
         self.samples = self.samples[-self.window :]
         out = np.empty((self.pairs, 2))
         withheld = np.zeros(self.pairs, dtype=bool)
-        senders, receivers = self.senders, self.rows
+        senders = self.senders
         h = psi[senders]
         for kind, idx in self.by_kind.items():
             a, own = senders[idx], h[idx]
@@ -231,21 +158,11 @@ class Attackers:
                 withheld[idx] = True
             elif kind == "sign-flip":
                 out[idx] = ka.sign_flip(own, self._param(a, "scale")[:, None])
-            elif kind in ("ipm", "alie"):
-                mean, std = self._pool(psi, prev)
-                pos = np.searchsorted(self.pool_rows, a)
-                if kind == "ipm":
-                    out[idx] = ka.ipm(mean[pos], self._param(a, "epsilon")[:, None])
-                else:
-                    sign, z = self._param(a, "sign")[:, None], self._param(a, "z")[:, None]
-                    out[idx] = ka.alie(mean[pos], std[pos], sign, z)
-            elif kind in ("min-max", "min-sum"):
-                out[idx] = self._min_max(kind, a, psi, prev)
+            elif kind in POOL_ATTACKS:
+                out[idx] = self._pool_attack(kind, a, psi, prev)
             elif kind in VICTIM_POOL_ATTACKS:
-                out[idx] = self._against_victim(kind, idx, psi, prev)
-            elif kind == "mimic":
-                copied = self._mimic(psi, prev)
-                out[idx] = copied[np.searchsorted(self.mimic_rows, a)]
+                victim, known = self._victims(kind, idx, psi, prev, round_)
+                out[idx] = self._against_victim(kind, idx, psi, victim, known, prev)
             elif kind == "low-loss":
                 out[idx] = self._low_loss(a, own)
             elif kind == "stale":
@@ -255,7 +172,8 @@ class Attackers:
                 hist = np.stack(self.history)  # (rounds so far, stale senders, 2)
                 out[idx] = hist[back - 1, pos]
             else:  # requester-model attacks
-                base = np.where(self.route[idx][:, None], psi[receivers[idx]], own)
+                victim, known = self._victims(kind, idx, psi, prev, round_)
+                base = np.where(known[:, None], victim, own)
                 if kind == "echo":
                     out[idx] = base
                 elif kind == "distance-capture":
@@ -323,15 +241,72 @@ class Attackers:
             out[sel] = ka.min_max(H[sel], mask[sel], d, objective, gamma, iters.astype(np.intp))[0]
         return out
 
+    def _pool_attack(
+        self, kind: str, a: np.ndarray, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
+    ) -> np.ndarray:
+        """(len(a), 2): what the pool attackers ``a`` (all of ``kind``) serve every requester."""
+        if kind in ("ipm", "alie"):
+            mean, std = self._pool(psi, prev)
+            pos = np.searchsorted(self.pool_rows, a)
+            if kind == "ipm":
+                return ka.ipm(mean[pos], self._param(a, "epsilon")[:, None])
+            sign, z = self._param(a, "sign")[:, None], self._param(a, "z")[:, None]
+            return ka.alie(mean[pos], std[pos], sign, z)
+        if kind in ("min-max", "min-sum"):
+            return self._min_max(kind, a, psi, prev)
+        return self._mimic(psi, prev)[np.searchsorted(self.mimic_rows, a)]
+
+    def _victims(
+        self,
+        kind: str,
+        idx: np.ndarray,
+        psi: np.ndarray,
+        prev: tuple[np.ndarray, np.ndarray] | None,
+        round_: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """((pairs, 2) requester models, (pairs,) known) for the pairs ``idx`` of a requester-model
+        attack, as ``attacks._common.victim_model`` finds them: what the requester serves the
+        attacker this round (a normal agent its model; a pool attacker its attack, or its model in
+        an on-off attacker's quiet round), fetched when the attacker lists it and valid (finite),
+        else what it served the attacker last round if that was valid, else unknown."""
+        b = self.b
+        r = self.rows[idx]
+        victim = psi[r].copy()
+        byz = b.byzantine[r] & self.route[idx]  # only these are asked (pool attackers: attack_kinds)
+        if byz.any():
+            rows = r[byz]
+            served = victim[byz]
+            kinds = np.array([self.spec[x].kind for x in rows.tolist()], dtype=object)
+            for k in sorted(set(kinds.tolist())):
+                sel = kinds == k
+                served[sel] = self._pool_attack(k, rows[sel], psi, prev)
+            quiet = np.array([not self.spec[x].attacking(round_) for x in rows.tolist()], dtype=bool)
+            served[quiet] = psi[rows[quiet]]
+            victim[byz] = served
+        fetched = self.route[idx] & np.isfinite(victim).all(axis=1)
+        last = self._last_victim.get(kind)
+        self._last_victim[kind] = victim.copy()
+        if last is None:
+            return victim, fetched
+        earlier = self.route[idx] & ~fetched & np.isfinite(last).all(axis=1)
+        victim[earlier] = last[earlier]
+        return victim, fetched | earlier
+
     def _against_victim(
-        self, kind: str, idx: np.ndarray, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
+        self,
+        kind: str,
+        idx: np.ndarray,
+        psi: np.ndarray,
+        victim: np.ndarray,
+        known: np.ndarray,
+        prev: tuple[np.ndarray, np.ndarray] | None,
     ) -> np.ndarray:
         """dissensus / rop (attacks/disagreement.py) for the pairs ``idx``: built from the
-        requester's model (when the attacker lists it; else the honest model is served) and what
+        requester's model (``victim`` where ``known``; else the honest model is served) and what
         the attacker fetched last round (for dissensus, less the requester's own slot)."""
         b = self.b
         a, r = self.senders[idx], self.rows[idx]
-        own, victim = psi[a], psi[r]
+        own = psi[a]
         if prev is None:
             X, mask = np.zeros((len(a), 0, own.shape[1])), np.zeros((len(a), 0), dtype=bool)
         else:
@@ -345,7 +320,7 @@ class Attackers:
             mean, std = ka.pool_moments(own, X, mask)
             angle = np.deg2rad(self._param(a, "angle"))
             x = ka.rop(victim, mean, std, self._param(a, "relocation"), angle, self._param(a, "z"))
-        return np.where(self.route[idx][:, None], x, own)
+        return np.where(known[:, None], x, own)
 
     def _mimic(self, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Per mimic row: the model fetched last round from its target (the smallest id present)."""
@@ -405,8 +380,3 @@ class Attackers:
         step = ka.budget_step(feasible, iters)
         out = np.where((step > 0)[:, None], towards(step), base)
         return np.where(ok_budget[:, None], out, base)
-
-
-def _draw_args(kind: str, p: Any) -> tuple[float, float]:
-    _, first, second, _ = _DRAWN[kind]
-    return (0.0 if first is None else float(getattr(p, first)), float(getattr(p, second)))

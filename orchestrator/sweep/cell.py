@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_node.errors import MTLError
+from mtl_node.core.errors import MTLError
 from orchestrator.results import window_bounds
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError, UnknownNameError
-from orchestrator.spec import GRAPH_KINDS, GraphSpec, GroupSpec, parse_spec
+from mtl_node.core.errors import ConfigError, UnknownNameError
+from orchestrator.spec import GroupSpec, parse_spec
+from orchestrator.spec_graphs import GRAPH_KINDS, GraphSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from attacks.timing import OnOff
 from mtl_node.attack_api import ATTACKS, Attack, StaticView, Withhold, load_plugins, make_attack
 from mtl_node.config import NodeConfig, build_config
 from mtl_node.core import names as catalog
+from mtl_node.core.errors import ConfigError, UnknownNameError
+from mtl_node.core.registry import Entry
 from mtl_node.engine import IN_PROCESS, run_agents
-from mtl_node.errors import ConfigError, UnknownNameError
-from mtl_node.registry import Entry
 from mtl_node.tasks import TASKS, make_task
 from mtl_node.tasks.target_localization import TargetLocalization
 from mtl_node.wire import StateDict

@@ -19,7 +19,6 @@ TORCH_FREE = [
     "mtl_node.core.protocol",
     "mtl_node.core.ids",
     "mtl_node.core.registry",
-    "mtl_node.errors",
     "mtl_node.framing",
     "mtl_node.channel",
     "mtl_node.aggregation",

@@ -11,7 +11,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.report import band_by_round, layout, write_report
 from orchestrator.results import ResultsWriter, read_metrics_table, window_bounds
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.plan import AgentPlan, RunPlan
 from orchestrator.results import (
     DECISION_COLUMNS,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.tasks import make_task
 from mtl_node.tasks.trigger import Trigger, TriggerParams, default_features
 
