@@ -102,7 +102,15 @@ class Agent:
         self.byzantine: AttackSide | None = (
             AttackSide(
                 self,
-                make_attack(config.attack, config.id, config.seed, config.attack_params, task=config.task),
+                make_attack(
+                    config.attack,
+                    config.id,
+                    config.seed,
+                    config.attack_params,
+                    task=config.task,
+                    rule=config.rule,
+                    rule_params=config.rule_params.model_dump(),
+                ),
                 self._compute,
             )
             if config.attack
