@@ -119,3 +119,33 @@ def from_flat(state: StateDict, values: np.ndarray) -> StateDict:
         return like(part.reshape(tuple(t.shape)), t)
 
     return per_tensor(state, take)
+
+
+class Trajectory:
+    """x(r) = step(x(r - 1), r) from x(0) = start(): a model trained along its own trajectory
+    (label-flip, backdoor), kept for the last ``keep`` rounds and advanced lazily.
+
+    A request for a later round continues from the latest round made; any other (an older round)
+    restarts from round 1, so a task optimizer kept for the trajectory (TorchTask.adapt_flipped,
+    adapt_backdoor: a fresh one at round 1) only ever steps forward along one trajectory. Either
+    way the model of a round is the same whatever order rounds are asked in."""
+
+    def __init__(
+        self, start: Callable[[], StateDict], step: Callable[[StateDict, int], StateDict], keep: int = 4
+    ) -> None:
+        self.start = start
+        self.step = step
+        self.keep = keep
+        self.models: dict[int, StateDict] = {}
+
+    def at(self, round_: int) -> StateDict:
+        if round_ in self.models:
+            return self.models[round_]
+        latest = max(self.models, default=0)
+        begin = latest if latest < round_ else 0
+        model = self.models[begin] if begin else self.start()
+        for r in range(begin + 1, round_ + 1):
+            model = self.step(model, r)
+        self.models[round_] = model
+        self.models = dict(sorted(self.models.items())[-self.keep :])
+        return model

@@ -9,12 +9,11 @@ optimizer of its own; a custom task with ``classification=False`` serves h). Tas
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from pydantic import BaseModel
 
-from attacks._common import PARAMS_CONFIG
+from attacks._common import PARAMS_CONFIG, Trajectory
 from mtl_node.attack_api import ATTACKS, Attack, AttackContext
 from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
@@ -32,7 +31,8 @@ class LabelFlip(Attack):
     attacker's own learning-alone trajectory with flipped labels, served to every requester.
 
     The flipped trajectory is kept for the last few rounds and advanced lazily; a request for an
-    older round restarts it from the start (deterministic either way). Without a task: h.
+    older round restarts it from the start (attacks._common.Trajectory: deterministic either way).
+    Without a task: h.
     """
 
     name = "label-flip"
@@ -40,7 +40,7 @@ class LabelFlip(Attack):
 
     def __init__(self, ctx: AttackContext, params: BaseModel) -> None:
         super().__init__(ctx, params)
-        self._trajectory: OrderedDict[int, StateDict] = OrderedDict()
+        self._trajectory: Trajectory | None = None
 
     @classmethod
     def check_task(cls, task_cls: type[Task]) -> str | None:
@@ -57,16 +57,6 @@ class LabelFlip(Attack):
             return honest
         if not getattr(task, "classifies", True):  # a custom task declared not to classify
             return honest
-        if round_ in self._trajectory:
-            return self._trajectory[round_]
-        # Continue from the latest round made when asked for a later one; anything else restarts
-        # from round 1, so a task's flipped-trajectory optimizer (torch tasks) only ever steps
-        # forward along one trajectory (TorchTask.adapt_flipped starts a fresh one at round 1).
-        latest = max(self._trajectory, default=0)
-        start = latest if latest < round_ else 0
-        model = self._trajectory[start] if start else task.init_model()
-        for r in range(start + 1, round_ + 1):
-            model = task.adapt_flipped(model, r)
-        self._trajectory[round_] = model
-        self._trajectory = OrderedDict(sorted(self._trajectory.items())[-KEEP:])
-        return model
+        if self._trajectory is None:
+            self._trajectory = Trajectory(task.init_model, task.adapt_flipped, KEEP)
+        return self._trajectory.at(round_)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from attacks._common import PARAMS_CONFIG
 from mtl_node.attack_api import ATTACKS, Attack, AttackContext, AttackView, Withhold, make_attack
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.kernels.attacks import on_off_attacking, stale_round
 from mtl_node.wire import StateDict
 

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     from benchmarks.machine import describe
-    from mtl_node.identity import make_certs
+    from mtl_node.ca import make_certs
 
     with tempfile.TemporaryDirectory(prefix="bench-fetch-certs-") as certs:
         make_certs(Path(certs), ["bench-server", "bench-client"])

@@ -50,6 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.frontier import kept_block  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from mtl_node.aggregation.robust import ROBUST_RULES, max_f  # noqa: E402
 from orchestrator import graphs  # noqa: E402
@@ -323,8 +324,9 @@ LEFT_OUT = (
     "(each request waits for its deadline), which the vectorized engine does not model. Every other "
     "attack of `mtl-node attacks` is in the matrix; all of them, and these, are reproduced by the "
     "vectorized engine and cross-checked against the per-agent engine in tests/unit/test_batched.py.",
-    "- The classification tasks (har, digits) are not in the matrix: they run only on the per-agent "
-    "engine, far too slow for the 10-minute budget of this command.",
+    "- The classification tasks (har, digits), the decentralized defenses since 2021 and the attacks "
+    "aimed at them are in the frontier matrices below (smaller sweeps of their own: the torch tasks "
+    "and the new rules run on slower engines than this matrix's vectorized one).",
 )
 
 
@@ -337,7 +339,7 @@ NEWER_DEFENSES = (
     "mtl_node/kernels/decentralized.py, checked on hand-made numbers in "
     "tests/unit/test_decentralized_rules.py). Each weighs its neighbours uniformly (a daemon knows no "
     "gossip matrix); a missing member is left out before the maths, and a neighbour whose model is "
-    "not finite never reaches the result. They are not yet in the matrix above.",
+    "not finite never reaches the result. They are measured in the frontier matrices below.",
     "",
     "- `ubar` (Guo et al. 2021). Stage 1 keeps the ceil(`ubar_rho` x m) present neighbours closest "
     "in L2 to the agent's own model (ties: the earlier neighbour); stage 2 keeps those whose loss on "
@@ -372,8 +374,8 @@ NEWER_DEFENSES = (
     "honest model h, the models its neighbours sent the round before, and the requester's own model "
     "(fetched on demand). Each one hurts `average` measurably (tests/unit/test_attacks.py, efficacy "
     "cases) and runs as a real daemon over gRPC (tests/integration/test_frontier_attack_daemons.py). "
-    "They are not yet in the matrix above. The vectorized engine runs all four, and the four rules "
-    "above (equal to the per-agent engine to 1e-9, tests/unit/test_batched.py, "
+    "They are measured in the frontier matrices below. The vectorized engine runs all four, and "
+    "the four rules above (equal to the per-agent engine to 1e-9, tests/unit/test_batched.py, "
     "test_batched_decentralized.py, test_batched_attackers.py), except where a dissensus or rop "
     "attacker and another attacker built from the requester's model (echo, distance-capture, "
     "loss-budget, dissensus, rop) fetch from each other: each needs the other's answer to make its "
@@ -586,7 +588,9 @@ def render(data: dict[str, Any], command: str) -> str:
         row = [f"{c[('all', rule, f, attacks[0])].violated:.0%}" for f in fractions]
         lines.append(f"| {rule} | " + " | ".join(row) + " |")
     lines += ["", "## Left out", "", *LEFT_OUT, "", *NEWER_DEFENSES, "", *HOW_TO_SWEEP, ""]
-    return "\n".join(lines) + "\n"
+    # The frontier matrices (benchmarks/frontier.py renders them from their own sweeps): kept.
+    kept = kept_block(DOC.read_text()) if DOC.exists() else ""
+    return "\n".join(lines) + "\n" + (f"\n{kept}" if kept else "")
 
 
 # Written from the run recorded at the top of docs/robustness.md (benchmarks/results/robustness.json)

@@ -13,18 +13,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mtl_node import state as agent_state
 from mtl_node import wire
 from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
-from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
+from mtl_node.attack_api import make_attack
+from mtl_node.attack_node import AttackSide
 from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
-from mtl_node.errors import FetchError, WireError
+from mtl_node.core.errors import FetchError, WireError
 from mtl_node.liveness import LoopWatch, NeighbourLiveness
 from mtl_node.metrics import AgentObserver
 from mtl_node.recorder import MemoryRecorder, Recorder, RoundRecord
@@ -43,14 +43,6 @@ OFFLOAD_BYTES = 1 << 20
 # task (a CNN's local step takes ~0.1 s; target localization's takes microseconds and stays inline,
 # where a thread hop would cost more than the call).
 INLINE_BUDGET_S = 0.02
-# state_every unset ("auto"): write the state once the time since the last write is this many times
-# what the last write took (bounding its share of the run to about 1/(1+AUTO_STATE_FACTOR)), at
-# most AUTO_STATE_MAX_ROUNDS and keep-2 rounds apart (so the neighbours still keep every round a
-# resumed agent re-runs). docs/performance.md has the measurements behind it.
-AUTO_STATE_FACTOR = 10.0
-AUTO_STATE_MAX_ROUNDS = 50
-# Attack nodes: rounds of fetched neighbour models (and on-demand requester models) kept for crafting.
-KEEP_FETCHED_ROUNDS = 4
 
 
 @dataclass
@@ -86,11 +78,6 @@ class Agent:
         self.task = task or make_task(config.task, config.id, config.seed, config.task_params, config.device)
         # A Byzantine agent learns alone to keep an honest-looking model to craft from.
         self.rule: Rule = make_rule("none" if config.attack else config.rule, config.rule_params)
-        self.attack: Attack | None = (
-            make_attack(config.attack, config.id, config.seed, config.attack_params, task=config.task)
-            if config.attack
-            else None
-        )
         self.store = ModelStore(config.id, keep=config.keep_rounds)
         self.theta: StateDict = self.task.init_model()
         self.manifest = wire.manifest_of(self.theta)
@@ -98,33 +85,36 @@ class Agent:
         self.status = AgentStatus(config.id, config.role, config.rule, config.rounds)
         self._status_changed = asyncio.Event()
         self.last_fetched: dict[str, StateDict | Exception] = {}
-        # Attack nodes: valid neighbour models by round, requester models fetched while serving.
-        self.fetched_rounds: OrderedDict[int, dict[str, StateDict]] = OrderedDict()
-        self._requester_models: dict[tuple[str, int], StateDict] = {}
-        self._requester_fetching: set[tuple[str, int]] = set()
-        self._craft_failed = False
         self._offload = self.manifest.data_bytes > OFFLOAD_BYTES
         # One task call at a time per agent, as when every call ran inline: an attack crafting
         # while the round's adapt runs in a thread must not share the task's module with it.
         self._compute_lock = asyncio.Lock()
         # Byzantine agents fetch too (and discard): it keeps them in step with their victims and
         # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
-        self.fetches = self.attack is not None or self.rule.name != "none"
+        self.fetches = bool(config.attack) or self.rule.name != "none"
         self._last_failure: dict[str, str] = {}
         self.liveness = NeighbourLiveness(config.id, transport.latest_round, config.fetch_timeout)
         self.loop_watch = LoopWatch()
         # Metrics hooks (mtl_node.metrics); the daemon swaps in a Prometheus one.
         self.observer = AgentObserver()
         self.done = asyncio.Event()
-        if self.attack is not None:
-            self.attack.bind(_AgentView(self))
+        # Byzantine: the attack, what it sees and how its answers are served (mtl_node.attack_node).
+        self.byzantine: AttackSide | None = (
+            AttackSide(
+                self,
+                make_attack(config.attack, config.id, config.seed, config.attack_params, task=config.task),
+                self._compute,
+            )
+            if config.attack
+            else None
+        )
         # Crash-only (mtl_node/state.py): continue after the last round whose state is on disk.
         self.state_dir = config.state_path
         self.fingerprint = agent_state.fingerprint(config, self.manifest)
         self.start_round = 0
-        self._state_round = 0  # last round whose state was written
-        self._state_written_at = time.perf_counter()
-        self._state_write_s = 0.0  # what the last write took (auto interval)
+        self.schedule = agent_state.WriteSchedule(
+            config.state_every, config.rounds, self.store.keep, every_round=self.byzantine is not None
+        )
         saved = agent_state.load(self.state_dir, self.fingerprint, config.device) if self.state_dir else None
         if saved is not None:
             self.restore(saved)
@@ -138,21 +128,21 @@ class Agent:
         """Everything needed to continue after round ``i`` exactly (see mtl_node/state.py)."""
         # Published rounds back to where a neighbour restarted from its own (older) state may ask:
         # the state interval plus a few rounds, within what the store keeps anyway.
-        interval = self.config.state_every or self._auto_cap()
-        window = min(self.store.keep, interval + self.config.keep_rounds + 2)
+        window = min(self.store.keep, self.schedule.interval() + self.config.keep_rounds + 2)
         published = {}
         for r in range(max(1, i - window + 1), i + 1):
             p = self.store.get(r)
             if p is not None:
                 published[r] = p.state
         task_meta, task_tensors = self.task.state()
-        attack_meta, attack_tensors = self.attack.state() if self.attack is not None else ({}, {})
+        byz = self.byzantine
+        attack_meta, attack_tensors = byz.attack.state() if byz is not None else ({}, {})
         return agent_state.AgentState(
             round=i,
             fingerprint=self.fingerprint,
             theta=self.theta,
             published=published,
-            fetched=dict(self.fetched_rounds),
+            fetched=dict(byz.fetched_rounds) if byz is not None else {},
             rule=self.rule.state(),
             task=task_meta,
             task_tensors=task_tensors,
@@ -164,45 +154,23 @@ class Agent:
         self.theta = saved.theta
         for r in sorted(saved.published):
             self.store.publish(r, saved.published[r])
-        self.fetched_rounds = OrderedDict(sorted(saved.fetched.items()))
         self.rule.load_state(saved.rule)
         self.task.load_state(saved.task, saved.task_tensors)
-        if self.attack is not None:
-            self.attack.load_state(saved.attack, saved.attack_tensors)
-        self.start_round = self._state_round = saved.round
+        if self.byzantine is not None:
+            self.byzantine.fetched_rounds.update(sorted(saved.fetched.items()))
+            self.byzantine.attack.load_state(saved.attack, saved.attack_tensors)
+        self.start_round = self.schedule.last_round = saved.round
         self.status = _replace(self.status, round=saved.round)
         log.info("%s: resumed after round %d from %s", self.id, saved.round, self.state_dir)
 
-    def _auto_cap(self) -> int:
-        return min(AUTO_STATE_MAX_ROUNDS, max(1, self.store.keep - 2))
-
-    def _state_due(self, i: int) -> bool:
-        if self.state_dir is None:
-            return False
-        every = self.config.state_every
-        if i == self.config.rounds:
-            return True
-        if every is not None:
-            return every > 0 and i % every == 0
-        if self.attack is not None:
-            # An attack node crafts from the neighbour models of the previous round, which it keeps
-            # for a few rounds only: its state is written every round (attack nodes are few).
-            return True
-        if i - self._state_round >= self._auto_cap():
-            return True
-        return time.perf_counter() - self._state_written_at >= AUTO_STATE_FACTOR * self._state_write_s
-
     async def _save_state(self, i: int) -> None:
-        if not self._state_due(i):
+        if self.state_dir is None or not self.schedule.due(i):
             return
-        assert self.state_dir is not None
         started = time.perf_counter()
         snap = self.snapshot(i)
         self.recorder.sync()  # rows up to i durable before the state that says "after round i"
         await self._compute(agent_state.write, self.state_dir, snap, self.id)
-        self._state_written_at = time.perf_counter()
-        self._state_write_s = self._state_written_at - started
-        self._state_round = i
+        self.schedule.written(i, started)
 
     # -- what the server side asks --------------------------------------------------------------
 
@@ -210,79 +178,20 @@ class Agent:
         """The model served for ``round_`` to ``requester``: published, or crafted if Byzantine."""
         deadline = asyncio.get_running_loop().time() + timeout
         published = await self.store.wait_for(round_, timeout)
-        if self.attack is None:
+        if self.byzantine is None:
             return published.state
-        return await self._craft(published.round, requester, published.state, deadline)
+        return await self.byzantine.craft(published.round, requester, published.state, deadline)
 
     async def payload_for(self, round_: int, requester: str, timeout: float) -> tuple[int, bytes, str]:
         """(round, safetensors bytes, digest) served for ``round_``; honest payloads are cached."""
         deadline = asyncio.get_running_loop().time() + timeout
         published = await self.store.wait_for(round_, timeout)
-        if self.attack is None:
+        if self.byzantine is None:
             payload, digest = await self._compute(published.payload, exclusive=False)
             return published.round, payload, digest
-        crafted = await self._craft(published.round, requester, published.state, deadline)
+        crafted = await self.byzantine.craft(published.round, requester, published.state, deadline)
         payload = await self._compute(wire.encode, crafted, exclusive=False)
         return published.round, payload, wire.digest(payload)
-
-    # -- Byzantine: what the attack sees and how its answer is served ----------------------------
-
-    async def _craft(self, round_: int, requester: str, honest: StateDict, deadline: float) -> StateDict:
-        """The attack's model for this request; Withhold becomes a FetchError (missing neighbour).
-
-        Any other failure of the attack serves the honest model: an attack node must keep serving.
-        """
-        attack = self.attack
-        assert attack is not None
-        loop = asyncio.get_running_loop()
-        if attack.needs_requester_model:
-            await self._fetch_requester(requester, round_, deadline)
-        try:
-            return await self._compute(attack.craft, round_, requester, honest)
-        except Withhold as withhold:
-            if withhold.hang:
-                await asyncio.sleep(max(0.0, deadline - loop.time()))
-                raise FetchError(f"{self.id}: round {round_}: no answer (omission)", "timeout") from None
-            raise FetchError(f"{self.id}: round {round_}: refused (omission)", "unavailable") from None
-        except Exception:
-            if not self._craft_failed:
-                log.exception("%s: attack %s failed; serving the honest model", self.id, attack.name)
-                self._craft_failed = True
-            return honest
-
-    async def _fetch_requester(self, requester: str, round_: int, deadline: float) -> None:
-        """Fetch the requester's own round model for the attack (view.model_of), if it is a neighbour.
-
-        A normal requester published the round before asking us, so this returns at once. Two attack
-        nodes needing each other's model would fetch from each other for ever: a request from an
-        agent we are already fetching that round from is served without its model.
-        """
-        key = (requester, round_)
-        if key in self._requester_models or key in self._requester_fetching:
-            return
-        if requester not in self.neighbors:
-            return  # no route to it over gRPC; in one process too, so both paths agree
-        timeout = min(self.config.fetch_timeout, deadline - asyncio.get_running_loop().time() - 0.05)
-        if timeout <= 0:
-            return
-        self._requester_fetching.add(key)
-        try:
-            state = await self.transport.fetch(requester, round_, self.id, timeout)
-            wire.validate_state(state, self.manifest)
-        except (FetchError, WireError) as exc:
-            log.debug("%s: round %d: no model of requester %s: %s", self.id, round_, requester, exc)
-            return
-        finally:
-            self._requester_fetching.discard(key)
-        self._requester_models[key] = state
-        oldest = round_ - KEEP_FETCHED_ROUNDS
-        for old in [k for k in self._requester_models if k[1] <= oldest]:
-            del self._requester_models[old]
-
-    def _keep_fetched(self, i: int, fetched: Mapping[str, StateDict | Exception]) -> None:
-        self.fetched_rounds[i] = {n: m for n, m in fetched.items() if isinstance(m, dict)}
-        while len(self.fetched_rounds) > KEEP_FETCHED_ROUNDS:
-            self.fetched_rounds.popitem(last=False)
 
     async def wait_status_change(self) -> None:
         await self._status_changed.wait()
@@ -341,13 +250,13 @@ class Agent:
         self.store.publish(i, psi)
 
         fetched = await self._fetch_all(i) if self.fetches else {}
-        if self.attack is None and self.rule.name != "none":
+        if self.byzantine is None and self.rule.name != "none":
             candidates, models = await self._candidates(i, psi, theta_prev, fetched)
         else:
             # Non-cooperative (or Byzantine): nothing to score; neighbours show as filtered.
             self.last_fetched = fetched
-            if self.attack is not None:
-                self._keep_fetched(i, fetched)
+            if self.byzantine is not None:
+                self.byzantine.keep_fetched(i, fetched)
             candidates = [Candidate(a) for a in [self.id, *self.neighbors]]
             models = {self.id: psi}
         agg: Aggregation = self.rule.aggregate(candidates)
@@ -385,7 +294,7 @@ class Agent:
                 accepted=record.accepted,
                 filtered=record.filtered,
                 missing=record.missing,
-                decisions=record.decisions,
+                decisions=tuple(record.decisions),
             )
         )
 
@@ -466,33 +375,6 @@ class Agent:
             for a in [self.id, *self.neighbors]
         ]
         return candidates, models
-
-
-class _AgentView(AttackView):
-    """What an attack node shows its attack (mtl_node.attack_api): its own task and models, the
-    neighbour models of its complete fetches, and requester models fetched while serving."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    @property
-    def task(self) -> Task:
-        return self.agent.task
-
-    def neighbors(self, round_: int) -> Mapping[str, StateDict]:
-        return self.agent.fetched_rounds.get(round_, {})
-
-    def model_of(self, agent_id: str, round_: int) -> StateDict | None:
-        return self.agent._requester_models.get((agent_id, round_))
-
-    def own(self, round_: int) -> StateDict | None:
-        store = self.agent.store
-        latest = store.latest_round
-        for r in range(max(round_, 1, latest - store.keep + 1), latest + 1):
-            published = store.get(r)
-            if published is not None:
-                return published.state
-        return None
 
 
 def _reason(exc: Exception) -> str:

@@ -44,8 +44,8 @@ from pydantic import BaseModel, ValidationError
 
 from mtl_node import seeding
 from mtl_node.core import names
+from mtl_node.core.errors import ConfigError
 from mtl_node.core.registry import Registry
-from mtl_node.errors import ConfigError
 from mtl_node.wire import StateDict
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from mtl_node.core.errors import FetchError
 from mtl_node.core.protocol import MAX_MESSAGE_BYTES, SERVICE
-from mtl_node.errors import FetchError
 from mtl_node.identity import SpiffeId, TlsMaterial, identity_of
 
 __all__ = [

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 
-from mtl_node.errors import ConfigError, MTLError
+from mtl_node.core.errors import ConfigError, MTLError
 
 if TYPE_CHECKING:
     from mtl_node.config import NodeConfig

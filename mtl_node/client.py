@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 
 from mtl_node import wire
 from mtl_node.channel import create_channel, is_identity_error
-from mtl_node.errors import FetchError, WireError
+from mtl_node.core.errors import FetchError, WireError
 from mtl_node.identity import TlsMaterial, agent_id
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc

@@ -25,7 +25,7 @@ from mtl_node.agent import Agent
 from mtl_node.allocator import keep_freed_memory
 from mtl_node.client import GrpcTransport
 from mtl_node.config import NodeConfig, parse_hostport
-from mtl_node.errors import ConfigError, MTLError
+from mtl_node.core.errors import ConfigError, MTLError
 from mtl_node.identity import TlsMaterial, agent_id, party_tls
 from mtl_node.metrics import PrometheusMetrics
 from mtl_node.recorder import FileRecorder, Recorder

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from mtl_node.errors import FetchError
+from mtl_node.core.errors import FetchError
 
 log = logging.getLogger(__name__)
 

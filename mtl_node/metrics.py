@@ -3,7 +3,7 @@
 One registry and one HTTP endpoint per process: ``serve`` exports its agent, ``serve-many`` all
 of its agents, each series carrying an ``agent`` label. Names are in the ``mtl_`` namespace. Label
 values come from bounded sets only: agent ids of this process, the configured neighbours (anything
-else is ``other``), outcome and reason tags of mtl_node.errors, decision names; never a round.
+else is ``other``), outcome and reason tags of mtl_node.core.errors, decision names; never a round.
 
 The round loop and the server call an ``AgentObserver``: the base class does nothing (the
 in-process engine and tests pay nothing), ``PrometheusMetrics.agent`` returns one that counts.

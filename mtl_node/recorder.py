@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +37,8 @@ class RoundRecord:
     accepted: int
     filtered: int
     missing: int
-    decisions: tuple[NeighborDecision, ...]
+    # A tuple, or a sequence built on first read (the torch batched engine's RowDecisions).
+    decisions: Sequence[NeighborDecision]
     seconds: float
 
     def metrics_row(self) -> dict[str, Any]:
@@ -48,6 +50,7 @@ class RoundRecord:
             "loss": _num(self.metrics.loss),
             "test_loss": _num(self.metrics.test_loss),
             "test_accuracy": _num(self.metrics.test_accuracy),
+            "attack_success": _num(self.metrics.attack_success),
             "accepted": self.accepted,
             "filtered": self.filtered,
             "missing": self.missing,

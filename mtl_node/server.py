@@ -19,7 +19,7 @@ from mtl_node import messages, wire
 from mtl_node.agent import Agent
 from mtl_node.auth import DenialLog, authorize, peer_identity
 from mtl_node.channel import SERVER_OPTIONS, SERVICE, server_credentials
-from mtl_node.errors import FetchError
+from mtl_node.core.errors import FetchError
 from mtl_node.identity import TlsMaterial
 from mtl_node.limits import Limiter, guard
 from mtl_node.proto.v1 import node_pb2 as pb

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.wire import Manifest, StateDict
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ META_KEY = "mtl_state"
 # between writing the temp file and renaming it, at its first state write of a round >= ROUND, once
 # (a marker file in MARKER_DIR remembers it; tests/integration/test_crash.py).
 CRASH_HOOK_ENV = "MTL_TEST_CRASH_IN_STATE_WRITE"
+# state_every unset ("auto"): write the state once the time since the last write is this many times
+# what the last write took (bounding its share of the run to about 1/(1+AUTO_STATE_FACTOR)), at
+# most AUTO_STATE_MAX_ROUNDS and keep-2 rounds apart (so the neighbours still keep every round a
+# resumed agent re-runs). docs/performance.md has the measurements behind it.
+AUTO_STATE_FACTOR = 10.0
+AUTO_STATE_MAX_ROUNDS = 50
 
 
 @dataclass
@@ -251,3 +258,46 @@ def load(directory: Path, expected: Mapping[str, Any], device: str = "cpu") -> A
         attack=meta.get("attack", {}),
         attack_tensors=under("attack/"),
     )
+
+
+class WriteSchedule:
+    """When an agent writes its state: every ``state_every`` rounds, or (unset) as often as keeps the
+    writes' share of the run small (AUTO_STATE_FACTOR), and always after the last round.
+
+    An attack node crafts from the neighbour models of the previous round, which it keeps for a few
+    rounds only: its state is written every round (attack nodes are few).
+    """
+
+    def __init__(self, state_every: int | None, rounds: int, keep: int, every_round: bool) -> None:
+        self.state_every = state_every
+        self.rounds = rounds
+        self.keep = keep
+        self.every_round = every_round
+        self.last_round = 0  # last round whose state was written
+        self._written_at = time.perf_counter()
+        self._write_s = 0.0  # what the last write took (auto interval)
+
+    def auto_cap(self) -> int:
+        """The most rounds between two writes when ``state_every`` is unset."""
+        return min(AUTO_STATE_MAX_ROUNDS, max(1, self.keep - 2))
+
+    def interval(self) -> int:
+        return self.state_every or self.auto_cap()
+
+    def due(self, i: int) -> bool:
+        every = self.state_every
+        if i == self.rounds:
+            return True
+        if every is not None:
+            return every > 0 and i % every == 0
+        if self.every_round:
+            return True
+        if i - self.last_round >= self.auto_cap():
+            return True
+        return time.perf_counter() - self._written_at >= AUTO_STATE_FACTOR * self._write_s
+
+    def written(self, i: int, started: float) -> None:
+        """Round ``i``'s state is on disk; its write began at ``started`` (time.perf_counter)."""
+        self._written_at = time.perf_counter()
+        self._write_s = self._written_at - started
+        self.last_round = i

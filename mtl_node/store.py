@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mtl_node import wire
-from mtl_node.errors import FetchError
+from mtl_node.core.errors import FetchError
 from mtl_node.wire import StateDict
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
 
-from mtl_node.errors import FetchError
+from mtl_node.core.errors import FetchError
 from mtl_node.wire import Manifest, StateDict
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.backends.common import is_same_process, process_record, read_jsonl, write_atomic
 
 log = logging.getLogger(__name__)

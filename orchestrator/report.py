@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.results import (
     METRICS,
     METRICS_FILE,
@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 NETWORK_FILE = "network.png"
-LABELS = {"loss": "Training loss", "test_loss": "Test loss", "test_accuracy": "Test accuracy"}
+LABELS = {
+    "loss": "Training loss",
+    "test_loss": "Test loss",
+    "test_accuracy": "Test accuracy",
+    "attack_success": "Backdoor attack success",
+}
 DPI = 150
 BYZANTINE_COLOR = "#d62728"
 # tab10 without its red, which is reserved for Byzantine agents.
@@ -181,7 +186,7 @@ def plot_metric(
         ax.plot(rounds, mean, color=color, linewidth=1.6, label=rule)
         positive &= bool(np.all(lo[finite] > 0))
         drawn += 1
-    is_loss = metric != "test_accuracy"
+    is_loss = metric not in ("test_accuracy", "attack_success")  # rates stay on a linear scale
     if is_loss and positive and drawn:
         ax.set_yscale("log")
     elif is_loss:

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from mtl_node.errors import MTLError
+from mtl_node.core.errors import MTLError
 from orchestrator.backends import BACKENDS, Progress, RunContext
 from orchestrator.plan import RunPlan
 from orchestrator.tls import RunCerts

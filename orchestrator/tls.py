@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl_node.errors import ConfigError
-from mtl_node.identity import DEFAULT_TRUST_DOMAIN, TlsMaterial, load_material, make_certs
+from mtl_node.ca import make_certs
+from mtl_node.core.errors import ConfigError
+from mtl_node.identity import DEFAULT_TRUST_DOMAIN, TlsMaterial, load_material
 
 
 @dataclass(frozen=True)

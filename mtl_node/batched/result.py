@@ -105,6 +105,7 @@ class BatchedResult:
                     "loss": _num(loss[r][k]),
                     "test_loss": _num(test_loss[r][k]),
                     "test_accuracy": None,
+                    "attack_success": None,
                     "accepted": acc[r][k],
                     "filtered": fil[r][k],
                     "missing": mis[r][k],

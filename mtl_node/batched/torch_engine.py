@@ -34,20 +34,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
 from mtl_node import wire
-from mtl_node.aggregation import Candidate, Rule, make_rule
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
+from mtl_node.batched import torch_pool
+from mtl_node.batched.torch_draws import Draws
+from mtl_node.batched.torch_pool import Pool, PoolScorer, finite_rows
+from mtl_node.batched.torch_rules import RowRules
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core import names
-from mtl_node.errors import WireError
-from mtl_node.kernels.combine import accumulate
+from mtl_node.core.errors import WireError
 from mtl_node.recorder import RoundRecord
 from mtl_node.tasks import Metrics, Task, make_task
 from mtl_node.tasks.base import TASKS, parse_params
@@ -66,6 +70,13 @@ RULES = names.RULE_NAMES
 # round's fetched pool): what the attack node serves does not depend on request order.
 ATTACKS = ("constant", "gaussian", "small-perturbation", "scaled", "sign-flip", "ipm", "alie", "mimic")
 POOL_ATTACKS = ("ipm", "alie", "mimic")
+# torch's intra-op threads while the engine runs (restored after). One: a round is a few dozen
+# operations of well under a millisecond each (HAR: 30 x 10 samples x 561 features), too small for
+# a thread team to pay for its fork/join; and on a shared 2-core machine a team of two waits for its
+# descheduled member at every operation, which made the engine 4-6x slower than with one thread
+# (docs/performance.md, "Threads"). Larger models (a CNN on big batches) may gain from more:
+# run_torch_batched(threads=None) keeps the caller's setting.
+THREADS = 1
 
 Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape) or (rows, slots, *shape)
 
@@ -150,6 +161,12 @@ def _padded(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+def _rows(mask: np.ndarray) -> torch.Tensor | None:
+    """The indices of the True rows, or None when there are none."""
+    rows = np.flatnonzero(mask)
+    return torch.from_numpy(rows) if len(rows) else None
+
+
 def _reason(exc: Exception) -> str:
     return f"{getattr(exc, 'reason', 'error')}: {exc}"
 
@@ -184,10 +201,10 @@ class _Engine:
                 nbr[k, s] = index[a]
         self.nbr = nbr
         self.byzantine = [c.attack is not None for c in configs]
-        self.rules: list[Rule] = [make_rule("none" if c.attack else c.rule, c.rule_params) for c in configs]
-        self.cooperating = [
-            not z and r.name != "none" for z, r in zip(self.byzantine, self.rules, strict=True)
-        ]
+        self.rules = RowRules(
+            [c.rule for c in configs], [c.rule_params for c in configs], self.byzantine, self.slot_ids
+        )
+        self.cooperating = self.rules.cooperating.tolist()
         self.attacks: dict[int, Attack] = {}
         self.fetched: list[dict[int, dict[str, StateDict]]] = [{} for _ in configs]
         for k, c in enumerate(configs):
@@ -234,23 +251,29 @@ class _Engine:
 
         self.grads: Callable[..., dict[str, torch.Tensor]] = vmap(grad(loss_of))
         self.row_loss: Callable[..., torch.Tensor] = vmap(loss_of)
-        self.slot_loss: Callable[..., torch.Tensor] = vmap(vmap(loss_of, in_dims=(0, None, None)))
+        self.scorer = PoolScorer(module, loss_fn)
+        self.loss_rows = _rows(self.rules.needs_loss)
+        self.dist_rows = _rows(self.rules.needs_distance)
 
-        def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_of(params, x[None], y[None])
+        def sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(out[None], y[None])
 
         def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
 
-        # (rows, samples) per-sample losses, and outputs, for the padded test splits.
-        self.sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss, in_dims=(None, 0, 0)))
+        # For the padded test splits: (rows, samples, ...) outputs, one forward call per row, and
+        # from them the per-sample losses (a per-sample forward call under a second vmap copied
+        # the weights once per sample: 8 ms of a 30 ms HAR round).
         self.outputs: Callable[..., torch.Tensor] = vmap(outputs)
+        self.sample_losses: Callable[..., torch.Tensor] = vmap(sample_loss)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
+        self.resample = [k for k, t in enumerate(self.tasks) if t.p.scoring == "resample"]
 
     # -- one round ---------------------------------------------------------------------------------
 
     def adapt(self, i: int) -> Stacked:
-        batches = [t._round_batches(i) for t in self.tasks]
+        batches = self.draws.batches(i)
         rows = [k for k, t in enumerate(self.tasks) if t.trains_in(i)]
         psi = {name: t.clone() for name, t in self.theta.items()}
         if not rows:
@@ -259,7 +282,7 @@ class _Engine:
         params = {name: t[r] for name, t in self.theta.items()}
         self.module.train()
         for s in range(self.steps):
-            idx = torch.stack([batches[k][s] for k in rows])
+            idx = batches[r, s]
             x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
             g = self.grads(params, x, y)
             if self.adam:
@@ -294,36 +317,62 @@ class _Engine:
             out[name] = p + (-step_size).view(view) * (m / denom)
         return out
 
-    def exchange(self, i: int, psi: Stacked) -> tuple[Stacked, dict[tuple[int, int], str]]:
-        """(what every slot receives, the reasons of the slots that receive nothing valid)."""
-        received = {name: t[self.nbr] for name, t in psi.items()}
+    def exchange(self, i: int, psi: Stacked) -> Pool:
+        """What every slot receives this round: the adapted models, then each crafted model once."""
+        src = self.nbr.clone()
+        present = self.rules.exists.copy()
         missing: dict[tuple[int, int], str] = {}
-        if not self.crafted_pairs:
-            return received, missing
-        honest = {a: _row(psi, a) for a in self.attacks}
-        once: dict[int, StateDict | str] = {}
-        served: list[StateDict] = []
-        for k, s, a in self.crafted_pairs:
-            got = once.get(a)
-            if got is None:
-                got = self._craft(a, i, self.ids[k], honest[a])
-                if not self.per_requester[a]:
-                    once[a] = got
-            if isinstance(got, str):
-                missing[k, s] = got
-                got = {name: torch.zeros_like(t) for name, t in honest[a].items()}
-            served.append(got)
-        for name in self.names:
-            received[name][self.pair_rows, self.pair_slots] = torch.stack([m[name] for m in served])
+        extra: list[StateDict] = []
+        if self.crafted_pairs:
+            honest = {a: _row(psi, a) for a in self.attacks}
+            once: dict[int, int | str] = {}
+            where = []
+            for k, s, a in self.crafted_pairs:
+                got = once.get(a)
+                if got is None:
+                    model = self._craft(a, i, self.ids[k], honest[a])
+                    if isinstance(model, str):
+                        got = model
+                    else:
+                        got = self.n + len(extra)
+                        extra.append(model)
+                    if not self.per_requester[a]:
+                        once[a] = got
+                if isinstance(got, str):
+                    missing[k, s] = got
+                    present[k, s] = False
+                    where.append(a)
+                else:
+                    where.append(got)
+            src[self.pair_rows, self.pair_slots] = torch.tensor(where, dtype=torch.long)
+        models = psi
+        if extra:
+            models = {name: torch.cat([t, torch.stack([m[name] for m in extra])]) for name, t in psi.items()}
+        pool = Pool(models, src, present, missing)
+        ok = finite_rows(psi)
+        if not bool(ok.all()):  # an honest model that is not finite arrives as missing, as a fetch's
+            self._not_finite(pool, ok, psi)
         for k in range(self.n):
             if self.keeps_pool[k]:
                 self.fetched[k][i] = {
-                    self.slot_ids[k][s]: {name: received[name][k, s] for name in self.names}
+                    self.slot_ids[k][s]: pool.slot(k, s)
                     for s in range(1, len(self.slot_ids[k]))
-                    if (k, s) not in missing
+                    if pool.present[k, s]
                 }
                 self.fetched[k].pop(i - 2, None)
-        return received, missing
+        return pool
+
+    def _not_finite(self, pool: Pool, ok: torch.Tensor, psi: Stacked) -> None:
+        for a in torch.nonzero(~ok).flatten().tolist():
+            why = "non-finite"
+            try:
+                wire.validate_state(_row(psi, a), self.manifest)
+            except WireError as exc:
+                why = _reason(exc)
+            for k, s in torch.nonzero(pool.src == a).tolist():
+                if s > 0 and pool.present[k, s]:
+                    pool.present[k, s] = False
+                    pool.missing[k, s] = why
 
     def _craft(self, a: int, i: int, requester: str, honest: StateDict) -> StateDict | str:
         """What attack node ``a`` serves ``requester`` in round ``i``, or why nothing valid arrives."""
@@ -343,15 +392,14 @@ class _Engine:
     def scoring_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every agent's scoring samples of round ``i`` (TorchTask.scoring_batch, gathered at once)."""
         if self._score is None or self._score[0] != i:
-            idx = []
-            for t in self.tasks:
-                if t.p.scoring == "resample":
-                    t.scoring_batch(i)
-                    assert t._scoring is not None
-                    idx.append(t._scoring[1])
-                else:
-                    idx.append(torch.cat(t._round_batches(i)))
-            rows = torch.stack(idx)
+            rows = self.draws.batches(i).flatten(1)
+            if self.resample:
+                rows = rows.clone()  # a view of the draws' block otherwise
+            for k in self.resample:
+                t = self.tasks[k]
+                t.scoring_batch(i)
+                assert t._scoring is not None
+                rows[k] = t._scoring[1]
             self._score = (
                 i,
                 self.train_x[self.arange[:, None], rows],
@@ -359,93 +407,46 @@ class _Engine:
             )
         return self._score[1], self._score[2]
 
-    def test_metrics(self, theta: Stacked) -> tuple[list[float], list[float]]:
-        """Every agent's (mean loss, accuracy) on its whole test split (TorchTask.test_metrics)."""
-        losses = self.sample_losses(theta, self.test_x, self.test_y).double()
+    def evaluate(
+        self, theta: Stacked, x: torch.Tensor, y: torch.Tensor, tests: bool
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Every agent's loss on its scoring batch (x, y), and with ``tests`` its (mean loss,
+        accuracy) on its whole test split (TorchTask.test_metrics): one forward call per row on the
+        padded test split, the per-sample losses from its outputs."""
+        own = self.row_loss(theta, x, y).tolist()
+        if not tests:
+            return own, [], []
+        out = self.outputs(theta, self.test_x)
+        losses = self.sample_losses(out.flatten(0, 1), self.test_y.flatten()).view(out.shape[:2]).double()
         loss = (losses * self.test_mask).sum(dim=1) / self.test_count
-        hit = (self.outputs(theta, self.test_x).argmax(dim=-1) == self.test_y).double()
+        hit = (out.argmax(dim=-1) == self.test_y).double()
         acc = (hit * self.test_mask).sum(dim=1) / self.test_count
-        return loss.tolist(), acc.tolist()
+        return own, loss.tolist(), acc.tolist()
 
     def step(self, i: int) -> list[RoundRecord]:
         started = time.perf_counter()
         theta_prev = self.theta
         psi = self.adapt(i)
-        # Nobody uses what it fetches (rule none, no pool attack): every agent keeps its own psi.
-        alone = not any(self.cooperating) and not any(self.keeps_pool)
-        received, missing = (psi, {}) if alone else self.exchange(i, psi)
-        n = self.n
-        loss_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_loss]
-        dist_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_distance]
-        losses: dict[int, list[float]] = {}
+        pool = self.exchange(i, psi)
+        n, width = self.n, self.width
+        losses = np.full((n, width), np.nan)
+        distances = np.full((n, width), np.nan)
         self.module.eval()
         with torch.no_grad():
-            if loss_rows:
-                r = torch.tensor(loss_rows, dtype=torch.long)
+            if self.loss_rows is not None:
                 x, y = self.scoring_batch(i)
-                x, y = x[r], y[r]
-                values = self.slot_loss({name: t[r] for name, t in received.items()}, x, y).tolist()
-                losses = dict(zip(loss_rows, values, strict=True))
-            distances: dict[int, list[float]] = {}
-            if dist_rows:
-                r = torch.tensor(dist_rows, dtype=torch.long)
-                total = torch.zeros((len(dist_rows), self.width), dtype=torch.float64)
-                for name in self.names:  # squared_distance: a float32 sum per tensor, added in float64
-                    diff = theta_prev[name][r].unsqueeze(1) - received[name][r]
-                    total = total + (diff**2).flatten(2).sum(dim=2).double()
-                distances = dict(zip(dist_rows, total.tolist(), strict=True))
-
-        model_rows = [k for k in range(n) if self.cooperating[k] and self.rules[k].needs_models]
-        vectors: dict[int, Any] = {}
-        if model_rows:  # flatten(): floating tensors in name order, as float64
-            r = torch.tensor(model_rows, dtype=torch.long)
-            flat = torch.cat(
-                [received[name][r].reshape(len(model_rows), self.width, -1) for name in sorted(self.names)],
-                dim=2,
-            )
-            vectors = dict(zip(model_rows, flat.double().numpy(), strict=True))
-
-        weights = torch.zeros((n, self.width), dtype=torch.float64)
-        aggs = []
-        combined: dict[int, StateDict] = {}
-        for k in range(n):
-            slots = self.slot_ids[k]
-            if self.cooperating[k]:
-                cands = []
-                for s, a in enumerate(slots):
-                    if (k, s) in missing:
-                        cands.append(Candidate(a, missing_reason=missing[k, s]))
-                        continue
-                    cands.append(
-                        Candidate(
-                            a,
-                            losses[k][s] if k in losses else None,
-                            distances[k][s] if k in distances else None,
-                            model=vectors[k][s] if k in vectors else None,
-                        )
-                    )
-            else:
-                cands = [Candidate(a) for a in slots]
-            agg = self.rules[k].aggregate(cands)
-            aggs.append(agg)
-            if agg.combined is not None:
-                combined[k] = unflatten(agg.combined, _row(psi, k))
-                continue
-            for s, a in enumerate(slots):
-                weights[k, s] = agg.weights.get(a, 0.0)
-
-        # theta = sum_s w_s psi_s in slot order, as weighted_sum does it for one agent.
-        w32 = weights.to(torch.float32)
-        theta: Stacked = {}
-        for name, t in received.items():
-            if not any(self.cooperating):  # every row keeps psi (weighted_sum's single-member copy)
-                theta[name] = psi[name].clone()
-                continue
-            shape = (n, *([1] * (t.dim() - 2)))
-            theta[name] = accumulate(
-                [w32[:, s].view(shape) for s in range(self.width)], [t[:, s] for s in range(self.width)]
-            )
-        for k, model in combined.items():
+                r = self.loss_rows
+                losses[r.numpy()] = self.scorer.losses(pool, r, x[r], y[r]).double().numpy()
+            if self.dist_rows is not None:
+                r = self.dist_rows
+                distances[r.numpy()] = torch_pool.distances(theta_prev, pool, r).numpy()
+        agg = self.rules.aggregate(
+            losses, distances, pool.present, pool.missing, lambda k: torch_pool.vectors(pool, k)
+        )
+        with torch.no_grad():
+            theta = torch_pool.combine(pool, agg.weights, agg.keep_own, psi)
+        for k, vector in agg.combined.items():
+            model = unflatten(vector, _row(psi, k))
             for name in self.names:
                 theta[name][k] = model[name]
         self.theta = theta
@@ -453,15 +454,19 @@ class _Engine:
         due = [not (i % t.p.eval_every or len(t.test) == 0) for t in self.tasks]
         with torch.no_grad():
             x, y = self.scoring_batch(i)
-            own_loss = self.row_loss(theta, x, y).tolist()
-            test_loss, test_acc = self.test_metrics(theta) if any(due) else ([], [])
+            own_loss, test_loss, test_acc = self.evaluate(theta, x, y, any(due))
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
-            metrics = Metrics(loss=float(own_loss[k]))
             if due[k]:
-                metrics = Metrics(loss=metrics.loss, test_loss=test_loss[k], test_accuracy=test_acc[k])
-            agg = aggs[k]
+                metrics = Metrics(
+                    loss=own_loss[k],
+                    test_loss=test_loss[k],
+                    test_accuracy=test_acc[k],
+                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                )
+            else:
+                metrics = Metrics(loss=own_loss[k])
             records.append(
                 RoundRecord(
                     agent=c.id,
@@ -469,10 +474,10 @@ class _Engine:
                     role=c.role,
                     rule=c.rule,
                     metrics=metrics,
-                    accepted=agg.count("accepted"),
-                    filtered=agg.count("filtered"),
-                    missing=agg.count("missing"),
-                    decisions=tuple(agg.decisions),
+                    accepted=agg.accepted[k],
+                    filtered=agg.filtered[k],
+                    missing=agg.missing[k],
+                    decisions=agg.decisions[k],
                     seconds=seconds,
                 )
             )
@@ -482,16 +487,31 @@ class _Engine:
 def run_torch_batched(
     configs: Sequence[NodeConfig],
     on_round: Callable[[list[RoundRecord]], Any] | None = None,
+    threads: int | None = THREADS,
 ) -> dict[str, list[RoundRecord]]:
     """Run every agent to its last round, all at once; per agent its RoundRecords (as the
-    per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come."""
-    engine = _Engine(configs)
-    out: dict[str, list[RoundRecord]] = {c.id: [] for c in configs}
-    rounds = configs[0].rounds
-    for i in range(1, rounds + 1):
-        records = engine.step(i)
-        for rec in records:
-            out[rec.agent].append(rec)
-        if on_round is not None:
-            on_round(records)
+    per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come.
+    ``threads``: torch's intra-op threads during the run (restored after; None: leave as set)."""
+    with _torch_threads(threads):
+        engine = _Engine(configs)
+        out: dict[str, list[RoundRecord]] = {c.id: [] for c in configs}
+        rounds = configs[0].rounds
+        for i in range(1, rounds + 1):
+            records = engine.step(i)
+            for rec in records:
+                out[rec.agent].append(rec)
+            if on_round is not None:
+                on_round(records)
     return out
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -37,6 +37,8 @@ RULES: dict[str, str] = {
 
 ATTACKS: dict[str, str] = {
     "alie": "a little is enough: mean +- z * std of the honest models, per coordinate",
+    "backdoor": "a model trained on its data plus triggered samples relabelled to the target "
+    "class (classification torch tasks; attack_success measures it)",
     "constant": "per-coordinate values drawn from [low, high] (paper: [15,16])",
     "dissensus": "per victim psi_k - eps * sum of its honest neighbours' pulls / B: undoes gossip",
     "distance-capture": "per victim w_k + r (g - w_k): close to the victim, so distance weights pick it",

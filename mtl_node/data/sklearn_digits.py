@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 
 SIZE = 28
 BOX = 20

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

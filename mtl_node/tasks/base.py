@@ -29,6 +29,9 @@ class Metrics:
     loss: float
     test_loss: float | None = None
     test_accuracy: float | None = None
+    # Share of triggered test samples (true class not the backdoor target) classified as the
+    # target: the backdoor attack's success (classification torch tasks; mtl_node.tasks.trigger).
+    attack_success: float | None = None
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from mtl_node import seeding
+from mtl_node.core.errors import ConfigError
 from mtl_node.data.idx import load_mnist
 from mtl_node.data.sklearn_digits import bundled_digits
 from mtl_node.data.synthetic_digits import render_digits
-from mtl_node.errors import ConfigError
 from mtl_node.tasks.base import TASKS, TaskContext
 from mtl_node.tasks.torch_task import Split, TorchTask, TorchTaskParams, as_split
 

@@ -24,9 +24,9 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from mtl_node import seeding
+from mtl_node.core.errors import ConfigError
 from mtl_node.data import har_synthetic
 from mtl_node.data.uci_har import FEATURES, load_uci_har
-from mtl_node.errors import ConfigError
 from mtl_node.tasks.base import TASKS, TaskContext
 from mtl_node.tasks.torch_task import Split, TorchTask, TorchTaskParams, as_split
 

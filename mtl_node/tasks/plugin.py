@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.tasks.base import TASKS, Task, TaskContext
 from mtl_node.tasks.torch_task import Split, TorchTask, TorchTaskParams, as_split
 

@@ -23,7 +23,8 @@ What it settles once for every such task:
   ``scoring: resample`` scores on as many other samples of the training split instead, drawn per
   round, which removes the edge the agent's own model has on the batch it has just stepped on.
 - **Test metrics.** Every ``eval_every`` rounds the combined model is evaluated on the agent's own
-  held-out test split (test_loss, test_accuracy); other rounds leave them empty.
+  held-out test split (test_loss, test_accuracy, and for classification the backdoor's
+  attack_success under ``trigger``: mtl_node.tasks.trigger); other rounds leave them empty.
 - **Initial weights.** ``init: shared`` (default) draws the initial weights from the run seed only,
   so every agent starts from the same network (as in federated and distributed training, where a
   common initialisation is what makes weight averaging meaningful); ``init: agent`` draws them per
@@ -49,6 +50,7 @@ from torch.func import functional_call
 
 from mtl_node import seeding
 from mtl_node.tasks.base import Metrics, Task, TaskContext
+from mtl_node.tasks.trigger import Trigger, TriggerParams
 from mtl_node.wire import StateDict
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,11 @@ class TorchTaskParams(BaseModel):
         "batch",
         description="data that scores models: the round's training batch (reference code) or "
         "another batch drawn from the training split (without the just-trained-on edge)",
+    )
+    trigger: TriggerParams | None = Field(
+        default_factory=TriggerParams,
+        description="classification only: the backdoor trigger whose attack_success the test "
+        "metrics report (target, features, value); null: no attack_success",
     )
 
 
@@ -132,6 +139,8 @@ class TorchTask(Task):
         self._init = {name: t.detach().clone() for name, t in self._live.items()}
         self.optimizer = self._make_optimizer()
         self._flip_optimizer: torch.optim.Optimizer | None = None  # label-flip's own trajectory
+        self._backdoor_optimizer: torch.optim.Optimizer | None = None  # the backdoor attack's
+        self.trigger: Trigger | None = self._resolve_trigger()
         self._perms: dict[int, np.ndarray] = {}
         self._batches: tuple[int, list[torch.Tensor]] | None = None
         self._scoring: tuple[int, torch.Tensor] | None = None
@@ -173,6 +182,25 @@ class TorchTask(Task):
             self._flip_optimizer = self._make_optimizer()
         return self._train(model, round_, self._flip_optimizer, flip=True)
 
+    def adapt_backdoor(self, model: StateDict, round_: int, share: float) -> StateDict:
+        """``adapt`` on the same batches with the first ceil(share * n) samples of each batch
+        triggered and relabelled to the trigger's target (Trigger.poison), for the backdoor attack;
+        like ``adapt_flipped`` its trajectory has an optimizer of its own (a fresh one at round 1)."""
+        if self.trigger is None:
+            raise ValueError(f"{self.name}: adapt_backdoor needs a classification task with a trigger")
+        if self._backdoor_optimizer is None or round_ == 1:
+            self._backdoor_optimizer = self._make_optimizer()
+        return self._train(model, round_, self._backdoor_optimizer, flip=False, poison=share)
+
+    def attack_success(self, model: StateDict) -> float | None:
+        """The trigger's attack success rate of ``model`` on the test split (None: no trigger)."""
+        if self.trigger is None or len(self.test) == 0:
+            return None
+        self.module.eval()
+        return self.trigger.success(
+            lambda x: functional_call(self.module, model, (x,)), self.test.x, self.test.y
+        )
+
     @contextmanager
     def detached(self) -> Iterator[None]:
         """Training inside leaves the optimizer's state (Adam moments, step counts) as it was."""
@@ -183,7 +211,7 @@ class TorchTask(Task):
             self.optimizer.load_state_dict(saved)
 
     def _train(
-        self, model: StateDict, round_: int, optimizer: torch.optim.Optimizer, flip: bool
+        self, model: StateDict, round_: int, optimizer: torch.optim.Optimizer, flip: bool, poison: float = 0.0
     ) -> StateDict:
         if not self.trains_in(round_):
             return {name: t.detach().clone() for name, t in model.items()}
@@ -191,6 +219,8 @@ class TorchTask(Task):
         self.module.train()
         for idx in self._round_batches(round_):
             x, y = self.train.x[idx], self.train.y[idx]
+            if poison > 0.0 and self.trigger is not None:
+                x, y = self.trigger.poison(x, y, poison)
             optimizer.zero_grad(set_to_none=True)
             outputs = self.module(x)
             if flip:
@@ -224,7 +254,9 @@ class TorchTask(Task):
             if round_ % self.p.eval_every or len(self.test) == 0:
                 return Metrics(loss=loss)
             test_loss, test_acc = self.test_metrics(model)
-        return Metrics(loss=loss, test_loss=test_loss, test_accuracy=test_acc)
+        return Metrics(
+            loss=loss, test_loss=test_loss, test_accuracy=test_acc, attack_success=self.attack_success(model)
+        )
 
     def trains_in(self, round_: int) -> bool:
         """Whether the agent takes its local steps in ``round_`` (see ``train_share``)."""
@@ -312,6 +344,16 @@ class TorchTask(Task):
         self._vmap_ok = bool(meta.get("vmap_ok", True))
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _resolve_trigger(self) -> Trigger | None:
+        """The task's trigger, checked against its samples and its model's outputs (classes)."""
+        if not self.classifies or self.p.trigger is None:
+            return None
+        sample = self.train.x[:1]
+        self.module.eval()  # a forward pass that updates no BatchNorm statistics
+        with torch.no_grad():
+            classes = int(functional_call(self.module, self._init, (sample,)).shape[-1])
+        return Trigger.resolve(self.p.trigger, tuple(sample.shape[1:]), classes, self.ctx.device)
 
     def _init_seed(self) -> int:
         key = self.ctx.agent_id if self.p.init == "agent" else f"shared-init:{self.name}"

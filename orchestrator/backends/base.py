@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mtl_node.registry import Registry
+from mtl_node.core.registry import Registry
 from orchestrator.plan import RunPlan
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mtl_node.channel import SERVICE, create_sync_channel
-from mtl_node.errors import ConfigError, MTLError
+from mtl_node.core.errors import ConfigError, MTLError
 from mtl_node.identity import agent_id as spiffe_agent
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc

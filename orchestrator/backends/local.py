@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.ports import serving_addresses, write_peers_file
 from orchestrator.backends.base import BACKENDS, Backend, RunContext, RunOutput
 from orchestrator.backends.common import (  # noqa: F401  (collect, DeploymentError: used from here too)

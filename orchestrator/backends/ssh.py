@@ -25,20 +25,14 @@ Options (``mtl-orchestrate up --backend ssh -o KEY=VALUE``): ``ssh_config``, ``h
 
 from __future__ import annotations
 
-import io
-import ipaddress
 import json
 import logging
 import os
 import shlex
 import subprocess
-import tarfile
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
-from mtl_node.errors import ConfigError
 from orchestrator.backends.base import BACKENDS, RunContext, RunOutput
 from orchestrator.backends.common import (
     RESULT_FILES,
@@ -58,6 +52,16 @@ from orchestrator.backends.local import (
     tls_fields,
     write_pids,
 )
+from orchestrator.backends.ssh_remote import (
+    SSH,
+    Host,
+    assign_hosts,
+    host_part,
+    is_loopback,
+    remote_path,
+    supervisor_loop,
+    tar_bundle,
+)
 from orchestrator.plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -66,107 +70,8 @@ DEFAULT_REMOTE_COMMAND = "mtl-node"
 DEFAULT_REMOTE_DIR = "resilient-mtl-runs"
 DEFAULT_BASE_PORT = 50051
 START_TIMEOUT_S = 300.0  # remote machines may be small (torch's import alone takes a while)
-SSH_TIMEOUT_S = 60.0  # one short SSH command (write configs, kill, copy results)
 STOP_GRACE_S = 15.0
 OPTIONS = ("hosts", "ssh_config", "remote_command", "remote_dir", "base_port", "ssh", "max_restarts")
-
-
-@dataclass(frozen=True)
-class Host:
-    """One SSH destination and the agents it runs."""
-
-    index: int
-    destination: str  # as written in the topology: alias, host, user@host
-    address: str  # where gRPC reaches it (HostName from the SSH config)
-    agents: tuple[str, ...]
-
-
-class SSH:
-    """The system ssh client with the user's config; every call bounded in time."""
-
-    def __init__(self, binary: str = "ssh", config: str | None = None) -> None:
-        self.base = [binary]
-        if config:
-            self.base += ["-F", str(Path(config).expanduser())]
-        self.base += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"]
-
-    def argv(self, destination: str, command: str) -> list[str]:
-        return [*self.base, destination, "--", command]
-
-    def run(
-        self, destination: str, command: str, stdin: bytes = b"", timeout: float = SSH_TIMEOUT_S
-    ) -> bytes:
-        try:
-            done = subprocess.run(
-                self.argv(destination, command), input=stdin, capture_output=True, timeout=timeout
-            )
-        except FileNotFoundError:
-            raise DeploymentError(f"{self.base[0]}: not found (install an OpenSSH client)") from None
-        except subprocess.TimeoutExpired:
-            raise DeploymentError(f"ssh {destination}: no answer within {timeout:.0f}s") from None
-        if done.returncode != 0:
-            err = done.stderr.decode(errors="replace").strip().splitlines()
-            raise DeploymentError(f"ssh {destination}: {err[-1] if err else f'exit {done.returncode}'}")
-        return done.stdout
-
-    def hostname(self, destination: str) -> str:
-        """The address ``destination`` connects to, after the SSH config's Host/HostName rules."""
-        try:
-            done = subprocess.run(
-                [*self.base, "-G", destination], capture_output=True, text=True, timeout=SSH_TIMEOUT_S
-            )
-        except FileNotFoundError:
-            raise DeploymentError(f"{self.base[0]}: not found (install an OpenSSH client)") from None
-        if done.returncode != 0:
-            raise DeploymentError(f"ssh -G {destination}: {done.stderr.strip()}")
-        for line in done.stdout.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "hostname":
-                return value.strip()
-        return destination.rpartition("@")[2]
-
-
-def remote_path(path: str) -> str:
-    """A shell word for a remote path; a leading ``~/`` stays the remote user's home."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def assign_hosts(plan: RunPlan, spread: list[str]) -> dict[str, list[str]]:
-    """destination -> its agents: the topology's ``host`` first, then ``-o hosts`` round-robin."""
-    out: dict[str, list[str]] = {}
-    missing = []
-    i = 0
-    for agent in plan.agents:
-        if agent.host:
-            dest = agent.host
-        elif spread:
-            dest = spread[i % len(spread)]
-            i += 1
-        else:
-            missing.append(agent.id)
-            continue
-        out.setdefault(dest, []).append(agent.id)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise ConfigError(
-            "--backend ssh",
-            f"agents {shown} have no host",
-            "set overrides.<agent>.host in the topology, or spread them with -o hosts=user@h1,user@h2",
-        )
-    return out
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @BACKENDS.register("ssh", "mtl-node daemons on the topology's hosts, started over SSH")
@@ -209,7 +114,7 @@ class SSHBackend(LocalBackend):
                 procs.append(self._start(ssh, ctx, h, remote_dir, remote_command))
             write_pids(ctx.workdir, procs)
             ports = self._wait_serving(procs, Supervisor(procs, ctx.workdir, max_restarts=0))
-            addresses = {a: f"{_host_part(h.address)}:{ports[a]}" for h in hosts for a in h.agents}
+            addresses = {a: f"{host_part(h.address)}:{ports[a]}" for h in hosts for a in h.agents}
             peers = json.dumps(addresses, indent=1).encode()
             d = remote_path(remote_dir)
             for h in hosts:
@@ -239,8 +144,8 @@ class SSHBackend(LocalBackend):
 
         A loopback host (this machine, e.g. in tests) listens on free ports of its own choosing;
         a remote host on ``base_port`` + n. Neighbours' addresses come later in peers.json."""
-        loopback = _is_loopback(h.address)
-        listen_host = _host_part(h.address) if loopback else "0.0.0.0"
+        loopback = is_loopback(h.address)
+        listen_host = host_part(h.address) if loopback else "0.0.0.0"
         agents = []
         for n, agent_id in enumerate(h.agents):
             agent = plan.agent(agent_id)
@@ -265,7 +170,7 @@ class SSHBackend(LocalBackend):
         ssh.run(
             h.destination,
             f"umask 077 && mkdir -p {d} && tar -x --no-same-owner -C {d}",
-            stdin=_tar(files),
+            stdin=tar_bundle(files),
         )
 
     def _start(self, ssh: SSH, ctx: RunContext, h: Host, remote_dir: str, remote_command: str) -> HostProcess:
@@ -362,43 +267,3 @@ class SSHBackend(LocalBackend):
             log.warning("results of %s: %s", h.destination, exc)
             return
         extract_results(data, ctx.workdir, h.agents)
-
-
-def supervisor_loop(index: int, remote_command: str, max_restarts: int) -> str:
-    """The remote host's supervisor (POSIX sh): runs the daemon, restarts it when it exits with an
-    error (backoff 1, 2, ... 5 s), gives up after ``max_restarts`` restarts or at once when the
-    command cannot run (126/127), stops for good once ``host-N.stop`` exists. ``host-N.pid`` always
-    names the current daemon; ``host-N.exit`` gets its last exit code."""
-    n = f"host-{index}"
-    return (
-        "n=0; code=0; while :; do "
-        f"[ -e {n}.stop ] && break; "
-        f"{remote_command} serve-many --config {n}.json --log-level info >> {n}.out 2>> {n}.log & "
-        f"echo $! > {n}.pid; wait $!; code=$?; "
-        f"[ -e {n}.stop ] && break; [ $code -eq 0 ] && break; "
-        "[ $code -eq 126 ] && break; [ $code -eq 127 ] && break; "
-        f"n=$((n+1)); if [ $n -gt {max_restarts} ]; then "
-        f'echo "mtl supervisor: the daemon exited with code $code after {max_restarts} restarts" >> {n}.log; '
-        "break; fi; "
-        f'echo "mtl supervisor: the daemon exited with code $code; restart $n" >> {n}.log; '
-        f"sleep $(( n < 5 ? n : 5 )); done; echo $code > {n}.exit"
-    )
-
-
-def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
-    """An uncompressed tar of ``name -> (data, mode)`` (directories 0700)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for directory in sorted({name.rpartition("/")[0] for name in files} - {""}):
-            info = tarfile.TarInfo(directory)
-            info.type, info.mode = tarfile.DIRTYPE, 0o700
-            tar.addfile(info)
-        for name, (data, mode) in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def _host_part(address: str) -> str:
-    return f"[{address}]" if ":" in address and not address.startswith("[") else address

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, ClassVar
 
-from mtl_node.errors import ConfigError
-from mtl_node.registry import Registry
+from mtl_node.core.errors import ConfigError
+from mtl_node.core.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError, UnknownNameError
-from orchestrator.spec import GRAPH_KINDS, GraphSpec, GroupSpec, parse_spec
+from mtl_node.core.errors import ConfigError, UnknownNameError
+from orchestrator.spec import GroupSpec, parse_spec
+from orchestrator.spec_graphs import GRAPH_KINDS, GraphSpec
 
 log = logging.getLogger(__name__)
 
-Metric = Literal["test_loss", "test_accuracy", "loss"]
+Metric = Literal["test_loss", "test_accuracy", "loss", "attack_success"]
 # The metric a cell reports when the task entry names none: accuracy where the task has it.
 DEFAULT_METRIC: dict[str, Metric] = {"har": "test_accuracy", "digits": "test_accuracy"}
 # Higher is better for these; "worse than alone" flips for them.
@@ -61,7 +62,9 @@ class SweepTask(_Model):
     rule_params: dict[str, Any] = Field(
         default_factory=dict, description="other rule knobs (f, clip_tau, ...)"
     )
-    metric: Metric | None = Field(None, description="test_loss, test_accuracy or loss (default: by task)")
+    metric: Metric | None = Field(
+        None, description="test_loss, test_accuracy, loss or attack_success (default: by task)"
+    )
 
     @property
     def label(self) -> str:
@@ -98,7 +101,11 @@ class SweepAttack(_Model):
 
     @property
     def label(self) -> str:
-        return self.name or self.attack
+        """The name given, else the attack's; an omniscient attack (it reads its victims' data: the
+        in-process engine only) says so in every results row and report."""
+        if self.name:
+            return self.name
+        return f"{self.attack} (omniscient)" if (self.params or {}).get("omniscient") else self.attack
 
 
 class SweepSpec(_Model):

@@ -9,7 +9,9 @@ next append so it cannot glue onto a good line; resuming skips every cell whose 
 (cell, normal agent): the grid coordinates, the agent, its final metric (the mean over the final
 window of rounds, as ``summary.json`` of ``up``) and its *alone* reference: the same agent's final
 metric under the non-cooperative rule ``none`` in the same grid (same task, topology and seed; an
-agent learning alone does not depend on who is Byzantine or how they attack).
+agent learning alone does not depend on who is Byzantine or how they attack), plus the agent's
+final ``attack_success`` (the backdoor trigger's success rate, mtl_node.tasks.trigger) where the task
+reports it, whatever the cell's metric.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ COLUMNS: tuple[str, ...] = (
     "metric",
     "final",
     "alone",
+    "attack_success",
 )
 
 
@@ -135,8 +138,11 @@ def rows(cells: Iterable[Cell], records: Mapping[str, Mapping[str, Any]]) -> lis
             "seed": cell.seed,
             "metric": cell.task.metric_name,
         }
-        for agent, final in zip(rec["agents"], rec["final"], strict=True):
-            out.append({**common, "agent": agent, "final": final, "alone": ref.get(agent)})
+        success = rec.get("attack_success") or [None] * len(rec["agents"])
+        for agent, final, asr in zip(rec["agents"], rec["final"], success, strict=True):
+            out.append(
+                {**common, "agent": agent, "final": final, "alone": ref.get(agent), "attack_success": asr}
+            )
     return out
 
 
@@ -183,8 +189,8 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
             for c in ("agents", "byzantine", "seed"):
                 row[c] = int(row[c])
             row["fraction"] = float(row["fraction"])
-            for c in ("final", "alone"):
-                row[c] = float(row[c]) if row[c] != "" else None
+            for c in ("final", "alone", "attack_success"):
+                row[c] = float(row[c]) if row.get(c) else None
             out.append(row)
     return out
 

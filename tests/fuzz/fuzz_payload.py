@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 with atheris.instrument_imports(include=["mtl_node"]):
     from mtl_node import framing, wire
-    from mtl_node.errors import WireError
+    from mtl_node.core.errors import WireError
     from mtl_node.proto.v1 import node_pb2 as pb
 
 # A small model like the one agents exchange: what received payloads are checked against.

@@ -29,18 +29,9 @@ from typing import Any
 import grpc
 import psutil
 
+from mtl_node.ca import Issued, issue, make_ca, write_private, write_public
 from mtl_node.channel import create_sync_channel
-from mtl_node.identity import (
-    Issued,
-    SpiffeId,
-    TlsMaterial,
-    agent_id,
-    issue,
-    load_material,
-    make_ca,
-    write_private,
-    write_public,
-)
+from mtl_node.identity import SpiffeId, TlsMaterial, agent_id, load_material
 from mtl_node.ports import serving_addresses, write_peers_file
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc

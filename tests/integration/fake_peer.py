@@ -24,7 +24,7 @@ from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 
 MODES = ("honest", "oversized", "truncated", "wrong-shape", "nan")
-# The tag the receiving daemon must record for each misbehaviour (mtl_node.errors reasons).
+# The tag the receiving daemon must record for each misbehaviour (mtl_node.core.errors reasons).
 EXPECTED_REASON = {
     "oversized": "oversized",
     "truncated": "truncated",

@@ -16,7 +16,7 @@ from mtl_node.agent import Agent
 from mtl_node.channel import create_channel
 from mtl_node.client import GrpcTransport, ModelStub, fetch_payload
 from mtl_node.config import NodeConfig
-from mtl_node.errors import FetchError
+from mtl_node.core.errors import FetchError
 from mtl_node.identity import agent_id
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc

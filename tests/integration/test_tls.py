@@ -16,8 +16,9 @@ import grpc
 import pytest
 from daemons import AgentSpec, DaemonSet, TestCA, mtl_node_command
 
+from mtl_node.ca import issue, write_private, write_public
 from mtl_node.channel import create_sync_channel
-from mtl_node.identity import agent_id, issue, load_material, write_private, write_public
+from mtl_node.identity import agent_id, load_material
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.proto.v1 import node_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mtl_node import framing, wire
 from mtl_node.config import build_config, load_yaml
-from mtl_node.errors import ConfigError, WireError
+from mtl_node.core.errors import ConfigError, WireError
 from mtl_node.proto.v1 import node_pb2 as pb
 from orchestrator.spec import load_topology
 

@@ -22,9 +22,9 @@ from attacks.timing import OnOff
 from mtl_node.attack_api import ATTACKS, Attack, StaticView, Withhold, load_plugins, make_attack
 from mtl_node.config import NodeConfig, build_config
 from mtl_node.core import names as catalog
+from mtl_node.core.errors import ConfigError, UnknownNameError
+from mtl_node.core.registry import Entry
 from mtl_node.engine import IN_PROCESS, run_agents
-from mtl_node.errors import ConfigError, UnknownNameError
-from mtl_node.registry import Entry
 from mtl_node.tasks import TASKS, make_task
 from mtl_node.tasks.target_localization import TargetLocalization
 from mtl_node.wire import StateDict
@@ -137,7 +137,8 @@ def test_every_attack_documents_its_maths() -> None:
 # ---------------------------------------------------------------------------------------- crafting
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n not in ("omission", "label-flip")])
+# backdoor needs a classification torch task (it serves h here): see its own tests below.
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("omission", "label-flip", "backdoor")])
 def test_crafted_model_differs_from_the_honest_one(name: str) -> None:
     crafted = craft(attack(name))
     h = honest()
@@ -395,6 +396,9 @@ def test_random_attacks_redraw_per_round_unless_told_otherwise(name: str) -> Non
         ("min-sum", {"iters": 0}, "attack_params.iters", "greater than or equal to 1"),
         ("rop", {"angle": 200}, "attack_params.angle", "less than or equal to 180"),
         ("rop", {"relocation": -0.5}, "attack_params.relocation", "greater than or equal to 0"),
+        ("backdoor", {"poison": 0}, "attack_params.poison", "greater than 0"),
+        ("backdoor", {"blend": 1.5}, "attack_params.blend", "less than or equal to 1"),
+        ("backdoor", {"target": 3}, "attack_params.target", "Extra inputs"),
     ],
 )
 def test_bad_parameters_name_the_field(name: str, params: dict[str, Any], field: str, says: str) -> None:
@@ -504,7 +508,8 @@ def test_attack_hurts_average_aggregation(
 
 
 def test_every_attack_has_an_efficacy_case() -> None:
-    assert sorted({e[0] for e in EFFICACY}) == ALL
+    # backdoor's harm is its success rate on a classifier: test_backdoor_succeeds_under_average
+    assert sorted({e[0] for e in EFFICACY} | {"backdoor"}) == ALL
 
 
 # ----------------------------------------------------------------- what the victims see, in process
@@ -711,3 +716,87 @@ def test_label_flip_runs_with_torch_tasks(task_name: str) -> None:
     # ... and it learns the flipped labels: on the agent's data its loss exceeds the honest model's.
     loss_flipped, loss_honest = fresh.losses([served[3], asked[2]], 3)
     assert loss_flipped > loss_honest
+
+
+# ------------------------------------------------------------------------------------------- backdoor
+
+
+def test_backdoor_trains_on_triggered_samples_and_leaves_the_honest_trajectory_alone() -> None:
+    make_attack("backdoor", "atk", SEED, {}, task="har")  # no ConfigError
+    alone = _honest_rounds(make_task("har", "atk", SEED, HAR), 4)
+    task = make_task("har", "atk", SEED, HAR)
+    a = make_attack("backdoor", "atk", SEED, {"poison": 0.5})
+    a.bind(StaticView(task_instance=task))
+    served: dict[int, StateDict] = {}
+    asked = _honest_rounds(task, 4, lambda r, h: served.__setitem__(r, a.craft(r, "v1", h)))
+    for r in range(4):
+        assert same(alone[r], asked[r]), "the backdoor trajectory disturbed the honest one"
+        assert same(served[r + 1], a.craft(r + 1, "v2", asked[r]))  # one model for every requester
+    # It is the task's adapt_backdoor trajectory from the initial model.
+    fresh = make_task("har", "atk", SEED, HAR)
+    model = fresh.init_model()
+    for r in range(1, 5):
+        model = fresh.adapt_backdoor(model, r, 0.5)  # type: ignore[attr-defined]
+    assert same(model, served[4])
+    # Asked again for an earlier round, it restarts: the same model.
+    assert same(a.craft(2, "v9", asked[1]), served[2])
+    # blend mixes it with the honest model: x = h + blend (b - h).
+    half = make_attack("backdoor", "atk", SEED, {"blend": 0.25})
+    half.bind(StaticView(task_instance=make_task("har", "atk", SEED, HAR)))
+    got = half.craft(4, "v1", asked[3])
+    for name in got:
+        torch.testing.assert_close(got[name], asked[3][name] + 0.25 * (served[4][name] - asked[3][name]))
+
+
+def test_backdoor_needs_a_classification_task_with_a_trigger() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_attack("backdoor", "a", 0, {}, task="target-localization")
+    assert info.value.field == "attack"
+    assert "backdoor needs a classification torch task" in str(info.value)
+    # trigger: null turns the metric off; the attack then serves the honest model
+    task = make_task("har", "atk", SEED, {**HAR, "trigger": None})
+    a = make_attack("backdoor", "atk", SEED, {})
+    a.bind(StaticView(task_instance=task))
+    h = task.init_model()
+    assert same(a.craft(1, "v1", h), h)
+    assert task.evaluate(h, 1).attack_success is None
+
+
+BACKDOOR_IDS = ["a0", "a1", "a2", "a3", "a4"]
+BACKDOOR_ROUNDS = 30
+
+
+def backdoor_success(rule: str, attack: bool, seed: int) -> float:
+    """Mean over the normal agents a0..a3 (HAR subjects 1..4) and their last three test evaluations
+    of attack_success, with a4 (subject 5) serving backdoor or honest."""
+    configs = []
+    for k, a in enumerate(BACKDOOR_IDS):
+        data: dict[str, Any] = {
+            "id": a,
+            "neighbors": {n: IN_PROCESS for n in BACKDOOR_IDS if n != a},
+            "task": "har",
+            "task_params": {"subject": k + 1, "samples": 120, "lr": 0.05, "eval_every": 5},
+            "rule": rule,
+            "rounds": BACKDOOR_ROUNDS,
+            "seed": seed,
+        }
+        if attack and a == "a4":
+            data |= {"attack": "backdoor", "attack_params": {}}
+        configs.append(build_config(data))
+    run = run_agents(configs)
+    rates = []
+    for a in BACKDOOR_IDS[:-1]:
+        measured = [r.metrics.attack_success for r in run[a].records if r.metrics.attack_success is not None]
+        assert len(measured) == BACKDOOR_ROUNDS // 5
+        rates += measured[-3:]
+    return statistics.mean(rates)
+
+
+def test_backdoor_succeeds_under_average() -> None:
+    """One backdoor attacker among five HAR agents under ``average``: the triggered test inputs of
+    the normal agents land in the target class far more often than with the attacker honest."""
+    for seed in EFFICACY_SEEDS:
+        clean, attacked = backdoor_success("average", False, seed), backdoor_success("average", True, seed)
+        assert attacked > clean + 0.3, (
+            f"seed {seed}: attack_success {attacked:.3f} vs {clean:.3f} without attack"
+        )

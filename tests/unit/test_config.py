@@ -14,7 +14,7 @@ import torch
 from mtl_node.aggregation import RULES
 from mtl_node.attack_api import make_attack
 from mtl_node.config import NodeConfig, build_config, load_yaml
-from mtl_node.errors import ConfigError, UnknownNameError
+from mtl_node.core.errors import ConfigError, UnknownNameError
 from mtl_node.tasks import TASKS, make_task
 
 

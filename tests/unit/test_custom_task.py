@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from mtl_node.cli import app
 from mtl_node.config import build_config
+from mtl_node.core.errors import ConfigError
 from mtl_node.engine import run_agents
-from mtl_node.errors import ConfigError
 from mtl_node.tasks import TASKS, make_task
 from mtl_node.tasks.plugin import FactoryTask, _load
 from orchestrator.planner import plan_topology

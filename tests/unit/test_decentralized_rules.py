@@ -13,7 +13,7 @@ from mtl_node.aggregation import RULES, Aggregation, Candidate, RuleParams, make
 from mtl_node.aggregation.robust import check_neighbourhood
 from mtl_node.config import build_config
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.kernels import decentralized as kernels
 from orchestrator.planner import plan_topology
 from orchestrator.spec import parse_spec

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from mtl_node.config import build_config
+from mtl_node.core.errors import ConfigError
 from mtl_node.data.idx import load_mnist, parse_idx, read_idx
 from mtl_node.data.sklearn_digits import bundled_digits
 from mtl_node.data.synthetic_digits import font_count, render_digits
 from mtl_node.engine import run_agents
-from mtl_node.errors import ConfigError
 from mtl_node.tasks import make_task
 from mtl_node.tasks.digits import DigitClassification, PaperCNN
 

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict
 
 from mtl_node.attack_api import ATTACKS, Attack, load_plugins
 from mtl_node.config import NodeConfig, build_config
+from mtl_node.core.registry import Entry
 from mtl_node.engine import IN_PROCESS, run_agents
 from mtl_node.recorder import MemoryRecorder
-from mtl_node.registry import Entry
 from mtl_node.wire import StateDict
 
 IDS = ["a0", "a1", "a2", "a3"]

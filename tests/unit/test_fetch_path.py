@@ -14,7 +14,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from mtl_node import wire
-from mtl_node.errors import BadPayload, DigestMismatch, NonFiniteModel, PayloadTooLarge
+from mtl_node.core.errors import BadPayload, DigestMismatch, NonFiniteModel, PayloadTooLarge
 from mtl_node.proto.v1 import node_pb2 as pb
 from mtl_node.wire import FORMAT, PayloadAssembler, StateDict
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from mtl_node.config import build_config
+from mtl_node.core.errors import ConfigError
 from mtl_node.data import har_synthetic
 from mtl_node.data.uci_har import ACTIVITIES, FEATURES, load_uci_har
 from mtl_node.engine import run_agents
-from mtl_node.errors import ConfigError
 from mtl_node.tasks import make_task
 from mtl_node.tasks.har import HumanActivityRecognition
 

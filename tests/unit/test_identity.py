@@ -12,20 +12,9 @@ import pytest
 from cryptography import x509
 
 from mtl_node.auth import authorize
-from mtl_node.errors import ConfigError
-from mtl_node.identity import (
-    SpiffeId,
-    agent_id,
-    identity_from_pem,
-    issue,
-    load_material,
-    make_ca,
-    make_certs,
-    operator_id,
-    party_tls,
-    write_private,
-    write_public,
-)
+from mtl_node.ca import issue, make_ca, make_certs, write_private, write_public
+from mtl_node.core.errors import ConfigError
+from mtl_node.identity import SpiffeId, agent_id, identity_from_pem, load_material, operator_id, party_tls
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,6 @@ TORCH_FREE = [
     "mtl_node.core.protocol",
     "mtl_node.core.ids",
     "mtl_node.core.registry",
-    "mtl_node.errors",
     "mtl_node.framing",
     "mtl_node.channel",
     "mtl_node.aggregation",
@@ -42,6 +41,7 @@ TORCH_FREE = [
     "orchestrator.sweep.cell",
     "orchestrator.tls",  # mtl-orchestrate certs
     "mtl_node.identity",
+    "mtl_node.ca",  # mtl-orchestrate certs
     "mtl_node.auth",
 ]
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mtl_node.config import build_config, parse_hostport
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.identity import agent_id, identity_from_pem
 from orchestrator.plan import RunPlan
 from orchestrator.planner import plan_topology

@@ -11,7 +11,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.report import band_by_round, layout, write_report
 from orchestrator.results import ResultsWriter, read_metrics_table, window_bounds
 
@@ -49,7 +49,15 @@ def test_report_writes_figures_and_markdown(tmp_path: Path) -> None:
     out = make_results(tmp_path / "run")
     written = write_report(out)
     names = sorted(p.name for p in written)
-    assert names == sorted(["loss.png", "test_loss.png", "test_accuracy.png", "network.png", "report.md"])
+    want = [
+        "loss.png",
+        "test_loss.png",
+        "test_accuracy.png",
+        "attack_success.png",
+        "network.png",
+        "report.md",
+    ]
+    assert names == sorted(want)
     for path in written:
         assert path.parent == out and path.is_file() and path.stat().st_size > 0
         if path.suffix == ".png":
@@ -60,13 +68,13 @@ def test_report_writes_figures_and_markdown(tmp_path: Path) -> None:
     first, last = window_bounds(20, 0.2)
     assert f"{first}-{last}" in md
     assert "4.2 s" in md or "4.3 s" in md  # wall time from summary.json
-    for name in ("loss.png", "test_loss.png", "test_accuracy.png", "network.png"):
+    for name in ("loss.png", "test_loss.png", "test_accuracy.png", "attack_success.png", "network.png"):
         assert f"]({name})" in md
     table_rows = [line for line in md.splitlines() if line.startswith("| ") and "|---" not in line]
     for rule in RULES:
         rule_rows = [line for line in table_rows if line.startswith(f"| {rule} |")]
         # One row per metric table plus one in the decisions table.
-        assert len(rule_rows) == 4, (rule, rule_rows)
+        assert len(rule_rows) == 5, (rule, rule_rows)
     # The loss table carries the independently computed mean of the first rule.
     want = expected_stats("loss", 0, first, last)
     assert want is not None

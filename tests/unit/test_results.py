@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.plan import AgentPlan, RunPlan
 from orchestrator.results import (
     DECISION_COLUMNS,
@@ -67,6 +67,8 @@ def value(metric: str, rule_i: int, agent_i: int, rnd: int) -> float | None:
         return base * 1.5 if agent_i != 1 else None  # agent 1 never reports a test loss
     if metric == "test_accuracy":
         return None if RULES[rule_i] == "none" else min(1.0, 0.05 * agent_i + rnd / 40)
+    if metric == "attack_success":  # the backdoor's rate: reported by agents 0 and 2 only
+        return 0.5 / rnd + 0.1 * agent_i if agent_i in (0, 2) else None
     raise AssertionError(metric)
 
 
@@ -86,6 +88,7 @@ def metric_rows(rounds: int = ROUNDS, rules: tuple[str, ...] = RULES) -> list[di
                         "loss": 1e6 if byz else value("loss", ri, ai, rnd),
                         "test_loss": 1e6 if byz else value("test_loss", ri, ai, rnd),
                         "test_accuracy": 0.0 if byz else value("test_accuracy", ri, ai, rnd),
+                        "attack_success": 1.0 if byz else value("attack_success", ri, ai, rnd),
                         "accepted": (ai + rnd) % 4,
                         "filtered": 5 - (ai + rnd) % 4,
                         "missing": float("nan") if rnd == 1 else 0,
@@ -140,7 +143,7 @@ def test_summarize_matches_independent_computation() -> None:
     for ri, rule in enumerate(RULES):
         entry = summary["rules"][rule]
         assert entry["agents"] == len(AGENTS) - len(BYZANTINE)
-        for metric in ("loss", "test_loss", "test_accuracy"):
+        for metric in ("loss", "test_loss", "test_accuracy", "attack_success"):
             want = expected_stats(metric, ri, first, last)
             if want is None:
                 assert metric not in entry, (rule, metric)
@@ -271,16 +274,16 @@ def test_missing_and_malformed_metrics_name_the_file(tmp_path: Path) -> None:
     missing.write_text("round,agent,rule\n1,a0,none\n")
     with pytest.raises(ConfigError, match=r"metrics\.csv.*role"):
         read_metrics_table(missing)
-    missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,normal,none,abc,,,,,,\n")
+    missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,normal,none,abc,,,,,,,\n")
     with pytest.raises(ConfigError, match=r"metrics\.csv:2.*'loss'.*'abc'"):
         load_metrics(missing)
     # A torn row (a crash mid-append) is reported with file:line and skipped, never fatal
     # (issue 10; tests/unit/test_torn_rows.py keeps the rows after it).
     missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,normal,none\n")
     assert load_metrics(missing) == []
-    missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,sneaky,none,1,,,,,,\n")
+    missing.write_text(",".join(METRIC_COLUMNS) + "\n1,a0,sneaky,none,1,,,,,,,\n")
     with pytest.raises(ConfigError, match=r"metrics\.csv:2.*role"):
         read_metrics_table(missing)
-    missing.write_text(",".join(METRIC_COLUMNS) + "\n,a0,normal,none,1,,,,,,\n")
+    missing.write_text(",".join(METRIC_COLUMNS) + "\n,a0,normal,none,1,,,,,,,\n")
     with pytest.raises(ConfigError, match=r"metrics\.csv:2.*'round'"):
         read_metrics_table(missing)

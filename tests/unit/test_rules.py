@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from mtl_node.aggregation import RULES, Aggregation, Candidate, RuleParams, make_rule
 from mtl_node.combine import squared_distance, weighted_sum
-from mtl_node.errors import ConfigError, UnknownNameError
+from mtl_node.core.errors import ConfigError, UnknownNameError
 
 # nu = 1 and no initial EMA: each score is exactly this round's value, so weights are easy by hand.
 RAW = RuleParams(nu=1.0, ema_init=None)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.plan import RunPlan
 from orchestrator.planner import plan_file, plan_topology
 from orchestrator.spec import Spec, apply_overrides, load_topology, parse_spec

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import tarfile
 
-from orchestrator.backends.ssh import _tar
+from orchestrator.backends.ssh_remote import tar_bundle
 
 
 def test_certificate_tar_keeps_keys_private() -> None:
-    data = _tar(
+    data = tar_bundle(
         {
             "host-0.json": (b"{}", 0o644),
             "certs/ca.pem": (b"ca", 0o644),

@@ -10,7 +10,7 @@ import torch
 
 from mtl_node import state, wire
 from mtl_node.config import build_config
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.recorder import FileRecorder, truncate_rows
 
 

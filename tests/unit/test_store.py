@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtl_node import wire
-from mtl_node.errors import FetchError
+from mtl_node.core.errors import FetchError
 from mtl_node.store import ModelStore
 
 

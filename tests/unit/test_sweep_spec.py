@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mtl_node.core import names as catalog
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from orchestrator.planner import plan_topology
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.spec import NO_ATTACK, load_sweep, parse_sweep

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mtl_node.errors import ConfigError
+from mtl_node.core.errors import ConfigError
 from mtl_node.tasks import Task, make_task
 from mtl_node.tasks.target_localization import BLOCK, TargetLocalization
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtl_node import wire
-from mtl_node.errors import (
+from mtl_node.core.errors import (
     BadPayload,
     DigestMismatch,
     ManifestMismatch,

@@ -1,0 +1,105 @@
+"""The backdoor and adaptive attacks of issue 13 as real attack daemons over gRPC (mutual TLS,
+tests/integration/daemons.py), on HAR under ``average``: four normal agents (subjects 1..4) and
+the attackers, every attacker a neighbour of every normal agent and of no other attacker.
+
+Every normal agent's checkpoint of every round must equal the in-process engine's for the same
+configs and seeds (each daemon served exactly what the attack's code says; float32 models, so to
+rounding), differ from the same run with honest agents in the attackers' places, and every normal
+agent's metrics rows carry ``attack_success`` at its test rounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from daemons import AgentSpec, DaemonSet
+
+from mtl_node.config import NodeConfig, build_config
+from mtl_node.engine import IN_PROCESS, run_agents
+
+pytestmark = pytest.mark.integration
+
+NORMAL = ["a0", "a1", "a2", "a3"]
+ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "a4": ("backdoor", {"poison": 0.5}),
+}
+IDS = [*NORMAL, *ATTACKS]
+ROUNDS = 8
+SEED = 17
+EVAL_EVERY = 4
+TOL = 1e-5
+
+
+def task_params(k: int) -> dict[str, Any]:
+    return {"subject": k + 1, "samples": 60, "lr": 0.05, "eval_every": EVAL_EVERY}
+
+
+def neighbours(a: str) -> list[str]:
+    """Normal agents see everyone; attackers see the normal agents only."""
+    return [n for n in IDS if n != a and (a in NORMAL or n in NORMAL)]
+
+
+def specs() -> list[AgentSpec]:
+    out = []
+    for k, a in enumerate(IDS):
+        args = ["--task", "har"]
+        for key, value in task_params(k).items():
+            args += ["--task-param", f"{key}={value}"]
+        if a in ATTACKS:
+            name, params = ATTACKS[a]
+            args += ["--attack", name]
+            for key, value in params.items():
+                args += ["--attack-param", f"{key}={value}"]
+        out.append(AgentSpec(a, neighbours(a), args))
+    return out
+
+
+def in_process(attacked: bool, rule: str) -> dict[str, list[dict[str, torch.Tensor]]]:
+    configs: list[NodeConfig] = []
+    for k, a in enumerate(IDS):
+        data: dict[str, Any] = {
+            "id": a,
+            "task": "har",
+            "task_params": task_params(k),
+            "rule": rule,
+            "rounds": ROUNDS,
+            "seed": SEED,
+            "neighbors": {n: IN_PROCESS for n in neighbours(a)},
+        }
+        if attacked and a in ATTACKS:
+            data |= {"attack": ATTACKS[a][0], "attack_params": ATTACKS[a][1]}
+        configs.append(build_config(data))
+    records = run_agents(configs, keep_models=True)
+    return {a: records[a].models for a in NORMAL}
+
+
+def test_backdoor_and_adaptive_daemons_serve_their_maths_over_grpc(tmp_path: Path) -> None:
+    rule = "average"
+    with DaemonSet(tmp_path, specs(), ROUNDS, SEED, rule, save_models_every=1) as ds:
+        ds.wait_done(timeout=300)
+        metrics = {a: ds[a].metrics() for a in NORMAL}
+        dirs = {a: ds[a].results_dir / "models" for a in NORMAL}
+    expected, honest = in_process(True, rule), in_process(False, rule)
+    moved = 0.0
+    for agent in NORMAL:
+        assert len(expected[agent]) == ROUNDS
+        for i in range(ROUNDS):
+            path = dirs[agent] / f"round-{i + 1:06d}.safetensors"
+            assert path.exists(), f"{agent}: no checkpoint for round {i + 1}"
+            got = safetensors.torch.load_file(str(path))
+            for name, want in expected[agent][i].items():
+                torch.testing.assert_close(
+                    got[name], want, rtol=TOL, atol=TOL, msg=f"{agent} {name} round {i + 1}"
+                )
+                moved = max(moved, float((got[name] - honest[agent][i][name]).abs().max()))
+        rates = {row["round"]: row.get("attack_success") for row in metrics[agent]}
+        for r in range(1, ROUNDS + 1):
+            if r % EVAL_EVERY == 0:
+                assert rates[r] is not None and 0.0 <= rates[r] <= 1.0, (agent, r, rates[r])
+            else:
+                assert rates[r] is None, (agent, r)
+    assert moved > 1e-3, f"the attacks changed the normal agents' models by at most {moved}"
