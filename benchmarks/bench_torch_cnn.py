@@ -4,8 +4,9 @@ Two measurements (docs/performance.md, "digits and custom tasks on the torch bat
 
 - ``layouts``: process CPU time of scoring the paper's CNN (mtl_node.tasks.digits.PaperCNN) on 32
   images for each of 10 receivers x 10 models, the ways an engine can: vmapped over (rows, slots)
-  (grouped convolutions), 100 separate calls, 10 calls of 320 images (one per model), and the same
-  with channels-last weights (what mtl_node/batched/torch_model.py does);
+  (grouped convolutions), 100 separate calls, 10 calls of 320 images (one per model), each of the
+  last two also with channels-last weights (10 calls, channels-last: what
+  mtl_node/batched/torch_model.py does);
 - ``engines``: each rule of a spec (default examples/digits-2byz.yaml, first ``--rounds`` rounds) on
   the per-agent engine and the torch batched engine in this process, wall and process CPU time (the
   per-agent engine runs an agent's CNN calls in worker threads, so CPU time is the fairer measure on a
@@ -95,6 +96,11 @@ def layouts() -> dict[str, float]:
             ),
             "100 calls of 32 images": cpu(
                 lambda: [loss_of(model(r * slots + s), x[r], y[r]) for r in range(rows) for s in range(slots)]
+            ),
+            "100 calls of 32 images, channels-last": cpu(
+                lambda: [
+                    loss_of(model(r * slots + s, True), x[r], y[r]) for r in range(rows) for s in range(slots)
+                ]
             ),
             "10 calls of 320 images": cpu(lambda: per_model(False)),
             "10 calls of 320 images, channels-last": cpu(lambda: per_model(True)),

@@ -172,6 +172,7 @@ def render_task(name: str, spec: SweepSpec, rows: list[dict[str, Any]], run: dic
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _defeats(rules, attacks, fractions, mean, rows, task.label, metric)
+    lines += per_topology(spec, rows)
     images = sorted(IMG.glob(f"frontier-{name}-*.png"))
     lines += [f"![{p.stem}](img/{p.name})" for p in images] + [""]
     return lines
@@ -204,7 +205,43 @@ def _defeats(
             for k, a in enumerate(attacks):
                 if _defeated(mean[i, j, k], alone_mean(rows, task, (f, rule, a)), metric):
                     lost.append("no attack" if a == NO_ATTACK else f"{a} {f:.0%}")
-        lines.append(f"- `{rule}`: {', '.join(lost) if lost else 'none'}")
+        everywhere = len(lost) == int(np.sum(~np.isnan(mean[:, j, :])))
+        text = "every cell, without attack too" if lost and everywhere else ", ".join(lost) or "none"
+        lines.append(f"- `{rule}`: {text}")
+    return [*lines, ""]
+
+
+def per_topology(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
+    """Rule x topology: the mean final metric without attack, and the worst (attack, fraction)."""
+    (task,) = spec.tasks
+    metric = task.metric_name
+    topologies = [t.label for t in spec.topologies]
+    if len(topologies) < 2:
+        return []
+    lines = [
+        "Per topology: the normal agents' mean final metric without attack / under the worst attack "
+        "and fraction [that attack, fraction]; alone: rule `none`.",
+        "",
+        "| rule | " + " | ".join(topologies) + " |",
+        "|---|" + "---|" * len(topologies),
+    ]
+    for rule in spec.rules:
+        cells = []
+        for topo in topologies:
+            groups: dict[tuple[float, str], list[float]] = {}
+            for r in rows:
+                if r["rule"] == rule and r["topology"] == topo:
+                    v = math.inf if r["final"] is None else r["final"]
+                    groups.setdefault((r["fraction"], r["attack"]), []).append(v)
+            means = {k: float(np.mean(v)) for k, v in groups.items()}
+            base = means.get((0.0, NO_ATTACK), math.nan)
+            attacked = {k: v for k, v in means.items() if k[0] > 0}
+            if not attacked:
+                cells.append(fmt(base, metric))
+                continue
+            worst = max(attacked, key=lambda k: error(attacked[k], metric))
+            cells.append(f"{fmt(base, metric)} / {fmt(attacked[worst], metric)} [{worst[1]}, {worst[0]:.0%}]")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -126,7 +126,9 @@ class LossFilteredClipped(LossFiltered):
             if d.agent_id in dropped:
                 decisions.append(replace(d, decision="filtered", weight=0.0, reason=reasons.PULL_NOT_FINITE))
             elif flags.get(d.agent_id):
-                decisions.append(replace(d, weight=weights[d.agent_id], reason=reasons.pull_clipped(tau)))
+                # tau 0 (an agent whose own data have not moved it yet) clips a pull to nothing.
+                w = weights.get(d.agent_id, 0.0)
+                decisions.append(replace(d, weight=w, reason=reasons.pull_clipped(tau)))
             else:
                 decisions.append(replace(d, weight=weights.get(d.agent_id, 0.0)))
         return Aggregation(weights, decisions, combined=out.combined[0])

@@ -2,9 +2,9 @@
 
 Every agent's model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
 
-- **local steps** for every training agent on its own batch, drawn by its own task object
-  (``TorchTask._round_batches``, ``trains_in``: the per-agent engine's sampling, ``train_share``
-  and ``scoring: resample`` draws): gradients from mtl_node.batched.torch_model (vmapped, or the
+- **local steps** for every training agent on its own batch, from its own task's draws
+  (mtl_node.batched.torch_draws lays out the task's epoch permutations; ``trains_in`` and
+  ``scoring: resample`` are the task's own): gradients from mtl_node.batched.torch_model (vmapped, or the
   agent's own forward/backward for convolutional models), then each agent's own SGD or Adam step
   (mtl_node.batched.torch_optim: per-row moments and step counts);
 - **exchange** (mtl_node.batched.torch_pool): a pool of the round's distinct models, Byzantine
@@ -48,6 +48,7 @@ import torch
 from mtl_node import wire
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.batched import torch_pool
+from mtl_node.batched.torch_draws import Draws
 from mtl_node.batched.torch_model import BatchedModel
 from mtl_node.batched.torch_model import Unbatchable as Unbatchable  # what the callers catch
 from mtl_node.batched.torch_optim import RowOptimizers
@@ -199,11 +200,13 @@ class _Engine:
         self.loss_rows = _rows(self.rules.needs_loss)
         self.dist_rows = _rows(self.rules.needs_distance)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
+        self.resample = [k for k, t in enumerate(self.tasks) if t.p.scoring == "resample"]
 
     # -- one round ---------------------------------------------------------------------------------
 
     def adapt(self, i: int) -> Stacked:
-        batches = [t._round_batches(i) for t in self.tasks]
+        batches = self.draws.batches(i)
         rows = [k for k, t in enumerate(self.tasks) if t.trains_in(i)]
         psi = {name: t.clone() for name, t in self.theta.items()}
         if not rows:
@@ -211,7 +214,7 @@ class _Engine:
         r = torch.tensor(rows, dtype=torch.long, device=self.device)
         params = {name: t[r] for name, t in self.theta.items()}
         for s in range(self.steps):
-            idx = torch.stack([batches[k][s] for k in rows])
+            idx = batches[r, s]
             x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
             params = self.optim.step(rows, r, params, self.model.grads(params, x, y))
         for name in self.names:
@@ -293,15 +296,14 @@ class _Engine:
     def scoring_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every agent's scoring samples of round ``i`` (TorchTask.scoring_batch, gathered at once)."""
         if self._score is None or self._score[0] != i:
-            idx = []
-            for t in self.tasks:
-                if t.p.scoring == "resample":
-                    t.scoring_batch(i)
-                    assert t._scoring is not None
-                    idx.append(t._scoring[1])
-                else:
-                    idx.append(torch.cat(t._round_batches(i)))
-            rows = torch.stack(idx)
+            rows = self.draws.batches(i).flatten(1)
+            if self.resample:
+                rows = rows.clone()  # a view of the draws' block otherwise
+            for k in self.resample:
+                t = self.tasks[k]
+                t.scoring_batch(i)
+                assert t._scoring is not None
+                rows[k] = t._scoring[1]
             self._score = (
                 i,
                 self.train_x[self.arange[:, None], rows],
@@ -351,7 +353,9 @@ class _Engine:
                     loss=own_loss[k],
                     test_loss=tests[k][0],
                     test_accuracy=tests[k][1],
-                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                    attack_success=None
+                    if self.tasks[k].trigger is None
+                    else self.tasks[k].attack_success(_row(theta, k)),
                 )
             else:
                 metrics = Metrics(loss=own_loss[k])

@@ -60,6 +60,8 @@ REPLACED = (
     "scoring_batch",
     "trains_in",
     "_round_batches",
+    "_indices",
+    "_perm",
     "_make_optimizer",
     "_load",
 )
@@ -169,7 +171,7 @@ class BatchedModel:
         # For the padded test splits: (rows, samples, ...) outputs, one forward call per row, and
         # from them the (rows, samples) per-sample losses.
         self._outputs: Callable[..., torch.Tensor] = vmap(outputs)
-        self._sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss))
+        self._sample_losses: Callable[..., torch.Tensor] = vmap(sample_loss)
         self._loss_rows: Callable[..., torch.Tensor] = vmap(loss_fn)
         self.per_sample_tests = not self.per_model and all(_default_metrics(t) for t in tasks)
         if not self.per_model and not self._traceable(t0):
@@ -253,7 +255,7 @@ class BatchedModel:
         self.module.eval()
         with torch.no_grad():
             out = self._outputs(params, x[r])
-            losses = self._sample_losses(out, y[r]).double()
+            losses = self._sample_losses(out.flatten(0, 1), y[r].flatten()).view(out.shape[:2]).double()
             loss = (losses * mask[r]).sum(dim=1) / count[r]
             hit = (out.argmax(dim=-1) == y[r]).double()
             acc = (hit * mask[r]).sum(dim=1) / count[r]

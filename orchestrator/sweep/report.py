@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 DPI = 130
+LOG_CAP = 1e30  # the top of a log colour scale (see plot_heatmaps)
 
 
 def _slug(s: str) -> str:
@@ -104,7 +105,10 @@ def plot_heatmaps(
         norm: Normalize = Normalize(0.0, 1.0)
         cmap = "Reds"
     elif log_scale and finite.size and finite.min() > 0:
-        norm = LogNorm(finite.min(), max(finite.max(), finite.min() * 1.0001))
+        # Diverging cells reach 1e300: the colour scale stops at LOG_CAP (above it, the darkest
+        # colour; the cell's text still gives the value), or the colour bar's ticks overflow.
+        top = min(finite.max(), max(LOG_CAP, finite.min() * 1e3))
+        norm = LogNorm(finite.min(), max(top, finite.min() * 1.0001), clip=True)
         cmap = "viridis_r"
     else:
         lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -124,8 +128,9 @@ def plot_heatmaps(
             dark_high = share or cmap.endswith("_r")
             for (r, c), v in np.ndenumerate(data):
                 text = "—" if np.isnan(v) else ("inf" if not np.isfinite(v) else _short(v, share))
-                level = float(norm(v)) if np.isfinite(v) else 1.0
-                dark = level > 0.6 if dark_high else level < 0.4
+                level = float(norm(v)) if np.isfinite(v) else math.nan
+                # A diverged or missing cell is drawn blank (white): its text stays black.
+                dark = not math.isnan(level) and (level > 0.6 if dark_high else level < 0.4)
                 ax.text(
                     c, r, text, ha="center", va="center", fontsize=5.5, color="white" if dark else "black"
                 )

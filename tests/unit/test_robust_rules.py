@@ -398,6 +398,17 @@ def test_clipped_radius_follows_an_ema_of_the_own_step() -> None:
     assert decisions(agg)["b"][2] == ""  # 0.2 < tau
 
 
+def test_clipped_with_a_zero_own_step_keeps_the_own_model() -> None:
+    # An agent that has not adapted yet (HAR with train_share < 1: no local step this round) has
+    # tau = 0: every kept pull is clipped to nothing, the agent keeps its model and all the weight.
+    agg = make_rule("loss-filtered-clipped", RAW).aggregate(scored(own_step=0.0))
+    np.testing.assert_array_equal(combined(agg), [0.0, 0.0])
+    assert agg.weights == {"k": 1.0}
+    got = decisions(agg)
+    for a in ("a", "b", "e"):
+        assert got[a] == ("accepted", 0.0, "pull clipped to tau=0")
+
+
 def test_clipped_equals_loss_filtered_when_nothing_is_far() -> None:
     cands = scored(own_step=10.0)  # tau = 20: nobody is clipped
     plain = make_rule("loss-filtered", RAW).aggregate(cands)
