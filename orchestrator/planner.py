@@ -25,7 +25,8 @@ from mtl_node.aggregation.robust import check_neighbourhood, max_f
 from mtl_node.core.errors import ConfigError
 from orchestrator import graphs
 from orchestrator.plan import AgentPlan, RunPlan
-from orchestrator.spec import (
+from orchestrator.spec import Spec, load_topology, parse_spec, step_param
+from orchestrator.spec_graphs import (
     AdjacencyGraph,
     CompleteGraph,
     EdgesGraph,
@@ -33,10 +34,6 @@ from orchestrator.spec import (
     GeometricGraph,
     KRegularGraph,
     RingGraph,
-    Spec,
-    load_topology,
-    parse_spec,
-    step_param,
 )
 
 log = logging.getLogger(__name__)

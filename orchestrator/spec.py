@@ -9,9 +9,10 @@ This module must stay torch-free (the orchestrator plans and renders deployments
 without torch): names are checked against ``mtl_node.core.names``, rule knobs against ``RuleParams``.
 Task parameters are passed through unvalidated here; the agent validates them against its task.
 
-Why one module of ~640 lines: the spec is one tree of pydantic models (groups, graph, Byzantine
-set, overrides, rules) whose validators check each other's fields (ids against groups, overrides
-against agent ids) and share one error-translation path; split, each part would import the others.
+The graph kinds are plain models of their own (orchestrator.spec_graphs). Why the rest stays one
+module of ~570 lines: the spec is one tree of pydantic models (groups, Byzantine set, overrides,
+rules) whose validators check each other's fields (ids against groups, overrides against agent ids)
+and share one error-translation path; split, each part would import the others.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     ValidationError,
     field_validator,
@@ -36,6 +36,14 @@ from pydantic import (
 from mtl_node.core import names as catalog
 from mtl_node.core.errors import ConfigError, UnknownNameError
 from mtl_node.core.ids import ID_RE
+from orchestrator.spec_graphs import (
+    GRAPH_KINDS,
+    AdjacencyGraph,
+    CompleteGraph,
+    EdgesGraph,
+    GraphSpec,
+    KRegularGraph,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,93 +63,6 @@ def step_param(task: str) -> str:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------------------------- graphs
-
-
-class CompleteGraph(_Model):
-    """Every agent is a neighbour of every other."""
-
-    kind: Literal["complete"]
-
-
-class RingGraph(_Model):
-    """Agents on a ring in id order, each linked to ``k`` agents on each side."""
-
-    kind: Literal["ring"]
-    k: int = Field(1, ge=1, description="neighbours on each side")
-
-
-class GeometricGraph(_Model):
-    """The paper's figure 1a: agents within ``radius`` of each other may be neighbours.
-
-    Each agent keeps at most ``max_degree`` members in its neighbourhood, itself included (as the
-    reference code's findNeighbors), sampled per agent, so neighbourhoods may be directed.
-    """
-
-    kind: Literal["geometric"]
-    radius: float = Field(gt=0, description="communication range")
-    max_degree: int | None = Field(
-        None, ge=1, description="neighbourhood size cap, the agent itself included; null: no cap"
-    )
-    area: float = Field(3.0, gt=0, description="positions not given are drawn in [0, area]^2")
-    seed: int | None = Field(None, ge=0, description="seed of the neighbour sampling; default: the run's")
-
-
-class ErdosRenyiGraph(_Model):
-    """Each unordered pair linked independently with probability ``p``."""
-
-    kind: Literal["erdos-renyi"]
-    p: float = Field(ge=0.0, le=1.0, description="link probability, in [0, 1]")
-    seed: int | None = Field(None, ge=0, description="seed of the graph; default: the run's")
-
-
-class KRegularGraph(_Model):
-    """A random undirected graph where every agent has exactly ``k`` neighbours."""
-
-    kind: Literal["k-regular"]
-    k: int = Field(ge=0, description="neighbours of every agent (n*k must be even, k < n)")
-    seed: int | None = Field(None, ge=0, description="seed of the graph; default: the run's")
-
-
-class EdgesGraph(_Model):
-    """Explicit links. A directed edge [a, b] means b fetches a's model (a is in b's neighbourhood)."""
-
-    kind: Literal["edges"]
-    edges: list[tuple[str, str]] = Field(default_factory=list, description="pairs of agent ids")
-    directed: bool = Field(False, description="false: each edge links both ways")
-
-
-class AdjacencyGraph(_Model):
-    """Explicit neighbourhoods: agent id -> the agents it fetches from."""
-
-    kind: Literal["adjacency"]
-    adjacency: dict[str, list[str]] = Field(default_factory=dict, description="agent -> its neighbours")
-    directed: bool = Field(True, description="true: lists taken as given; false: every link both ways")
-
-
-GraphSpec = Annotated[
-    CompleteGraph
-    | RingGraph
-    | GeometricGraph
-    | ErdosRenyiGraph
-    | KRegularGraph
-    | EdgesGraph
-    | AdjacencyGraph,
-    Discriminator("kind"),
-]
-GRAPH_KINDS: dict[str, type[_Model]] = {
-    "complete": CompleteGraph,
-    "ring": RingGraph,
-    "geometric": GeometricGraph,
-    "erdos-renyi": ErdosRenyiGraph,
-    "k-regular": KRegularGraph,
-    "edges": EdgesGraph,
-    "adjacency": AdjacencyGraph,
-}
-
-# ---------------------------------------------------------------------------------------- the rest
 
 
 def _check_ids(v: Any) -> list[str]:

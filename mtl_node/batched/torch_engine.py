@@ -45,6 +45,7 @@ from torch.func import functional_call, grad, vmap
 from mtl_node import wire
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.batched import torch_pool
+from mtl_node.batched.torch_draws import Draws
 from mtl_node.batched.torch_pool import Pool, PoolScorer, finite_rows
 from mtl_node.batched.torch_rules import RowRules
 from mtl_node.combine import unflatten
@@ -261,16 +262,18 @@ class _Engine:
             return functional_call(module, params, (x,))
 
         # For the padded test splits: (rows, samples, ...) outputs, one forward call per row, and
-        # from them the (rows, samples) per-sample losses (a per-sample forward call under a
-        # second vmap copied the weights once per sample: 8 ms of a 30 ms HAR round).
+        # from them the per-sample losses (a per-sample forward call under a second vmap copied
+        # the weights once per sample: 8 ms of a 30 ms HAR round).
         self.outputs: Callable[..., torch.Tensor] = vmap(outputs)
-        self.sample_losses: Callable[..., torch.Tensor] = vmap(vmap(sample_loss))
+        self.sample_losses: Callable[..., torch.Tensor] = vmap(sample_loss)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
+        self.resample = [k for k, t in enumerate(self.tasks) if t.p.scoring == "resample"]
 
     # -- one round ---------------------------------------------------------------------------------
 
     def adapt(self, i: int) -> Stacked:
-        batches = [t._round_batches(i) for t in self.tasks]
+        batches = self.draws.batches(i)
         rows = [k for k, t in enumerate(self.tasks) if t.trains_in(i)]
         psi = {name: t.clone() for name, t in self.theta.items()}
         if not rows:
@@ -279,7 +282,7 @@ class _Engine:
         params = {name: t[r] for name, t in self.theta.items()}
         self.module.train()
         for s in range(self.steps):
-            idx = torch.stack([batches[k][s] for k in rows])
+            idx = batches[r, s]
             x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
             g = self.grads(params, x, y)
             if self.adam:
@@ -389,15 +392,14 @@ class _Engine:
     def scoring_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every agent's scoring samples of round ``i`` (TorchTask.scoring_batch, gathered at once)."""
         if self._score is None or self._score[0] != i:
-            idx = []
-            for t in self.tasks:
-                if t.p.scoring == "resample":
-                    t.scoring_batch(i)
-                    assert t._scoring is not None
-                    idx.append(t._scoring[1])
-                else:
-                    idx.append(torch.cat(t._round_batches(i)))
-            rows = torch.stack(idx)
+            rows = self.draws.batches(i).flatten(1)
+            if self.resample:
+                rows = rows.clone()  # a view of the draws' block otherwise
+            for k in self.resample:
+                t = self.tasks[k]
+                t.scoring_batch(i)
+                assert t._scoring is not None
+                rows[k] = t._scoring[1]
             self._score = (
                 i,
                 self.train_x[self.arange[:, None], rows],
@@ -405,14 +407,21 @@ class _Engine:
             )
         return self._score[1], self._score[2]
 
-    def test_metrics(self, theta: Stacked) -> tuple[list[float], list[float]]:
-        """Every agent's (mean loss, accuracy) on its whole test split (TorchTask.test_metrics)."""
+    def evaluate(
+        self, theta: Stacked, x: torch.Tensor, y: torch.Tensor, tests: bool
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Every agent's loss on its scoring batch (x, y), and with ``tests`` its (mean loss,
+        accuracy) on its whole test split (TorchTask.test_metrics): one forward call per row on the
+        padded test split, the per-sample losses from its outputs."""
+        own = self.row_loss(theta, x, y).tolist()
+        if not tests:
+            return own, [], []
         out = self.outputs(theta, self.test_x)
-        losses = self.sample_losses(out, self.test_y).double()
+        losses = self.sample_losses(out.flatten(0, 1), self.test_y.flatten()).view(out.shape[:2]).double()
         loss = (losses * self.test_mask).sum(dim=1) / self.test_count
         hit = (out.argmax(dim=-1) == self.test_y).double()
         acc = (hit * self.test_mask).sum(dim=1) / self.test_count
-        return loss.tolist(), acc.tolist()
+        return own, loss.tolist(), acc.tolist()
 
     def step(self, i: int) -> list[RoundRecord]:
         started = time.perf_counter()
@@ -445,8 +454,7 @@ class _Engine:
         due = [not (i % t.p.eval_every or len(t.test) == 0) for t in self.tasks]
         with torch.no_grad():
             x, y = self.scoring_batch(i)
-            own_loss = self.row_loss(theta, x, y).tolist()
-            test_loss, test_acc = self.test_metrics(theta) if any(due) else ([], [])
+            own_loss, test_loss, test_acc = self.evaluate(theta, x, y, any(due))
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
@@ -455,7 +463,9 @@ class _Engine:
                     loss=own_loss[k],
                     test_loss=test_loss[k],
                     test_accuracy=test_acc[k],
-                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                    attack_success=None
+                    if self.tasks[k].trigger is None
+                    else self.tasks[k].attack_success(_row(theta, k)),
                 )
             else:
                 metrics = Metrics(loss=own_loss[k])

@@ -110,6 +110,8 @@ def combine(pool: Pool, weights: np.ndarray, keep_own: np.ndarray, psi: Stacked)
     a copy of it). Slots with weight 0 add an exact 0: non-finite pool models (never present but
     in the own slot) are zeroed first, and a row whose own non-finite model is weighted sums slot by
     slot as the agent does, so it gets the agent's NaN."""
+    if keep_own.all():  # nobody combines (rule none): every row keeps its own adapted model
+        return dict(psi)
     n, width = weights.shape
     size = len(next(iter(pool.models.values())))
     w = torch.from_numpy(weights).to(torch.float32)

@@ -88,38 +88,41 @@ def read_metrics_table(path: Path) -> MetricsTable:
 
 def load_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.csv as dicts with numbers parsed back (round and counts int, metrics float, empty None)."""
-    header, columns = _read_columns(Path(path), METRIC_REQUIRED)
-    parsed: dict[str, list[Any]] = {}
-    for name in METRIC_COLUMNS:
-        col = columns.get(name)
-        if col is None:
-            parsed[name] = [None] * len(columns["round"])
-        elif name in METRIC_INTS or name in METRIC_FLOATS:
-            arr = _parse_floats(path, name, col, header, allow_empty=name != "round")
-            as_int = name in METRIC_INTS
-            parsed[name] = [None if math.isnan(x) else (int(x) if as_int else x) for x in arr.tolist()]
-        else:
-            parsed[name] = list(col)
-    return [dict(zip(METRIC_COLUMNS, values, strict=True)) for values in zip(*parsed.values(), strict=True)]
+    return _load_rows(Path(path), METRIC_COLUMNS, METRIC_REQUIRED, METRIC_INTS, METRIC_FLOATS)
 
 
 def load_decisions(path: Path) -> list[dict[str, Any]]:
     """decisions.csv as dicts (round int; weight/ema/loss float; empty None)."""
-    header, columns = _read_columns(Path(path), DECISION_REQUIRED)
+    return _load_rows(
+        Path(path), DECISION_COLUMNS, DECISION_REQUIRED, ("round",), DECISION_FLOATS, nullable=("reason",)
+    )
+
+
+def _load_rows(
+    path: Path,
+    names: Sequence[str],
+    required: Sequence[str],
+    ints: Sequence[str],
+    floats: Sequence[str],
+    nullable: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Rows as dicts over ``names``: ``ints``/``floats`` parsed (an empty cell None; never for
+    ``round``), ``nullable`` text columns with an empty cell None, other text as written."""
+    header, columns = _read_columns(path, required)
     parsed: dict[str, list[Any]] = {}
-    for name in DECISION_COLUMNS:
+    for name in names:
         col = columns.get(name)
         if col is None:
             parsed[name] = [None] * len(columns["round"])
-        elif name == "round":
-            arr = _parse_floats(path, name, col, header, allow_empty=False)
-            parsed[name] = [int(x) for x in arr.tolist()]
-        elif name in DECISION_FLOATS:
-            arr = _parse_floats(path, name, col, header)
-            parsed[name] = [None if math.isnan(x) else x for x in arr.tolist()]
+        elif name in ints or name in floats:
+            arr = _parse_floats(path, name, col, header, allow_empty=name != "round")
+            as_int = name in ints
+            parsed[name] = [None if math.isnan(x) else (int(x) if as_int else x) for x in arr.tolist()]
+        elif name in nullable:
+            parsed[name] = [v if v != "" else None for v in col]
         else:
-            parsed[name] = [v if v != "" else None for v in col] if name == "reason" else list(col)
-    return [dict(zip(DECISION_COLUMNS, values, strict=True)) for values in zip(*parsed.values(), strict=True)]
+            parsed[name] = list(col)
+    return [dict(zip(names, values, strict=True)) for values in zip(*parsed.values(), strict=True)]
 
 
 def _read_columns(path: Path, required: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:

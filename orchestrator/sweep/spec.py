@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtl_node.core import names as catalog
 from mtl_node.core.errors import ConfigError, UnknownNameError
-from orchestrator.spec import GRAPH_KINDS, GraphSpec, GroupSpec, parse_spec
+from orchestrator.spec import GroupSpec, parse_spec
+from orchestrator.spec_graphs import GRAPH_KINDS, GraphSpec
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,8 @@ class SweepAttack(_Model):
     @property
     def label(self) -> str:
         """The name given, else the attack's; an omniscient attack (it reads its victims' data: the
-        in-process engine only) says so in every results row and report."""
-        if self.name:
-            return self.name
-        return f"{self.attack} (omniscient)" if (self.params or {}).get("omniscient") else self.attack
+        in-process engine only) says so in every results row and report, whatever its name."""
+        return catalog.attack_label(self.name or self.attack, self.params)
 
 
 class SweepSpec(_Model):

@@ -12,6 +12,7 @@ import pytest
 # The helpers (daemons.py, fake_peer.py) live next to the tests; make them importable however
 # pytest was invoked.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/cli_helpers.py
 
 from daemons import TestCA, shared_ca
 

@@ -8,17 +8,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
+from cli_helpers import orchestrate, processes_mentioning, start_orchestrate
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 TOPOLOGY = """
 name: crash
 task: target-localization
@@ -34,41 +33,13 @@ RULE = "loss-filtered"
 COMPARED = ("loss", "test_loss", "accepted", "filtered", "missing")
 
 
-def orchestrate(
-    *args: str, timeout: float = 400, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "mtl-orchestrate"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def start_up(
     topology: Path, out: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            str(BIN / "mtl-orchestrate"),
-            "up",
-            str(topology),
-            "--backend",
-            "local",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--no-report",
-            "--processes",
-            "3",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    return start_orchestrate(
+        "up", str(topology), "--backend", "local", "--out", str(out), "--no-progress", "--no-report",
+        "--processes", "3", *extra, env=env,
+    )  # fmt: skip
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -91,20 +62,6 @@ def rows_done(out: Path) -> int:
 def host_pids(out: Path) -> list[int]:
     path = out / "work" / RULE / "pids.json"
     return [r["pid"] for r in json.loads(path.read_text())] if path.exists() else []
-
-
-def processes_mentioning(path: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if (
-                str(path) in " ".join(proc.info["cmdline"] or [])
-                and proc.info["status"] != psutil.STATUS_ZOMBIE
-            ):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 def metrics_by_key(out: Path) -> dict[tuple[str, int], tuple[object, ...]]:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from cli_helpers import assert_same_statistics, orchestrate, processes_mentioning, start_orchestrate
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 TOPOLOGY = """
 name: e2e
 task: target-localization
@@ -26,25 +24,6 @@ rules: [none, loss-filtered]
 rounds: 30
 seed: 3
 """
-
-
-def orchestrate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "mtl-orchestrate"), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def processes_mentioning(path: Path) -> list[psutil.Process]:
-    """Live processes whose command line mentions ``path`` (agent hosts get their config from it)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if str(path) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 @pytest.fixture
@@ -85,35 +64,15 @@ def test_up_local_writes_results_and_leaves_nothing_behind(topology: Path, tmp_p
     sim = orchestrate("up", str(topology), "--backend", "sim", "--out", str(sim_out), "--no-progress")
     assert sim.returncode == 0, sim.stderr
     sim_summary = json.loads((sim_out / "summary.json").read_text())
-    for rule, stats in summary["rules"].items():
-        for metric in ("loss", "test_loss"):
-            for key in ("mean", "min", "max"):
-                assert stats[metric][key] == pytest.approx(
-                    sim_summary["rules"][rule][metric][key], rel=1e-9, abs=1e-12
-                ), (rule, metric, key)
+    assert_same_statistics(summary, sim_summary)
 
 
 def test_ctrl_c_stops_every_agent(topology: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mtl-orchestrate"),
-            "up",
-            str(topology),
-            "--backend",
-            "local",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--rounds",
-            "100000",
-            "--rule",
-            "loss-filtered",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_orchestrate(
+        "up", str(topology), "--backend", "local", "--out", str(out), "--no-progress",
+        "--rounds", "100000", "--rule", "loss-filtered",
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

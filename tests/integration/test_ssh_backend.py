@@ -14,7 +14,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cli_helpers import BIN, assert_same_statistics, orchestrate, processes_mentioning, start_orchestrate
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -146,25 +145,6 @@ Host node-a node-b node-down
             proc.wait()
 
 
-def orchestrate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "mtl-orchestrate"), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            where = proc.info["cwd"] or ""
-            if (text in cmdline or text in where) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 def decisions_of(out: Path) -> dict[tuple[str, str, str], str]:
     """(round, agent, neighbour) -> accepted/filtered/missing, from decisions.csv."""
     with (out / "decisions.csv").open() as f:
@@ -201,7 +181,7 @@ def test_ssh_backend_runs_a_topology_end_to_end(sshd: SSHServer, tmp_path: Path)
             assert f"mtl-node: serving {agent} on 127.0.0.1:" in served
             assert (run_dir / "agents" / agent / "metrics.jsonl").stat().st_size > 0
     # Nothing is left running on the "remote" side.
-    assert processes_mentioning(str(run_dir)) == []
+    assert processes_mentioning(str(run_dir), cwd=True) == []
     # The agents talked mutual TLS with the run's certificates, copied for the run and removed
     # at its end (keys never outlive it on the host).
     for index, agents in ((0, ["a0", "a1"]), (1, ["a2", "a3"])):
@@ -224,12 +204,7 @@ def test_ssh_backend_runs_a_topology_end_to_end(sshd: SSHServer, tmp_path: Path)
     assert any(d == "filtered" for (_, _, neighbour), d in decisions_of(out).items() if neighbour == "a3")
     summary = json.loads((out / "summary.json").read_text())
     sim_summary = json.loads((sim_out / "summary.json").read_text())
-    for rule, stats in summary["rules"].items():
-        for metric in ("loss", "test_loss"):
-            for key in ("mean", "min", "max"):
-                assert stats[metric][key] == pytest.approx(
-                    sim_summary["rules"][rule][metric][key], rel=1e-9, abs=1e-12
-                ), (rule, metric, key)
+    assert_same_statistics(summary, sim_summary)
 
 
 def test_unreachable_host_missing_command_and_missing_host_are_clear_errors(
@@ -244,7 +219,7 @@ def test_unreachable_host_missing_command_and_missing_host_are_clear_errors(
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "ssh node-down:" in done.stderr and "Traceback" not in done.stderr
-    assert processes_mentioning(str(tmp_path / "remote")) == []
+    assert processes_mentioning(str(tmp_path / "remote"), cwd=True) == []
 
     # A remote command that is not there: the remote shell's complaint comes back in the error.
     topology.write_text(TOPOLOGY)
@@ -275,11 +250,10 @@ def test_ssh_remote_supervisor_restarts_a_killed_daemon(sshd: SSHServer, tmp_pat
     topology.write_text(TOPOLOGY.replace("rounds: 20", "rounds: 60"))
     remote = tmp_path / "remote-home"
     out = tmp_path / "out"
-    up = subprocess.Popen(
-        [str(BIN / "mtl-orchestrate"), "up", str(topology), "--backend", "ssh", "--out", str(out),
-         "--no-progress", "--no-report", "-o", f"ssh_config={sshd.client_config}",
-         "-o", f"remote_command={BIN / 'mtl-node'}", "-o", f"remote_dir={remote}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    up = start_orchestrate(
+        "up", str(topology), "--backend", "ssh", "--out", str(out),
+        "--no-progress", "--no-report", "-o", f"ssh_config={sshd.client_config}",
+        "-o", f"remote_command={BIN / 'mtl-node'}", "-o", f"remote_dir={remote}",
     )  # fmt: skip
     try:
         hosts_file = out / "work" / "loss-filtered" / "hosts.json"
@@ -302,7 +276,7 @@ def test_ssh_remote_supervisor_restarts_a_killed_daemon(sshd: SSHServer, tmp_pat
     assert up.returncode == 0, stderr
     assert "restart 1" in (run_dir / "host-1.log").read_text()
     assert int((run_dir / "host-1.pid").read_text()) != victim
-    assert processes_mentioning(str(run_dir)) == []
+    assert processes_mentioning(str(run_dir), cwd=True) == []
     for index in (0, 1):  # the remote supervisors ended with the run
         supervisor = int((run_dir / f"host-{index}.supervisor").read_text())
         assert (

@@ -13,13 +13,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import BIN, orchestrate
 
 from orchestrator.results import window_bounds
 from orchestrator.sweep.spec import parse_sweep
@@ -27,7 +27,6 @@ from orchestrator.sweep.store import LOG_FILE, CellLog, read_csv
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 SMALL: dict[str, Any] = {
     "name": "small",
     "tasks": [{"task": "target-localization"}],
@@ -44,12 +43,6 @@ SMALL: dict[str, Any] = {
 }
 # Larger, so that there is time to interrupt it between cells (one worker).
 SLOW: dict[str, Any] = {**SMALL, "name": "slow", "seeds": 3, "rounds": 400, "fractions": [0.0, 0.25, 0.5]}
-
-
-def orchestrate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "mtl-orchestrate"), *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def write(path: Path, data: dict[str, Any]) -> Path:
