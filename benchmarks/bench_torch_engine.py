@@ -11,13 +11,16 @@ per-agent engine only: that is what the sim backend falls back to.
 
 Fair by construction: both engines run with the same torch thread count (``--threads``, default 1,
 the batched engine's own setting; see docs/performance.md "Threads"), both include their setup
-(tasks, data), and neither writes files. Wall and CPU seconds are both reported: on a machine
-shared with other work the CPU time of this process is the steadier figure. The batched engine
-builds each round's decision rows only when they are read (the per-agent engine builds them every
-round); the time to read all of them is reported next to it ("+decisions").
+(tasks, and drawing the data: the per-process cache of HAR subjects is emptied before each run),
+both start warm (a 2-round run of each, untimed, before the first rule), and neither writes files.
+Wall and CPU seconds are both reported: on a machine shared with other work the CPU time of this
+process is the steadier figure. The batched engine builds each round's decision rows only when they
+are read (the per-agent engine builds them every round); the time to read all of them is reported
+next to it ("+decisions").
 
     python benchmarks/bench_torch_engine.py [--rounds 300] [--digits-rounds 300] [--threads 1]
-        [--only har|digits] [--rules none,average]
+        [--only har|digits] [--rules none,average] [--spec other.yaml]
+    python benchmarks/bench_torch_engine.py --thread-counts 1,2 [--rounds 30] [--rules loss-filtered]
 
 Prints a table with the load average before and after, and writes benchmarks/results/torch_engine.json.
 """
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
 from mtl_node.batched import torch_engine  # noqa: E402
+from mtl_node.data import har_synthetic  # noqa: E402
 from mtl_node.engine import run_agents  # noqa: E402
 from orchestrator.backends.sim import plan_configs  # noqa: E402
 from orchestrator.planner import plan_topology  # noqa: E402
@@ -71,8 +75,15 @@ def agree(fast: dict[str, Any], oracle: dict[str, Any]) -> tuple[int, float]:
     return differ, worst
 
 
+def cold() -> None:
+    """Forget the HAR subjects drawn so far: each engine's run draws its data, as one rule's run
+    does (a sim run of several rules draws them once, for its first rule)."""
+    har_synthetic._generate.cache_clear()
+
+
 def per_agent(configs: list[Any]) -> tuple[dict[str, Any], float, float]:
     """(records, wall s, CPU s) of the per-agent engine."""
+    cold()
     c0, t0 = time.process_time(), time.perf_counter()
     out = {a: r.records for a, r in run_agents(configs).items()}
     return out, time.perf_counter() - t0, time.process_time() - c0
@@ -80,6 +91,7 @@ def per_agent(configs: list[Any]) -> tuple[dict[str, Any], float, float]:
 
 def compare(configs: list[Any], threads: int) -> dict[str, Any]:
     """Time both engines on one rule's configs and check that they agree."""
+    cold()
     c0, t0 = time.process_time(), time.perf_counter()
     fast = torch_engine.run_torch_batched(configs, threads=threads)
     c1, t1 = time.process_time(), time.perf_counter()
@@ -117,10 +129,17 @@ def bench(name: str, spec: Path, rounds: int | None, rules: list[str] | None, th
         data["rounds"] = rounds
     plan = plan_topology(parse_spec(data))
     rows = []
+    warm = False
     for rule in plan.rules:
         if rules and rule not in rules:
             continue
         configs = plan_configs(plan, rule)
+        if not warm:  # first calls into torch (lazy initialisation) for neither engine's timed run
+            short = [c.model_copy(update={"rounds": 2}) for c in configs]
+            run_agents(short)
+            if torch_engine.unsupported_reason(short) is None:
+                torch_engine.run_torch_batched(short, threads=threads)
+            warm = True
         reason = torch_engine.unsupported_reason(configs)
         row: dict[str, Any] = {"rule": rule, "batched": reason is None}
         if reason is not None:
@@ -162,6 +181,26 @@ def bench(name: str, spec: Path, rounds: int | None, rules: list[str] | None, th
     }
 
 
+def thread_counts(spec: Path, rounds: int | None, rule: str, counts: list[int]) -> list[dict[str, Any]]:
+    """The batched engine alone on one rule with each torch thread count, alternating, twice."""
+    data = yaml.safe_load(spec.read_text())
+    if rounds is not None:
+        data["rounds"] = rounds
+    configs = plan_configs(plan_topology(parse_spec(data)), rule)
+    torch_engine.run_torch_batched(configs, threads=counts[0])  # warm; the data stay cached
+    out = []
+    for _ in range(2):
+        for n in counts:
+            c0, t0 = time.process_time(), time.perf_counter()
+            torch_engine.run_torch_batched(configs, threads=n)
+            row = {"threads": n, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            print(
+                f"batched {rule}, {n} torch threads: wall {row['wall_s']:6.2f} s  CPU {row['cpu_s']:6.2f} s"
+            )
+            out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=None, help="HAR: first N rounds (default: the example's)")
@@ -172,15 +211,35 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=torch_engine.THREADS, help="torch threads for both engines"
     )
     ap.add_argument("--only", choices=sorted(EXAMPLES), default=None, help="one example only")
+    ap.add_argument("--spec", type=Path, default=None, help="this topology file instead of the examples")
     ap.add_argument("--rules", default=None, help="comma-separated subset of the examples' rules")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--thread-counts",
+        default=None,
+        help="instead: the batched engine alone on HAR's first rule (or --rules) with these torch "
+        "thread counts, e.g. 1,2",
+    )
     args = ap.parse_args(argv)
+    if args.thread_counts:
+        before = loadavg()
+        rule = args.rules.split(",")[0] if args.rules else "loss-filtered"
+        rows = thread_counts(
+            EXAMPLES["har"], args.rounds, rule, [int(n) for n in args.thread_counts.split(",")]
+        )
+        print(f"load average before {before}, after {loadavg()}")
+        document = {"thread_counts": rows, "rule": rule, "loadavg_before": before, "loadavg_after": loadavg()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("torch_engine_threads.json").write_text(json.dumps(document, indent=2) + "\n")
+        return 0
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",") if args.rules else None
     rounds = {"har": args.rounds, "digits": args.digits_rounds}
     before = loadavg()
     results = {}
-    for name, spec in EXAMPLES.items():
+    if args.spec is not None:
+        results[args.spec.stem] = bench(args.spec.stem[:6], args.spec, args.rounds, rules, args.threads)
+    for name, spec in EXAMPLES.items() if args.spec is None else ():
         if args.only in (None, name):
             results[name] = bench(name, spec, rounds[name], rules, args.threads)
     after = loadavg()

@@ -79,7 +79,15 @@ class Agent:
         # A Byzantine agent learns alone to keep an honest-looking model to craft from.
         self.rule: Rule = make_rule("none" if config.attack else config.rule, config.rule_params)
         attack = (
-            make_attack(config.attack, config.id, config.seed, config.attack_params, task=config.task)
+            make_attack(
+                config.attack,
+                config.id,
+                config.seed,
+                config.attack_params,
+                task=config.task,
+                rule=config.rule,
+                rule_params=config.rule_params.model_dump(),
+            )
             if config.attack
             else None
         )

@@ -463,7 +463,9 @@ class _Engine:
                     loss=own_loss[k],
                     test_loss=test_loss[k],
                     test_accuracy=test_acc[k],
-                    attack_success=self.tasks[k].attack_success(_row(theta, k)),
+                    attack_success=None
+                    if self.tasks[k].trigger is None
+                    else self.tasks[k].attack_success(_row(theta, k)),
                 )
             else:
                 metrics = Metrics(loss=own_loss[k])

@@ -122,7 +122,9 @@ class SimBackend(Backend):
 
                 def forward(records: list[RoundRecord]) -> None:
                     for rec in records:
-                        collector.add(rec.metrics_row(), rec.decision_rows())
+                        # decisions are built when read: not at all unless they are recorded
+                        rows = rec.decision_rows() if ctx.record_decisions else []
+                        collector.add(rec.metrics_row(), rows)
 
                 torch_engine.run_torch_batched(configs, on_round=forward)
                 return RunOutput(collector.metrics, collector.decisions)

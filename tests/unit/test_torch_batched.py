@@ -209,3 +209,25 @@ def test_the_engine_runs_with_its_thread_setting_and_restores_the_callers() -> N
     torch_engine.run_torch_batched(cfgs, on_round=lambda _: seen.append(torch.get_num_threads()))
     assert seen == [torch_engine.THREADS]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("attack", "params"), [("constant", {"low": 0.0, "high": 0.1}), ("small-perturbation", {"std": 0.05})]
+)
+@pytest.mark.parametrize("rule", ["loss", "loss-filtered-capped"])
+def test_vectorized_running_score_rules_with_attackers_equal_the_per_agent_engine(
+    rule: str, attack: str, params: dict[str, Any]
+) -> None:
+    """The rules aggregated over all rows at once (torch_rules.EMA_RULES) against the agents' own
+    rule objects, with attackers, and a weight cap that binds (0.3 x the agent's own weight)."""
+    byz = {"a1": (attack, params), "a4": (attack, params)}
+    lazy = {"train_share": 0.05}
+    cfgs = [
+        c.model_copy(update={"rule_params": c.rule_params.model_copy(update={"weight_cap": 0.3})})
+        # a0 and a2 rarely train: their neighbours' models beat their own, so they keep them
+        for c in configs(rule, byzantine=byz, rounds=6, overrides={"a0": lazy, "a2": lazy})
+    ]
+    if rule == "loss-filtered-capped":
+        fast = torch_engine.run_torch_batched(cfgs)
+        assert any("weight capped" in d.reason for recs in fast.values() for r in recs for d in r.decisions)
+    assert_same(cfgs)
