@@ -48,6 +48,7 @@ from mtl_node.batched import torch_pool
 from mtl_node.batched.torch_draws import Draws
 from mtl_node.batched.torch_pool import Pool, PoolScorer, finite_rows
 from mtl_node.batched.torch_rules import RowRules
+from mtl_node.batched.torch_trigger import TriggerRates
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core import names
@@ -268,6 +269,7 @@ class _Engine:
         self.sample_losses: Callable[..., torch.Tensor] = vmap(sample_loss)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
+        self.triggers = TriggerRates(self.tasks)
         self.resample = [k for k, t in enumerate(self.tasks) if t.p.scoring == "resample"]
 
     # -- one round ---------------------------------------------------------------------------------
@@ -455,6 +457,7 @@ class _Engine:
         with torch.no_grad():
             x, y = self.scoring_batch(i)
             own_loss, test_loss, test_acc = self.evaluate(theta, x, y, any(due))
+            success = self.triggers.rates(self.outputs, theta) if any(due) else {}
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
@@ -463,9 +466,7 @@ class _Engine:
                     loss=own_loss[k],
                     test_loss=test_loss[k],
                     test_accuracy=test_acc[k],
-                    attack_success=None
-                    if self.tasks[k].trigger is None
-                    else self.tasks[k].attack_success(_row(theta, k)),
+                    attack_success=success.get(k),
                 )
             else:
                 metrics = Metrics(loss=own_loss[k])

@@ -77,7 +77,7 @@ def assert_same(cfgs: list[NodeConfig]) -> None:
         for g, w in zip(got, want, strict=True):
             where = (agent, w.round)
             assert (g.accepted, g.filtered, g.missing) == (w.accepted, w.filtered, w.missing), where
-            for f in ("loss", "test_loss", "test_accuracy"):
+            for f in ("loss", "test_loss", "test_accuracy", "attack_success"):
                 assert close(getattr(g.metrics, f), getattr(w.metrics, f)), (where, f, g.metrics, w.metrics)
             assert [d.agent_id for d in g.decisions] == [d.agent_id for d in w.decisions], where
             for dg, dw in zip(g.decisions, w.decisions, strict=True):
