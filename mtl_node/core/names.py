@@ -28,6 +28,7 @@ RULES: dict[str, str] = {
     "loss-filtered-capped": "loss-filtered, no neighbour weighing more than weight_cap x self",
     "loss-filtered-clipped": "loss-filtered, kept neighbours' pulls clipped to clip_scale x the "
     "agent's own step",
+    "loss-filtered-median": "loss-filtered's kept neighbours and the agent: their coordinate-wise median",
     "median": "coordinate-wise median of the neighbourhood (needs 2f+1 members)",
     "none": "non-cooperative: every agent keeps its own model",
     "self-clipping": "own model + mean of neighbours' pulls clipped to clip_tau (no assumption)",

@@ -35,7 +35,20 @@ def run(plan: RunPlan, tmp_path: Path, rule: str, **options: str) -> RunOutput:
     return BACKENDS.get("sim")().run(plan, ctx)
 
 
-@pytest.mark.parametrize("rule", ["loss-filtered", "distance", "loss-filtered-clipped", "krum", "average"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "loss-filtered",
+        "distance",
+        "loss-filtered-clipped",
+        "krum",
+        "average",
+        "ubar",
+        "balance",
+        "clipped-gossip",
+        "ios",
+    ],
+)
 def test_batched_and_per_agent_give_the_same_rows(rule: str, tmp_path: Path) -> None:
     plan = plan_topology(parse_spec(SPEC))
     fast = run(plan, tmp_path, rule, engine="batched")
