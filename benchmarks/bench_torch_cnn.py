@@ -4,12 +4,15 @@ Two measurements (docs/performance.md, "digits and custom tasks on the torch bat
 
 - ``layouts``: process CPU time of scoring the paper's CNN (mtl_node.tasks.digits.PaperCNN) on 32
   images for each of 10 receivers x 10 models, the ways an engine can: vmapped over (rows, slots)
-  (grouped convolutions), 100 separate calls, 10 calls of 320 images (one per model), and the same
-  with channels-last weights (what mtl_node/batched/torch_model.py does);
+  (grouped convolutions), 100 separate calls, 10 calls of 320 images (one per model), each of the
+  last two also with channels-last weights, and each model on the receivers' stacked batches in
+  calls of ``CALL_SAMPLES`` images with channels-last weights (what mtl_node/batched/torch_model.py
+  does);
 - ``engines``: each rule of a spec (default examples/digits-2byz.yaml, first ``--rounds`` rounds) on
   the per-agent engine and the torch batched engine in this process, wall and process CPU time (the
   per-agent engine runs an agent's CNN calls in worker threads, so CPU time is the fairer measure on a
-  shared machine), tasks built once before timing so data rendering is cached for both.
+  shared machine), tasks built once before timing so data rendering is cached for both; and how
+  far apart the two engines' metrics are each round, and whether their decision counts differ.
 
     python benchmarks/bench_torch_cnn.py [--rounds 10] [--threads 1] [--spec examples/digits-2byz.yaml]
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mtl_node.batched import torch_engine  # noqa: E402
+from mtl_node.batched.torch_model import CALL_SAMPLES  # noqa: E402
 from mtl_node.engine import run_agents  # noqa: E402
 from mtl_node.tasks import make_task  # noqa: E402
 from mtl_node.tasks.digits import PaperCNN  # noqa: E402
@@ -82,10 +87,13 @@ def layouts() -> dict[str, float]:
             }
         return p
 
-    def per_model(channels_last: bool) -> None:
+    def per_model(channels_last: bool, per_call: int = rows) -> None:
         for s in range(slots):
-            out = functional_call(module, model(s, channels_last), (x.flatten(0, 1),))
-            vmap(F.cross_entropy)(out.unflatten(0, (rows, batch)), y)
+            p = model(s, channels_last)
+            for r in range(0, rows, per_call):
+                xs, ys = x[r : r + per_call], y[r : r + per_call]
+                out = functional_call(module, p, (xs.flatten(0, 1),))
+                vmap(F.cross_entropy)(out.unflatten(0, xs.shape[:2]), ys)
 
     grid = {n: t.view(rows, slots, *t.shape[1:]) for n, t in stacked.items()}
     with torch.no_grad():
@@ -96,9 +104,33 @@ def layouts() -> dict[str, float]:
             "100 calls of 32 images": cpu(
                 lambda: [loss_of(model(r * slots + s), x[r], y[r]) for r in range(rows) for s in range(slots)]
             ),
+            "100 calls of 32 images, channels-last": cpu(
+                lambda: [
+                    loss_of(model(r * slots + s, True), x[r], y[r]) for r in range(rows) for s in range(slots)
+                ]
+            ),
             "10 calls of 320 images": cpu(lambda: per_model(False)),
             "10 calls of 320 images, channels-last": cpu(lambda: per_model(True)),
+            "10 models in calls of 128 images, channels-last": cpu(
+                lambda: per_model(True, CALL_SAMPLES // batch)
+            ),
         }
+
+
+def drift(fast: dict[str, Any], oracle: dict[str, Any]) -> tuple[list[float], int]:
+    """(per round: max relative difference of loss/test_loss over agents, rounds x agents whose
+    accepted/filtered/missing counts differ)."""
+    rounds = len(next(iter(oracle.values())))
+    worst = [0.0] * rounds
+    mismatches = 0
+    for agent, want in oracle.items():
+        for i, (g, w) in enumerate(zip(fast[agent], want, strict=True)):
+            mismatches += (g.accepted, g.filtered, g.missing) != (w.accepted, w.filtered, w.missing)
+            for f in ("loss", "test_loss"):
+                a, b = getattr(g.metrics, f), getattr(w.metrics, f)
+                if a is not None and b is not None and math.isfinite(b):
+                    worst[i] = max(worst[i], abs(a - b) / max(abs(b), 1e-12))
+    return worst, mismatches
 
 
 def engines(spec: Path, rounds: int, threads: int) -> list[dict[str, Any]]:
@@ -115,19 +147,21 @@ def engines(spec: Path, rounds: int, threads: int) -> list[dict[str, Any]]:
             print(f"{rule}: not batched: {reason}")
             continue
         row: dict[str, Any] = {"rule": rule}
-        for name in ("per_agent", "batched"):
-            wall, proc = time.perf_counter(), time.process_time()
-            if name == "per_agent":
-                run_agents(configs)
-            else:
-                torch_engine.run_torch_batched(configs, threads=threads)
-            row[f"{name}_wall_s"] = round(time.perf_counter() - wall, 2)
-            row[f"{name}_cpu_s"] = round(time.process_time() - proc, 2)
+        wall, proc = time.perf_counter(), time.process_time()
+        oracle = {a: r.records for a, r in run_agents(configs).items()}
+        row["per_agent_wall_s"] = round(time.perf_counter() - wall, 2)
+        row["per_agent_cpu_s"] = round(time.process_time() - proc, 2)
+        wall, proc = time.perf_counter(), time.process_time()
+        fast = torch_engine.run_torch_batched(configs, threads=threads)
+        row["batched_wall_s"] = round(time.perf_counter() - wall, 2)
+        row["batched_cpu_s"] = round(time.process_time() - proc, 2)
         row["cpu_ratio"] = round(row["per_agent_cpu_s"] / row["batched_cpu_s"], 2)
+        row["drift"], row["count_mismatches"] = drift(fast, oracle)
         print(
             f"{rule:>14}: per-agent {row['per_agent_wall_s']:6.2f} s wall {row['per_agent_cpu_s']:6.2f} s CPU"
             f" | batched {row['batched_wall_s']:6.2f} s wall {row['batched_cpu_s']:6.2f} s CPU"
-            f" | CPU x {row['cpu_ratio']:.1f}",
+            f" | CPU x {row['cpu_ratio']:.1f} | count mismatches {row['count_mismatches']}"
+            f" | max rel. diff per round {' '.join(f'{d:.1e}' for d in row['drift'])}",
             flush=True,
         )
         rows.append(row)
