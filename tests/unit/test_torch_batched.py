@@ -181,59 +181,6 @@ def test_what_it_cannot_batch_is_named(change: dict[str, Any], reason: str) -> N
         torch_engine.run_torch_batched(cfgs)
 
 
-def test_an_honest_model_that_is_not_finite_arrives_as_missing_like_the_per_agent_engine() -> None:
-    """An agent whose training diverges (a huge learning rate: its model overflows to inf/NaN) is
-    left out by every receiver as a fetch that fails validation, with the same reason."""
-    cfgs = configs("loss-filtered", rounds=4, overrides={"a2": {"lr": 1e38}})
-    fast = torch_engine.run_torch_batched(cfgs)
-    missing = [d for rec in fast["a0"] for d in rec.decisions if d.decision == "missing"]
-    assert missing and all(d.agent_id == "a2" and d.reason.startswith("non-finite") for d in missing)
-    assert_same(cfgs)
-
-
-def test_decisions_are_built_when_read_and_compare_like_tuples() -> None:
-    cfgs = configs("loss-filtered", rounds=2, byzantine={"a1": ("constant", {"low": 0.0, "high": 0.1})})
-    rec = torch_engine.run_torch_batched(cfgs)["a0"][-1]
-    assert len(rec.decisions) == len(cfgs[0].neighbors) + 1
-    items = tuple(rec.decisions)
-    assert rec.decisions == items and items == tuple(rec.decisions)
-    assert rec.decisions[0].agent_id == "a0" and rec.decisions[-1] == items[-1]
-    assert hash(rec.decisions) == hash(items)
-
-
-def test_the_engine_runs_with_its_thread_setting_and_restores_the_callers() -> None:
-    import torch
-
-    before = torch.get_num_threads()
-    seen: list[int] = []
-    cfgs = configs("none", rounds=1)
-    torch_engine.run_torch_batched(cfgs, on_round=lambda _: seen.append(torch.get_num_threads()))
-    assert seen == [torch_engine.THREADS]
-    assert torch.get_num_threads() == before
-
-
-@pytest.mark.parametrize(
-    ("attack", "params"), [("constant", {"low": 0.0, "high": 0.1}), ("small-perturbation", {"std": 0.05})]
-)
-@pytest.mark.parametrize("rule", ["loss", "loss-filtered-capped"])
-def test_vectorized_running_score_rules_with_attackers_equal_the_per_agent_engine(
-    rule: str, attack: str, params: dict[str, Any]
-) -> None:
-    """The rules aggregated over all rows at once (torch_rules.EMA_RULES) against the agents' own
-    rule objects, with attackers, and a weight cap that binds (0.3 x the agent's own weight)."""
-    byz = {"a1": (attack, params), "a4": (attack, params)}
-    lazy = {"train_share": 0.05}
-    cfgs = [
-        c.model_copy(update={"rule_params": c.rule_params.model_copy(update={"weight_cap": 0.3})})
-        # a0 and a2 rarely train: their neighbours' models beat their own, so they keep them
-        for c in configs(rule, byzantine=byz, rounds=6, overrides={"a0": lazy, "a2": lazy})
-    ]
-    if rule == "loss-filtered-capped":
-        fast = torch_engine.run_torch_batched(cfgs)
-        assert any("weight capped" in d.reason for recs in fast.values() for r in recs for d in r.decisions)
-    assert_same(cfgs)
-
-
 def network(
     task: str,
     rule: str,
@@ -449,3 +396,56 @@ def test_a_task_class_that_overrides_the_training_is_named(plugins: Path) -> Non
     cfgs = [NodeConfig.model_validate({**c.model_dump(), "task": "plug_cls:Mine"}) for c in cfgs]
     got = torch_engine.unsupported_reason(cfgs)
     assert got is not None and got.startswith("a0: ") and "overrides TorchTask.adapt" in got
+
+
+def test_an_honest_model_that_is_not_finite_arrives_as_missing_like_the_per_agent_engine() -> None:
+    """An agent whose training diverges (a huge learning rate: its model overflows to inf/NaN) is
+    left out by every receiver as a fetch that fails validation, with the same reason."""
+    cfgs = configs("loss-filtered", rounds=4, overrides={"a2": {"lr": 1e38}})
+    fast = torch_engine.run_torch_batched(cfgs)
+    missing = [d for rec in fast["a0"] for d in rec.decisions if d.decision == "missing"]
+    assert missing and all(d.agent_id == "a2" and d.reason.startswith("non-finite") for d in missing)
+    assert_same(cfgs)
+
+
+def test_decisions_are_built_when_read_and_compare_like_tuples() -> None:
+    cfgs = configs("loss-filtered", rounds=2, byzantine={"a1": ("constant", {"low": 0.0, "high": 0.1})})
+    rec = torch_engine.run_torch_batched(cfgs)["a0"][-1]
+    assert len(rec.decisions) == len(cfgs[0].neighbors) + 1
+    items = tuple(rec.decisions)
+    assert rec.decisions == items and items == tuple(rec.decisions)
+    assert rec.decisions[0].agent_id == "a0" and rec.decisions[-1] == items[-1]
+    assert hash(rec.decisions) == hash(items)
+
+
+def test_the_engine_runs_with_its_thread_setting_and_restores_the_callers() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    cfgs = configs("none", rounds=1)
+    torch_engine.run_torch_batched(cfgs, on_round=lambda _: seen.append(torch.get_num_threads()))
+    assert seen == [torch_engine.THREADS]
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("attack", "params"), [("constant", {"low": 0.0, "high": 0.1}), ("small-perturbation", {"std": 0.05})]
+)
+@pytest.mark.parametrize("rule", ["loss", "loss-filtered-capped"])
+def test_vectorized_running_score_rules_with_attackers_equal_the_per_agent_engine(
+    rule: str, attack: str, params: dict[str, Any]
+) -> None:
+    """The rules aggregated over all rows at once (torch_rules.EMA_RULES) against the agents' own
+    rule objects, with attackers, and a weight cap that binds (0.3 x the agent's own weight)."""
+    byz = {"a1": (attack, params), "a4": (attack, params)}
+    lazy = {"train_share": 0.05}
+    cfgs = [
+        c.model_copy(update={"rule_params": c.rule_params.model_copy(update={"weight_cap": 0.3})})
+        # a0 and a2 rarely train: their neighbours' models beat their own, so they keep them
+        for c in configs(rule, byzantine=byz, rounds=6, overrides={"a0": lazy, "a2": lazy})
+    ]
+    if rule == "loss-filtered-capped":
+        fast = torch_engine.run_torch_batched(cfgs)
+        assert any("weight capped" in d.reason for recs in fast.values() for r in recs for d in r.decisions)
+    assert_same(cfgs)
