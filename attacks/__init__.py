@@ -3,6 +3,7 @@
 ``mtl-node attacks`` lists them with their parameters; each class docstring gives its exact maths.
 """
 
+from attacks import adaptive as _adaptive  # noqa: F401
 from attacks import backdoor as _backdoor  # noqa: F401
 from attacks import capture as _capture  # noqa: F401
 from attacks import constant as _constant  # noqa: F401

@@ -13,6 +13,7 @@ The goal model g has every coordinate equal to ``goal`` (default 15.5, the centr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -80,10 +81,25 @@ class DistanceCapture(Attack):
 
 
 def proxy_loss(task: Task, model: StateDict, round_: int, window: int) -> float:
-    """Mean loss of ``model`` on the attacker's own data of rounds max(1, i-window+1) .. i."""
+    """Mean loss of ``model`` on ``task``'s data of rounds max(1, i-window+1) .. i (the attacker's
+    own task: the same-task proxy of a victim's data; an omniscient attack passes the victim's)."""
     rounds = range(max(1, round_ - window + 1), round_ + 1)
     values = [task.losses([model], r)[0] for r in rounds]
     return sum(values) / len(values)
+
+
+def largest_within(
+    loss: Callable[[StateDict], float], candidate: Callable[[float], StateDict], budget: float, iters: int
+) -> float:
+    """The largest s in [0, 1] with loss(candidate(s)) <= budget (finite), by
+    ``mtl_node.kernels.attacks.budget_step``: 1 if feasible, else the bisection's feasible end after
+    ``iters`` halvings (0: none found). Assumes the feasible steps form an interval [0, s*]."""
+
+    def feasible(steps: np.ndarray) -> np.ndarray:
+        value = loss(candidate(float(steps[0])))
+        return np.array([math.isfinite(value) and value <= budget])
+
+    return float(budget_step(feasible, np.array([iters]))[0])
 
 
 class LossBudgetParams(BaseModel):
@@ -125,12 +141,12 @@ class LossBudget(Attack):
         budget = p.slack * proxy_loss(task, base, round_, p.window)
         if not math.isfinite(budget):
             return base
-
-        def feasible(steps: np.ndarray) -> np.ndarray:
-            loss = proxy_loss(task, towards(base, goal, float(steps[0])), round_, p.window)
-            return np.array([math.isfinite(loss) and loss <= budget])
-
-        step = float(budget_step(feasible, np.array([p.iters]))[0])
+        step = largest_within(
+            lambda m: proxy_loss(task, m, round_, p.window),
+            lambda s: towards(base, goal, s),
+            budget,
+            p.iters,
+        )
         return towards(base, goal, step) if step > 0 else base
 
 

@@ -52,7 +52,20 @@ SWEEPS: dict[str, tuple[str, str]] = {
     "har": ("examples/sweep-frontier-har.yaml", "results/frontier-har"),
     "digits": ("examples/sweep-frontier-digits.yaml", "results/frontier-digits"),
 }
-KEEP = ("task", "topology", "rule", "attack", "fraction", "seed", "agent", "metric", "final", "alone")
+KEEP = (
+    "task",
+    "topology",
+    "rule",
+    "attack",
+    "fraction",
+    "seed",
+    "agent",
+    "metric",
+    "final",
+    "alone",
+    "attack_success",
+)
+BACKDOOR_MARGIN = 0.10  # backdoor success more than 10 points above the same agents' alone
 DEFEAT_MARGIN = 0.10  # error (loss, or 1 - accuracy) more than 10% above learning alone
 LOSS_FILTERED = ("loss-filtered", "loss-filtered-capped", "loss-filtered-clipped")
 
@@ -85,8 +98,8 @@ def load(name: str) -> tuple[SweepSpec, list[dict[str, Any]]] | None:
             row: dict[str, Any] = dict(r)
             row["fraction"] = float(row["fraction"])
             row["seed"] = int(row["seed"])
-            for c in ("final", "alone"):
-                row[c] = float(row[c]) if row[c] != "" else None
+            for c in ("final", "alone", "attack_success"):
+                row[c] = float(row[c]) if row.get(c, "") != "" else None
             rows.append(row)
     return spec, rows
 
@@ -173,6 +186,7 @@ def render_task(name: str, spec: SweepSpec, rows: list[dict[str, Any]], run: dic
         lines.append("")
     lines += _defeats(rules, attacks, fractions, mean, rows, task.label, metric)
     lines += per_topology(spec, rows)
+    lines += backdoor(spec, rows)
     images = sorted(IMG.glob(f"frontier-{name}-*.png"))
     lines += [f"![{p.stem}](img/{p.name})" for p in images] + [""]
     return lines
@@ -209,6 +223,47 @@ def _defeats(
         text = "every cell, without attack too" if lost and everywhere else ", ".join(lost) or "none"
         lines.append(f"- `{rule}`: {text}")
     return [*lines, ""]
+
+
+def backdoor(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
+    """Rule x fraction: the backdoor's attack success rate, next to the same rule without attack
+    and rule ``none`` (the same agents learning alone: the trigger's natural rate)."""
+    labels = [a.label for a in spec.attacks if a.attack == "backdoor"]
+    if not labels or not any(r["attack_success"] is not None for r in rows):
+        return []
+    label = labels[0]
+    fractions = sorted(f for f in spec.fractions if f > 0)
+
+    def asr(rule: str, f: float, attack: str) -> float:
+        vals = [
+            r["attack_success"]
+            for r in rows
+            if (r["rule"], r["fraction"], r["attack"]) == (rule, f, attack)
+            and r["attack_success"] is not None
+        ]
+        return float(np.mean(vals)) if vals else math.nan
+
+    lines = [
+        f"Backdoor (`{label}`): the attack success rate, the share of the normal agents' test samples "
+        "of other classes that the trigger turns into the target class (mean over normal agents), "
+        "without attack and under the backdoor at each fraction. **Bold**: more than "
+        f"{BACKDOOR_MARGIN * 100:.0f} points above the same agents learning alone (row `none`).",
+        "",
+        "| rule | no attack | " + " | ".join(f"backdoor {f:.0%}" for f in fractions) + " |",
+        "|---|---|" + "---|" * len(fractions),
+    ]
+    for rule in spec.rules:
+        cells = [_pct(asr(rule, 0.0, NO_ATTACK))]
+        for f in fractions:
+            v, ref = asr(rule, f, label), asr("none", f, label)
+            text = _pct(v)
+            cells.append(f"**{text}**" if rule != "none" and v > ref + BACKDOOR_MARGIN else text)
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _pct(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.0%}"
 
 
 def per_topology(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:

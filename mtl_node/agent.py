@@ -78,6 +78,19 @@ class Agent:
         self.task = task or make_task(config.task, config.id, config.seed, config.task_params, config.device)
         # A Byzantine agent learns alone to keep an honest-looking model to craft from.
         self.rule: Rule = make_rule("none" if config.attack else config.rule, config.rule_params)
+        attack = (
+            make_attack(
+                config.attack,
+                config.id,
+                config.seed,
+                config.attack_params,
+                task=config.task,
+                rule=config.rule,
+                rule_params=config.rule_params.model_dump(),
+            )
+            if config.attack
+            else None
+        )
         self.store = ModelStore(config.id, keep=config.keep_rounds)
         self.theta: StateDict = self.task.init_model()
         self.manifest = wire.manifest_of(self.theta)
@@ -91,7 +104,7 @@ class Agent:
         self._compute_lock = asyncio.Lock()
         # Byzantine agents fetch too (and discard): it keeps them in step with their victims and
         # gives attacks the neighbours' honest models. Non-cooperative agents need nothing.
-        self.fetches = bool(config.attack) or self.rule.name != "none"
+        self.fetches = attack is not None or self.rule.name != "none"
         self._last_failure: dict[str, str] = {}
         self.liveness = NeighbourLiveness(config.id, transport.latest_round, config.fetch_timeout)
         self.loop_watch = LoopWatch()
@@ -99,15 +112,7 @@ class Agent:
         self.observer = AgentObserver()
         self.done = asyncio.Event()
         # Byzantine: the attack, what it sees and how its answers are served (mtl_node.attack_node).
-        self.byzantine: AttackSide | None = (
-            AttackSide(
-                self,
-                make_attack(config.attack, config.id, config.seed, config.attack_params, task=config.task),
-                self._compute,
-            )
-            if config.attack
-            else None
-        )
+        self.byzantine = AttackSide(self, attack, self._compute) if attack is not None else None
         # Crash-only (mtl_node/state.py): continue after the last round whose state is on disk.
         self.state_dir = config.state_path
         self.fingerprint = agent_state.fingerprint(config, self.manifest)

@@ -18,7 +18,11 @@ What an attack sees, through its bound :class:`AttackView` (the attack node fill
   the requester is not a neighbour (no route to it) or is itself fetching from us for that round;
 - ``view.own(r)``: the node's own honest model of an earlier round (stale replays);
 - ``view.task``: the node's own task instance, a loss oracle on the node's own data. Used as the
-  "same-task proxy" of the victim's data, exact only when the attacker shares the victim's task.
+  "same-task proxy" of the victim's data, exact only when the attacker shares the victim's task;
+- ``view.victim_task(agent)``: a private copy of another agent's task (its very data), only in the
+  in-process engine, for omniscient attacks; None over the network, where a daemon refuses them
+  (``make_attack(..., network=True)`` and :meth:`Attack.check_network`);
+- ``ctx.rule`` / ``ctx.rule_params``: the rule the run's normal agents use (white-box attacks).
 
 ``craft`` must be cheap and must not raise for lack of information: with nothing to craft from it
 falls back to something documented (usually the honest model). To send nothing it raises
@@ -63,6 +67,9 @@ Redraw = Literal["never", "round", "request"]
 class AttackContext:
     agent_id: str
     seed: int
+    # The rule (and its parameters) of the run: what the victims aggregate with (white-box attacks).
+    rule: str = "none"
+    rule_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Withhold(Exception):
@@ -94,6 +101,11 @@ class AttackView:
         """The node's honest model of ``round_``, or of the oldest round still kept after it."""
         return None
 
+    def victim_task(self, agent_id: str) -> Task | None:
+        """A private copy of ``agent_id``'s task (the same data, not shared state), for omniscient
+        attacks: only where the victim lives in the same process (the in-process engine)."""
+        return None
+
 
 @dataclass
 class StaticView(AttackView):
@@ -103,6 +115,7 @@ class StaticView(AttackView):
     requester_models: dict[tuple[str, int], StateDict] = field(default_factory=dict)
     own_models: dict[int, StateDict] = field(default_factory=dict)
     task_instance: Task | None = None
+    victim_tasks: dict[str, Task] = field(default_factory=dict)
 
     @property
     def task(self) -> Task | None:
@@ -117,6 +130,9 @@ class StaticView(AttackView):
     def own(self, round_: int) -> StateDict | None:
         later = sorted(r for r in self.own_models if r >= round_)
         return self.own_models[later[0]] if later else None
+
+    def victim_task(self, agent_id: str) -> Task | None:
+        return self.victim_tasks.get(agent_id)
 
 
 def name_salt(name: str) -> int:
@@ -175,6 +191,12 @@ class Attack(ABC):
         """Why this attack cannot run with ``task_cls`` (None: it can)."""
         return None
 
+    @classmethod
+    def check_network(cls, params: BaseModel) -> tuple[str, str] | None:
+        """(parameter, why) this attack with ``params`` cannot serve over the network (a daemon),
+        e.g. it reads its victims' data (``view.victim_task``); None: it can."""
+        return None
+
     def generator(self, round_: int, requester: str, redraw: Redraw) -> np.random.Generator:
         return draw_generator(self.ctx.seed, self.ctx.agent_id, self.name, redraw, round_, requester)
 
@@ -225,12 +247,31 @@ def parse_params(name: str, params: Mapping[str, Any], prefix: str = "attack_par
 
 
 def make_attack(
-    name: str, agent_id: str, seed: int, params: Mapping[str, Any], task: str | None = None
+    name: str,
+    agent_id: str,
+    seed: int,
+    params: Mapping[str, Any],
+    task: str | None = None,
+    *,
+    rule: str = "none",
+    rule_params: Mapping[str, Any] | None = None,
+    network: bool = False,
 ) -> Attack:
-    """Build attack ``name``; with ``task`` (a task name) also check the attack can run on it."""
+    """Build attack ``name``; with ``task`` (a task name) also check the attack can run on it;
+    ``rule``/``rule_params``: the run's rule (white-box attacks read it); ``network``: it will serve
+    as a daemon, so attacks that need the in-process engine (Attack.check_network) refuse."""
     load_plugins()
     cls = ATTACKS.get(name, field="attack")
     parsed = parse_params(name, params)
+    if network:
+        refused = cls.check_network(parsed)
+        if refused is not None:
+            where, why = refused
+            raise ConfigError(
+                f"attack_params.{where}",
+                why,
+                f"drop {where}, or run the topology in one process (mtl-orchestrate up --backend sim)",
+            )
     if task is not None:
         from mtl_node.tasks import TASKS
 
@@ -238,4 +279,4 @@ def make_attack(
             problem = cls.check_task(TASKS.get(task))
             if problem:
                 raise ConfigError("attack", problem, f"use another attack, or a task that {name} supports")
-    return cls(AttackContext(agent_id, seed), parsed)
+    return cls(AttackContext(agent_id, seed, rule, dict(rule_params or {})), parsed)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mtl_node import wire
 from mtl_node.attack_api import Attack, AttackView, Withhold
 from mtl_node.core.errors import FetchError, WireError
-from mtl_node.tasks import Task
+from mtl_node.tasks import Task, make_task
 from mtl_node.wire import StateDict
 
 if TYPE_CHECKING:
@@ -43,7 +43,19 @@ class AttackSide:
         self.requester_models: dict[tuple[str, int], StateDict] = {}
         self._requester_fetching: set[tuple[str, int]] = set()
         self._craft_failed = False
+        self._victim_tasks: dict[str, Task | None] = {}
         attack.bind(AgentView(self))
+
+    def victim_task(self, agent_id: str) -> Task | None:
+        """A private copy of ``agent_id``'s task, built from its config when it lives in this process
+        (the in-process engine): the same data, deterministic in (seed, agent, round), and no state
+        shared with the victim's own task object. None over the network."""
+        if agent_id not in self._victim_tasks:
+            cfg = self.agent.transport.local_config(agent_id)
+            self._victim_tasks[agent_id] = (
+                None if cfg is None else make_task(cfg.task, cfg.id, cfg.seed, cfg.task_params, cfg.device)
+            )
+        return self._victim_tasks[agent_id]
 
     async def craft(self, round_: int, requester: str, honest: StateDict, deadline: float) -> StateDict:
         """The attack's model for this request; Withhold becomes a FetchError (missing neighbour).
@@ -121,6 +133,9 @@ class AgentView(AttackView):
 
     def model_of(self, agent_id: str, round_: int) -> StateDict | None:
         return self.side.requester_models.get((agent_id, round_))
+
+    def victim_task(self, agent_id: str) -> Task | None:
+        return self.side.victim_task(agent_id)
 
     def own(self, round_: int) -> StateDict | None:
         store = self.side.agent.store

@@ -91,7 +91,7 @@ def check_agent(cfg: NodeConfig) -> None:
 
         state.check(cfg.state_path, state.fingerprint(cfg, wire.manifest_of(task.init_model())))
     if cfg.attack:
-        make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task)
+        make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task, network=True)
     else:
         check_neighbourhood(cfg.rule, cfg.rule_params, len(cfg.neighbors), cfg.id, "rule")
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mtl_node.core.errors import FetchError
 from mtl_node.wire import Manifest, StateDict
+
+if TYPE_CHECKING:
+    from mtl_node.config import NodeConfig
 
 
 class ModelSource(Protocol):
@@ -37,6 +40,11 @@ class Transport(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def local_config(self, agent_id: str) -> NodeConfig | None:
+        """The config of ``agent_id`` when it lives in this process (omniscient attacks rebuild its
+        task from it); None for transports that cross the network."""
+        return None
+
 
 class InMemoryTransport(Transport):
     """Agents in one process: fetch straight from the neighbour's model source."""
@@ -50,6 +58,12 @@ class InMemoryTransport(Transport):
             raise FetchError(f"no agent {neighbor!r} in this process", reason="unavailable")
         # model_for bounds its own wait by ``timeout`` (no extra wait_for task on the hot path).
         return await source.model_for(round_, requester, timeout)
+
+    def local_config(self, agent_id: str) -> NodeConfig | None:
+        config = getattr(self.sources.get(agent_id), "config", None)
+        from mtl_node.config import NodeConfig
+
+        return config if isinstance(config, NodeConfig) else None
 
     async def latest_round(self, neighbor: str, timeout: float) -> int:
         source = self.sources.get(neighbor)

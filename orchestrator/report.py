@@ -30,6 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from mtl_node.core import names
 from mtl_node.core.errors import ConfigError
 from orchestrator.results import (
     METRICS,
@@ -326,6 +327,7 @@ def render_markdown(
         f"| agents | {len(agents)} ({len(agents) - n_byz} normal, {n_byz} Byzantine) |",
         f"| wall time | {_seconds(wall)} |",
         f"| rules | {', '.join(summary['rules'])} |",
+        f"| attacks | {_attacks(agents)} |",
         "",
         "## Final-window metrics over normal agents",
         "",
@@ -363,6 +365,17 @@ def render_markdown(
             title = image.removesuffix(".png")
             lines += [f"![{LABELS.get(title, title)}]({image})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _attacks(agents: Sequence[Mapping[str, Any]]) -> str:
+    """The Byzantine agents' attacks with how many run each, labelled as results label them (an
+    omniscient attack, which reads its victims' data, says so)."""
+    counts: dict[str, int] = {}
+    for a in agents:
+        if a.get("role") == "byzantine":
+            label = names.attack_label(a.get("attack"), a.get("attack_params"))
+            counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{label} x{n}" for label, n in sorted(counts.items())) or "—"
 
 
 def _num(x: Any, digits: int = 4) -> str:

@@ -18,7 +18,16 @@ measures it; these variants bound it, and keep the paper's filter and weights ot
   data do, however the kept set is made up. (A radius taken from the kept neighbours' distances,
   e.g. their median, is set by the attackers as soon as they are most of the kept set.)
 
-Both reduce exactly to loss-filtered when nothing binds. The round loop scores the agent's own
+- ``loss-filtered-median``: the members the filter keeps (the agent included) are combined by their
+  coordinate-wise median instead of the inverse-loss weighted mean. The filter picks the agents
+  that learn the agent's task (multi-task learning: robust statistics over the whole neighbourhood
+  mix the tasks, docs/robustness.md); the median then ignores a minority of kept members whose
+  parameters deviate in a few coordinates, which is what a backdoor does (the weights that read the
+  trigger) and what a model riding the loss budget does (it moves where the agent's loss is flat).
+  It assumes that the attackers are fewer than half of what the filter keeps, the agent included;
+  with one kept neighbour it is the plain mean of the two, with none the agent's own model.
+
+The first two reduce exactly to loss-filtered when nothing binds. The round loop scores the agent's own
 model on the sample it has just adapted on (docs/design.md), so the own EMA is biased low and
 the filter errs towards keeping less; neither variant changes that.
 """
@@ -35,10 +44,11 @@ import numpy as np
 from mtl_node.aggregation.base import RULES, Aggregation, Candidate
 from mtl_node.aggregation.rules import LossFiltered
 from mtl_node.kernels import decisions as reasons
-from mtl_node.kernels.hardened import cap_weights, clip_pulls, own_step_ema
+from mtl_node.kernels.hardened import cap_weights, clip_pulls, kept_median, own_step_ema
 
 NAN = math.nan
 
+# The rules the vectorized engine runs (loss-filtered-median runs on the per-agent engine).
 HARDENED_RULES = ("loss-filtered-capped", "loss-filtered-clipped")
 
 
@@ -132,3 +142,32 @@ class LossFilteredClipped(LossFiltered):
             else:
                 decisions.append(replace(d, weight=weights.get(d.agent_id, 0.0)))
         return Aggregation(weights, decisions, combined=out.combined[0])
+
+
+@RULES.register("loss-filtered-median")
+class LossFilteredMedian(LossFiltered):
+    """theta = coordinate-wise median of {psi_k} + {psi_l : l kept by the loss filter}. Every member
+    of that set is logged as accepted with weight 1/m (m its size): the median is not a weighted
+    sum, so the weights say who took part, as the robust baselines' do."""
+
+    name = "loss-filtered-median"
+    needs_models = True
+
+    def aggregate(self, candidates: Sequence[Candidate]) -> Aggregation:
+        agg = super().aggregate(candidates)
+        members = [c for c in candidates if agg.weights.get(c.agent_id, 0.0) > 0.0]
+        if len(members) <= 1 or members[0] is not candidates[0]:
+            return agg
+        for c in members:
+            if c.model is None:
+                raise ValueError(f"{self.name}: member {c.agent_id} has no model (needs_models)")
+        X = np.stack([np.asarray(c.model, dtype=np.float64) for c in members])[None, :, :]
+        kept = np.ones((1, len(members)), dtype=bool)
+        with np.errstate(over="ignore", invalid="ignore"):
+            combined = kept_median(X, kept)[0]
+        if not np.isfinite(combined).all():
+            return agg
+        w = 1.0 / len(members)
+        weights = {c.agent_id: w for c in members}
+        decisions = [replace(d, weight=weights.get(d.agent_id, 0.0)) for d in agg.decisions]
+        return Aggregation(weights, decisions, combined=combined)

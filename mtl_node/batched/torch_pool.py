@@ -124,17 +124,18 @@ def combine(pool: Pool, weights: np.ndarray, keep_own: np.ndarray, psi: Stacked)
         return dict(psi)
     n, width = weights.shape
     size = len(next(iter(pool.models.values())))
-    w = torch.from_numpy(weights).to(torch.float32)
-    dense = torch.zeros((n, size), dtype=torch.float32)
-    dense.index_put_((torch.arange(n)[:, None].expand(n, width), pool.src), w, accumulate=True)
+    device = pool.src.device
+    w = torch.from_numpy(weights).to(device, torch.float32)
+    dense = torch.zeros((n, size), dtype=torch.float32, device=device)
+    dense.index_put_((torch.arange(n, device=device)[:, None].expand(n, width), pool.src), w, accumulate=True)
     ok = finite_rows(pool.models)
     models = pool.models
     bad_rows: list[int] = []
     if not bool(ok.all()):
         models = {name: torch.where(_col(ok, t), t, torch.zeros_like(t)) for name, t in models.items()}
-        own_bad = (~ok[:n]).numpy() & (weights[:, 0] != 0.0) & ~keep_own
+        own_bad = (~ok[:n]).cpu().numpy() & (weights[:, 0] != 0.0) & ~keep_own
         bad_rows = np.flatnonzero(own_bad).tolist()
-    keep = torch.from_numpy(keep_own)
+    keep = torch.from_numpy(keep_own).to(device)
     theta: Stacked = {}
     for name, t in models.items():
         out = (dense @ t.reshape(size, -1)).reshape(n, *t.shape[1:])
@@ -158,4 +159,4 @@ def vectors(pool: Pool, k: int) -> np.ndarray:
     src = pool.src[k]
     names = sorted(name for name, t in pool.models.items() if t.is_floating_point())
     flat = torch.cat([pool.models[name][src].reshape(len(src), -1) for name in names], dim=1)
-    return flat.double().numpy()
+    return flat.double().cpu().numpy()

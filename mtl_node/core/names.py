@@ -28,6 +28,7 @@ RULES: dict[str, str] = {
     "loss-filtered-capped": "loss-filtered, no neighbour weighing more than weight_cap x self",
     "loss-filtered-clipped": "loss-filtered, kept neighbours' pulls clipped to clip_scale x the "
     "agent's own step",
+    "loss-filtered-median": "loss-filtered's kept neighbours and the agent: their coordinate-wise median",
     "median": "coordinate-wise median of the neighbourhood (needs 2f+1 members)",
     "none": "non-cooperative: every agent keeps its own model",
     "self-clipping": "own model + mean of neighbours' pulls clipped to clip_tau (no assumption)",
@@ -36,6 +37,8 @@ RULES: dict[str, str] = {
 }
 
 ATTACKS: dict[str, str] = {
+    "adaptive": "white-box: per victim psi_k + lambda d, lambda as large as the victim's rule "
+    "accepts (loss test, clipping or acceptance radius)",
     "alie": "a little is enough: mean +- z * std of the honest models, per coordinate",
     "backdoor": "a model trained on its data plus triggered samples relabelled to the target "
     "class (classification torch tasks; attack_success measures it)",
@@ -68,3 +71,13 @@ ATTACKS: dict[str, str] = {
 TASK_NAMES = tuple(sorted(TASKS))
 RULE_NAMES = tuple(sorted(RULES))
 ATTACK_NAMES = tuple(sorted(ATTACKS))
+
+
+def attack_label(attack: str | None, params: dict[str, object] | None = None) -> str:
+    """How results and reports name an attack (its name, or the label a sweep gives it), with
+    "(omniscient)" added when it reads its victims' data (adaptive's ``omniscient: true``, in-process
+    engine only), so that no table passes it off as an attack a real node could mount."""
+    if attack is None:
+        return "-"
+    omniscient = (params or {}).get("omniscient") is True and "(omniscient)" not in attack
+    return f"{attack} (omniscient)" if omniscient else attack

@@ -217,3 +217,42 @@ def rop(
     relocated = lam[:, None] * mean + (1.0 - lam)[:, None] * center
     spread = np.sqrt((std * std).sum(axis=-1, keepdims=True))
     return relocated + z[:, None] * spread * d
+
+
+# -- adaptive ------------------------------------------------------------------------------------------
+
+ADAPTIVE_DIRECTIONS = ("negative", "goal", "away")
+
+
+def adaptive_direction(
+    victim: np.ndarray, kind: str, goal: np.ndarray | None = None, mean: np.ndarray | None = None
+) -> np.ndarray:
+    """d of the adaptive attack, per row ((rows, dim) each): ``negative`` -psi_k (lambda = 1 is the
+    zero model, 2 the victim's model sign-flipped); ``goal`` g - psi_k (lambda = 1 reaches g);
+    ``away`` psi_k - mu, mu the mean of the honest models the attacker knows (away from where the
+    victim's neighbours, and a shared target, are)."""
+    if kind == "negative":
+        return -victim
+    if kind == "goal":
+        if goal is None:
+            raise ValueError("direction goal needs the goal model")
+        return goal - victim
+    if kind == "away":
+        if mean is None:
+            raise ValueError("direction away needs the honest mean")
+        return victim - mean
+    raise ValueError(f"direction must be one of {', '.join(ADAPTIVE_DIRECTIONS)}, got {kind!r}")
+
+
+def along(base: A, d: A, step: float | np.ndarray) -> A:
+    """adaptive's candidates: x = base + step * d."""
+    return base + step * d
+
+
+def radius_step(d: np.ndarray, radius: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """(rows,) lambda = (1 - margin) * radius / ||d||: the step that puts psi_k + lambda d at the
+    victim's clipping or acceptance radius (just inside it, by ``margin``, so that the victim's own
+    rounding cannot put it outside); 0 when d = 0 or the radius is not positive and finite."""
+    n = np.sqrt((d * d).sum(axis=-1))
+    ok = (n > 0.0) & np.isfinite(radius) & (radius > 0.0)
+    return np.where(ok, (1.0 - margin) * np.where(ok, radius, 0.0) / np.where(ok, n, 1.0), 0.0)

@@ -72,6 +72,14 @@ def ubar(
     return _own_plus_mean(X, keep, alpha), selected, keep
 
 
+def balance_radius(
+    own_norm: np.ndarray, gamma: np.ndarray, kappa: np.ndarray, round_: np.ndarray, horizon: np.ndarray
+) -> np.ndarray:
+    """BALANCE's acceptance radius gamma * exp(-kappa * i / T) * ||psi_own|| per row (the adaptive
+    attack serves at it: mtl_node.kernels.attacks)."""
+    return gamma * np.exp(-kappa * round_ / horizon) * own_norm
+
+
 def balance(
     X: np.ndarray,
     present: np.ndarray,
@@ -87,7 +95,7 @@ def balance(
     (i = ``round_``, T = ``horizon``); theta = alpha * psi_own + (1 - alpha) * mean(accepted),
     psi_own when none is."""
     d, usable = _pulls(X, present)
-    radius = gamma * np.exp(-kappa * round_ / horizon) * norms(X[:, 0, :])
+    radius = balance_radius(norms(X[:, 0, :]), gamma, kappa, round_, horizon)
     accepted = usable & (d <= radius[:, None])
     return _own_plus_mean(X, accepted, alpha), accepted, radius
 

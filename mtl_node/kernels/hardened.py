@@ -1,6 +1,6 @@
 """The hardened loss-filtered rules' second step, over batches of neighbourhoods.
 
-Both start from the loss-filtered weights (``mtl_node.kernels.ema``); docs and the reasons for the
+All start from the loss-filtered weights (``mtl_node.kernels.ema``); docs and the reasons for the
 choices are in ``mtl_node.aggregation.hardened``. Arrays are (rows, slots[, dim]), slot 0 the agent.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtl_node.kernels.robust import norms, slot_sum
+from mtl_node.kernels.robust import coordinate_median, norms, slot_sum
 
 
 def cap_weights(weights: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,3 +58,14 @@ def clip_pulls(X: np.ndarray, kept: np.ndarray, weights: np.ndarray, tau: np.nda
         combined = X[:, 0, :] + slot_sum(eff[:, :, None] * np.where(ok[:, :, None], pulls, 0.0))
         eff[:, 0] = 1.0 - slot_sum(eff[:, 1:])
     return Clipped(combined, eff, clip, kept & ~ok, np.isfinite(combined).all(axis=1))
+
+
+def kept_median(X: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """``loss-filtered-median``: (rows, dim) the coordinate-wise median of the members the loss filter
+    kept, the agent itself (slot 0) always among them; a member whose model is not finite is left
+    out (the agent's own model is finite: the round loop never scores a non-finite one)."""
+    members = kept.copy()
+    members[:, 0] = True
+    members &= np.isfinite(X).all(axis=2)
+    members[:, 0] = True
+    return coordinate_median(np.where(members[:, :, None], X, 0.0), members)

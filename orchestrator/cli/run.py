@@ -22,6 +22,21 @@ from orchestrator.cli.common import (
     parse_options,
     setup_cli_logging,
 )
+from orchestrator.plan import RunPlan
+
+
+def refuse_in_process_only(plan: RunPlan) -> None:
+    """Attacks that read their victims' data (adaptive's ``omniscient: true``) run only on the sim
+    backend; every daemon would refuse them (mtl_node.attack_api.Attack.check_network), so say so
+    once, before anything starts."""
+    for agent in plan.agents:
+        if agent.attack is not None and agent.attack_params.get("omniscient") is True:
+            raise ConfigError(
+                "byzantine.attack_params.omniscient",
+                f"agent {agent.id}: attack {agent.attack} reads its victims' data, which only the "
+                "in-process engine can do",
+                "run it with --backend sim, or drop omniscient",
+            )
 
 
 @app.command()
@@ -71,6 +86,8 @@ def up(
             raise ConfigError("--processes", f"{processes} is below 1", "give 1 or more agent processes")
         plan = load_plan(topology, seed, rounds, rule)
         backend_options = parse_options(option or [])
+        if backend != "sim":
+            refuse_in_process_only(plan)
     except MTLError as exc:
         raise fail(exc) from None
     if out is None:

@@ -102,10 +102,8 @@ class SweepAttack(_Model):
     @property
     def label(self) -> str:
         """The name given, else the attack's; an omniscient attack (it reads its victims' data: the
-        in-process engine only) says so in every results row and report."""
-        if self.name:
-            return self.name
-        return f"{self.attack} (omniscient)" if (self.params or {}).get("omniscient") else self.attack
+        in-process engine only) says so in every results row and report, whatever its name."""
+        return catalog.attack_label(self.name or self.attack, self.params)
 
 
 class SweepSpec(_Model):

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -323,6 +324,7 @@ TWO_FACED: dict[str, dict[str, Any]] = {
     "rop": {},
     "distance-capture": {},
     "loss-budget": {"goal": [15.5, 4.5]},
+    "adaptive": {},
 }
 
 
@@ -397,6 +399,10 @@ def test_random_attacks_redraw_per_round_unless_told_otherwise(name: str) -> Non
         ("rop", {"angle": 200}, "attack_params.angle", "less than or equal to 180"),
         ("rop", {"relocation": -0.5}, "attack_params.relocation", "greater than or equal to 0"),
         ("backdoor", {"poison": 0}, "attack_params.poison", "greater than 0"),
+        ("adaptive", {"direction": "up"}, "attack_params.direction", "'negative', 'goal' or 'away'"),
+        ("adaptive", {"test": "radius"}, "attack_params.test", "'auto', 'loss' or 'none'"),
+        ("adaptive", {"max_step": 0}, "attack_params.max_step", "greater than 0"),
+        ("adaptive", {"margin": 1}, "attack_params.margin", "less than 1"),
         ("backdoor", {"blend": 1.5}, "attack_params.blend", "less than or equal to 1"),
         ("backdoor", {"target": 3}, "attack_params.target", "Extra inputs"),
     ],
@@ -450,6 +456,7 @@ EFFICACY: list[tuple[str, dict[str, Any], str]] = [
     ("min-max", {}, "same"),
     ("min-sum", {}, "same"),
     ("rop", {"z": 3.0}, "same"),  # z = 1 stays within one honest spread of the mean (1.1x)
+    ("adaptive", {}, "same"),  # under average no test binds: max_step 2, the victim sign-flipped
     ("mimic", {}, "informative"),
     ("echo", {}, "informative"),
     ("nan", {}, "informative"),
@@ -800,3 +807,149 @@ def test_backdoor_succeeds_under_average() -> None:
         assert attacked > clean + 0.3, (
             f"seed {seed}: attack_success {attacked:.3f} vs {clean:.3f} without attack"
         )
+
+
+# ------------------------------------------------------------------------------------------- adaptive
+
+OFF_AXIS = {"direction": "goal", "goal": [15.5, 4.5]}
+
+
+def adaptive(rule: str, params: dict[str, Any] | None = None, **rule_params: Any) -> Attack:
+    a = make_attack(
+        "adaptive", "atk", SEED, {**OFF_AXIS, **(params or {})}, rule=rule, rule_params=rule_params
+    )
+    a.bind(view())
+    return a
+
+
+def victim_and_d(a: Attack, goal: tuple[float, float] = (15.5, 4.5)) -> tuple[torch.Tensor, torch.Tensor]:
+    v = a.view.model_of("v1", ROUND)
+    assert v is not None
+    return v["w"], torch.tensor(goal, dtype=torch.float64) - v["w"]
+
+
+@pytest.mark.parametrize("rule", ["average", "median", "krum", "ios", "none"])
+def test_adaptive_goes_max_step_where_no_test_applies(rule: str) -> None:
+    a = adaptive(rule, {"max_step": 1.5})
+    v, d = victim_and_d(a)
+    assert torch.allclose(craft(a)["w"], v + 1.5 * d, rtol=0, atol=1e-12)
+
+
+def test_adaptive_serves_exactly_at_the_self_clipping_radius() -> None:
+    a = adaptive("self-clipping", clip_tau=0.7)
+    v, d = victim_and_d(a)
+    x = craft(a)["w"]
+    assert float((x - v).norm()) == pytest.approx(0.7 * (1 - 1e-6), rel=1e-12)
+    assert float(torch.dot(x - v, d) / ((x - v).norm() * d.norm())) == pytest.approx(1.0)  # along d
+
+
+def test_adaptive_serves_at_the_balance_radius_and_is_accepted() -> None:
+    from mtl_node.kernels.decentralized import balance
+
+    gamma, kappa, horizon = 0.4, 2.0, 50
+    a = adaptive("balance", balance_gamma=gamma, balance_kappa=kappa, balance_rounds=horizon)
+    v, _ = victim_and_d(a)
+    x = craft(a)["w"]
+    radius = gamma * math.exp(-kappa * ROUND / horizon) * float(v.norm())
+    assert float((x - v).norm()) == pytest.approx(radius * (1 - 1e-6), rel=1e-12)
+    X = torch.stack([v, x]).numpy()[None]
+    one = lambda value: np.array([value], dtype=float)  # noqa: E731
+    _, accepted, _ = balance(
+        X, np.ones((1, 2), dtype=bool), one(gamma), one(kappa), one(ROUND), one(horizon), one(0.5)
+    )
+    assert accepted[0, 1]  # BALANCE's own test lets it through
+    # twice as far it would not be
+    X2 = torch.stack([v, v + 2 * (x - v)]).numpy()[None]
+    _, rejected, _ = balance(
+        X2, np.ones((1, 2), dtype=bool), one(gamma), one(kappa), one(ROUND), one(horizon), one(0.5)
+    )
+    assert not rejected[0, 1]
+
+
+def test_adaptive_estimates_the_clipped_gossip_radius_from_what_it_knows() -> None:
+    from mtl_node.kernels.decentralized import adaptive_radius
+
+    a = adaptive("clipped-gossip", f=1)
+    v, _ = victim_and_d(a)
+    known = a.view.neighbors(ROUND - 1)
+    X = torch.stack([v, honest()["w"], known["n1"]["w"], known["n2"]["w"]]).numpy()[None]
+    tau = float(adaptive_radius(X, np.ones((1, 4), dtype=bool), np.array([1]))[0])
+    assert tau > 0
+    assert float((craft(a)["w"] - v).norm()) == pytest.approx(tau * (1 - 1e-6), rel=1e-12)
+
+
+@pytest.mark.parametrize("omniscient", [False, True])
+def test_adaptive_goes_as_far_as_the_loss_test_allows(omniscient: bool) -> None:
+    """The largest lambda keeping the loss within the victim's own, on the attacker's data or (in
+    process, omniscient) on the victim's: the served model passes; a step further does not. (The
+    goals differ: each is one along which that judge's loss first falls, so lambda > 0.)"""
+    goal = (4.5, 15.5) if omniscient else (15.5, 4.5)
+    params = {"direction": "goal", "goal": list(goal), "max_step": 4.0, "omniscient": omniscient, "iters": 30}
+    a = make_attack("adaptive", "atk", SEED, params, rule="loss-filtered")
+    v_task = make_task("target-localization", "v1", SEED, {"target": TARGET, "position": [2.0, 0.5]})
+    static = view()
+    static.victim_tasks["v1"] = v_task
+    a.bind(static)
+    v, d = victim_and_d(a, goal)
+    judge = v_task if omniscient else static.task
+    assert judge is not None
+    x = craft(a)["w"]
+    lam = float(torch.dot(x - v, d) / torch.dot(d, d))
+    assert 0 < lam < 4.0
+    loss = lambda w: judge.losses([{"w": w}], ROUND)[0]  # noqa: E731
+    assert loss(x) <= loss(v) * (1 + 1e-12)
+    assert loss(v + (lam + 4.0 * 2.0**-29) * d) > loss(v)
+    other = make_attack(
+        "adaptive", "atk", SEED, {**params, "omniscient": not omniscient}, rule="loss-filtered"
+    )
+    other.bind(static)
+    assert not same(craft(other), craft(a))  # the two judge on different data
+
+
+def test_omniscient_adaptive_is_refused_over_the_network_and_labelled() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_attack("adaptive", "a", 0, {"omniscient": True}, network=True)
+    assert info.value.field == "attack_params.omniscient"
+    assert "in-process engine" in str(info.value) and "\n" not in str(info.value)
+    make_attack("adaptive", "a", 0, {"omniscient": False}, network=True)  # the default serves anywhere
+    make_attack("adaptive", "a", 0, {"omniscient": True})  # in process it builds
+    # without the victim's data it does not pretend: the node logs the error and serves h
+    a = make_attack("adaptive", "a", 0, {"omniscient": True}, rule="loss-filtered")
+    a.bind(view())
+    with pytest.raises(RuntimeError, match="in-process engine only"):
+        craft(a)
+    assert catalog.attack_label("adaptive", {"omniscient": True}) == "adaptive (omniscient)"
+    assert catalog.attack_label("adaptive", {}) == "adaptive"
+
+
+def test_omniscient_adaptive_runs_in_process_and_always_passes_the_loss_filter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In one process the omniscient variant reads each victim's own data: every model it serves
+    has at most the victim's own loss, so with equal EMA starts a loss-filtered victim accepts it in
+    every round, and the victims end farther from the target than with a4 honest."""
+    params = {"direction": "goal", "goal": [15.5, 4.5], "omniscient": True}
+    configs = [
+        c.model_copy(update={"rule": "loss-filtered"})
+        for c in efficacy_configs("adaptive", params, "same", 0, "target-localization")
+    ]
+    with caplog.at_level("WARNING"):
+        run = run_agents(configs, keep_models=True)
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    for a in IDS[:-1]:
+        for rec in run[a].records:
+            [d] = [d for d in rec.decisions if d.agent_id == ATTACKER]
+            assert d.decision == "accepted", (a, rec.round, d)
+    honest_configs = [
+        c.model_copy(update={"rule": "loss-filtered"})
+        for c in efficacy_configs(None, {}, "same", 0, "target-localization")
+    ]
+    target = torch.tensor(TARGET, dtype=torch.float64)
+    honest_run = run_agents(honest_configs, keep_models=True)
+
+    def dev(r: Any) -> float:
+        return statistics.mean(
+            float(((m["w"] - target) ** 2).sum()) for a in IDS[:-1] for m in r[a].models[-WINDOW:]
+        )
+
+    assert dev(run) > 1.2 * dev(honest_run)

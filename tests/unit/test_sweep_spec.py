@@ -250,3 +250,32 @@ def test_the_robustness_sweep_file_is_what_the_benchmark_generates(tmp_path: Pat
     assert out.read_text() == (ROOT / "examples" / "sweep-robustness.yaml").read_text()
     spec = load_sweep(out)
     assert len(spec.cells()) == 4 * 3 * (10 + 13 * 4 * 10)
+
+
+def test_rows_carry_attack_success_and_label_the_omniscient_attack(tmp_path: Path) -> None:
+    """A cell record's attack_success (the backdoor trigger's rate, where the task measures it)
+    lands in results.csv next to the cell's metric; an omniscient adaptive attack is labelled."""
+    from orchestrator.sweep.store import read_csv, rows, write_tables
+
+    spec = parse_sweep(
+        {**BASE, "attacks": [{"attack": "adaptive", "params": {"omniscient": True}}], "seeds": 1}
+    )
+    cells = spec.cells()
+    assert {c.attack_label for c in cells if c.fraction > 0} == {"adaptive (omniscient)"}
+    records: dict[str, dict[str, Any]] = {}
+    for k, cell in enumerate(cells):
+        normal = 8 - cell.byzantine
+        records[cell.id] = {
+            "id": cell.id,
+            "agents": [f"a{i}" for i in range(normal)],
+            "final": [1.0 + k] * normal,
+        }
+        if k % 2:
+            records[cell.id]["attack_success"] = [0.1 * k] * normal
+    table = rows(cells, records)
+    write_tables(tmp_path, table)
+    back = read_csv(tmp_path / "results.csv")
+    assert len(back) == len(table)
+    for row, want in zip(back, table, strict=True):
+        assert row["attack_success"] == want["attack_success"]
+    assert {r["attack_success"] is None for r in back} == {True, False}
