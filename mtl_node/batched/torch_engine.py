@@ -315,6 +315,10 @@ class _Engine:
             )
         return self._score[1], self._score[2]
 
+    def _attack_success(self, k: int, theta: Stacked) -> float | None:
+        """Row k's rate from its own task, where TriggerRates has none (no trigger: None)."""
+        return None if self.tasks[k].trigger is None else self.tasks[k].attack_success(_row(theta, k))
+
     def step(self, i: int) -> list[RoundRecord]:
         started = time.perf_counter()
         theta_prev = self.theta
@@ -349,7 +353,7 @@ class _Engine:
         tested = [k for k in range(n) if due[k]]
         test_loss, test_acc = self.model.test_metrics(theta, tested, self.test_split)
         tests = {k: (test_loss[j], test_acc[j]) for j, k in enumerate(tested)}
-        success = self.triggers.rates(self.model.outputs, theta) if tested else {}
+        success = self.triggers.rates(self.model.outputs, theta) if any(due) else {}
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
@@ -358,7 +362,7 @@ class _Engine:
                     loss=own_loss[k],
                     test_loss=tests[k][0],
                     test_accuracy=tests[k][1],
-                    attack_success=success.get(k),
+                    attack_success=success[k] if k in success else self._attack_success(k, theta),
                 )
             else:
                 metrics = Metrics(loss=own_loss[k])

@@ -61,7 +61,7 @@ REPLACED = (
     "trains_in",
     "_round_batches",
     "_indices",  # the engine lays out batches from _perm (mtl_node/batched/torch_draws.py)
-    "attack_success",  # batched in mtl_node/batched/torch_trigger.py
+    "attack_success",  # batched for vmapped models (mtl_node/batched/torch_trigger.py)
     "_make_optimizer",
     "_load",
 )
@@ -203,6 +203,15 @@ class BatchedModel:
             rows.append(torch.autograd.grad(loss, [p[name] for name in names]))
         return {name: torch.stack([g[n] for g in rows]) for n, name in enumerate(names)}
 
+    def outputs(self, params: Stacked, x: torch.Tensor) -> torch.Tensor | None:
+        """(rows, samples, ...) outputs of row j's model on ``x[j]`` in one vmapped call; None for
+        models scored one call per model (convolutional: ``per_model``)."""
+        if self.per_model:
+            return None
+        self.module.eval()
+        with torch.no_grad():
+            return self._outputs(params, x)
+
     def row_losses(self, params: Stacked, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(rows,): row j's model on ``(x[j], y[j])``."""
         self.module.eval()
@@ -211,19 +220,6 @@ class BatchedModel:
                 return self._row_loss(params, x, y)
             return torch.stack(
                 [self.loss_of({n: t[j] for n, t in params.items()}, x[j], y[j]) for j in range(x.shape[0])]
-            )
-
-    def outputs(self, params: Stacked, x: torch.Tensor) -> torch.Tensor:
-        """(rows, samples, ...): row j's model on its samples ``x[j]``."""
-        self.module.eval()
-        with torch.no_grad():
-            if not self.per_model:
-                return self._outputs(params, x)
-            return torch.stack(
-                [
-                    functional_call(self.module, {n: t[j] for n, t in params.items()}, (x[j],))
-                    for j in range(len(x))
-                ]
             )
 
     def pool_losses(self, pool: Pool, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

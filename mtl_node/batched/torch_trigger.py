@@ -45,13 +45,16 @@ class TriggerRates:
         self.index = torch.tensor(self.rows, dtype=torch.long)
 
     def rates(
-        self, outputs: Callable[[Stacked, torch.Tensor], torch.Tensor], theta: Stacked
+        self, outputs: Callable[[Stacked, torch.Tensor], torch.Tensor | None], theta: Stacked
     ) -> dict[int, float]:
         """Row -> attack success rate of its model in ``theta``, for the rows that have one;
-        ``outputs(params, x)`` is the model's forward call vmapped over rows."""
+        ``outputs(params, x)`` is the model's forward call vmapped over rows (None where the model
+        is run one call per model: then no rates, and the caller asks each task)."""
         if self.x is None:
             return {}
         out = outputs({name: t[self.index] for name, t in theta.items()}, self.x)
+        if out is None:
+            return {}
         hits = ((out.argmax(dim=-1) == self.target[:, None]) & self.mask).sum(dim=1)
         values = (hits.double() / self.count.double()).tolist()
         return dict(zip(self.rows, values, strict=True))

@@ -107,3 +107,16 @@ def test_attack_success_is_exported_to_prometheus() -> None:
     observer.round_done(rec)
     text = generate_latest(metrics.registry).decode()
     assert 'mtl_attack_success{agent="a1"} 0.25' in text
+
+
+def test_attack_success_is_in_the_status_message() -> None:
+    from mtl_node.agent import AgentStatus
+    from mtl_node.messages import status_to_pb
+    from mtl_node.tasks import Metrics
+
+    with_rate = status_to_pb(
+        AgentStatus("a1", "normal", "average", 5, 2, metrics=Metrics(1.0, 0.5, 0.75, 0.25))
+    )
+    assert with_rate.HasField("attack_success") and with_rate.attack_success == 0.25
+    without = status_to_pb(AgentStatus("a1", "normal", "average", 5, 2, metrics=Metrics(1.0)))
+    assert not without.HasField("attack_success")
