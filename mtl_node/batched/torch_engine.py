@@ -2,17 +2,19 @@
 
 Every agent's model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
 
-- **local steps** for every training agent on its own batch, from its own task's draws
-  (mtl_node.batched.torch_draws lays out the task's epoch permutations; ``trains_in`` and
-  ``scoring: resample`` are the task's own): gradients from mtl_node.batched.torch_model (vmapped, or the
+- **local steps** for every training agent on its own batch, laid out from its own task's
+  permutations (mtl_node.batched.torch_draws; ``trains_in`` and ``scoring: resample`` from the
+  task itself: the per-agent engine's draws): gradients from mtl_node.batched.torch_model (vmapped, or the
   agent's own forward/backward for convolutional models), then each agent's own SGD or Adam step
   (mtl_node.batched.torch_optim: per-row moments and step counts);
 - **exchange** (mtl_node.batched.torch_pool): a pool of the round's distinct models, Byzantine
   ones crafted by each attacker's own attack object exactly as its attack node would serve them;
 - **scoring** of every received model on the receiver's scoring batch, distances, **aggregation**
   of all rows with the kernels (mtl_node.batched.torch_rules) and **combination**;
-- **evaluation**: the combined models' loss on the scoring batches, test metrics every
-  ``eval_every`` rounds.
+- **evaluation**: the combined models' loss on the scoring batches, test metrics and backdoor
+  attack success rates (mtl_node.batched.torch_trigger) every ``eval_every`` rounds; the decision
+  rows are built when first read (torch_rules.RowDecisions). The run holds torch to ``THREADS``
+  intra-op threads (docs/performance.md, "Threads").
 
 It runs every task built on ``TorchTask`` (HAR, digits, custom ``module:factory`` tasks) whose
 agents share one model and loss (torch_model.model_reason), with SGD or Adam, every rule and the
