@@ -58,6 +58,7 @@ from mtl_node.batched.torch_support import ATTACKS as ATTACKS
 from mtl_node.batched.torch_support import POOL_ATTACKS
 from mtl_node.batched.torch_support import RULES as RULES
 from mtl_node.batched.torch_support import unsupported_reason as unsupported_reason
+from mtl_node.batched.torch_trigger import TriggerRates
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core.errors import WireError
@@ -201,6 +202,7 @@ class _Engine:
         self.dist_rows = _rows(self.rules.needs_distance)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
+        self.triggers = TriggerRates(self.tasks)
         self.resample = [k for k, t in enumerate(self.tasks) if t.p.scoring == "resample"]
 
     # -- one round ---------------------------------------------------------------------------------
@@ -311,6 +313,10 @@ class _Engine:
             )
         return self._score[1], self._score[2]
 
+    def _attack_success(self, k: int, theta: Stacked) -> float | None:
+        """Row k's rate from its own task, where TriggerRates has none (no trigger: None)."""
+        return None if self.tasks[k].trigger is None else self.tasks[k].attack_success(_row(theta, k))
+
     def step(self, i: int) -> list[RoundRecord]:
         started = time.perf_counter()
         theta_prev = self.theta
@@ -345,6 +351,7 @@ class _Engine:
         tested = [k for k in range(n) if due[k]]
         test_loss, test_acc = self.model.test_metrics(theta, tested, self.test_split)
         tests = {k: (test_loss[j], test_acc[j]) for j, k in enumerate(tested)}
+        success = self.triggers.rates(self.model.outputs, theta) if any(due) else {}
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):
@@ -353,9 +360,7 @@ class _Engine:
                     loss=own_loss[k],
                     test_loss=tests[k][0],
                     test_accuracy=tests[k][1],
-                    attack_success=None
-                    if self.tasks[k].trigger is None
-                    else self.tasks[k].attack_success(_row(theta, k)),
+                    attack_success=success[k] if k in success else self._attack_success(k, theta),
                 )
             else:
                 metrics = Metrics(loss=own_loss[k])

@@ -201,6 +201,15 @@ class BatchedModel:
             rows.append(torch.autograd.grad(loss, [p[name] for name in names]))
         return {name: torch.stack([g[n] for g in rows]) for n, name in enumerate(names)}
 
+    def outputs(self, params: Stacked, x: torch.Tensor) -> torch.Tensor | None:
+        """(rows, samples, ...) outputs of row j's model on ``x[j]`` in one vmapped call; None for
+        models scored one call per model (convolutional: ``per_model``)."""
+        if self.per_model:
+            return None
+        self.module.eval()
+        with torch.no_grad():
+            return self._outputs(params, x)
+
     def row_losses(self, params: Stacked, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(rows,): row j's model on ``(x[j], y[j])``."""
         self.module.eval()

@@ -95,7 +95,7 @@ def assert_same(cfgs: list[NodeConfig], rel: float = REL) -> None:
         for g, w in zip(got, want, strict=True):
             where = (agent, w.round)
             assert (g.accepted, g.filtered, g.missing) == (w.accepted, w.filtered, w.missing), where
-            for f in ("loss", "test_loss", "test_accuracy"):
+            for f in ("loss", "test_loss", "test_accuracy", "attack_success"):
                 assert close(getattr(g.metrics, f), getattr(w.metrics, f), rel), (
                     where,
                     f,
