@@ -2,10 +2,10 @@
 
 Every agent's model is one row of stacked parameters (``name -> (agents, *shape)``) and a round is:
 
-- **local steps** for every training agent on its own batch, laid out from its own task's
-  permutations (mtl_node.batched.torch_draws; ``trains_in`` and ``scoring: resample`` from the
-  task itself: the per-agent engine's draws): gradients from mtl_node.batched.torch_model (vmapped, or the
-  agent's own forward/backward for convolutional models), then each agent's own SGD or Adam step
+- **local steps** for every training agent on its own batch, from its own task's draws
+  (mtl_node.batched.torch_draws lays out the task's epoch permutations; ``trains_in`` and
+  ``scoring: resample`` are the task's own): gradients from mtl_node.batched.torch_model (vmapped,
+  or the agent's own forward/backward for convolutional models), then each agent's own SGD or Adam step
   (mtl_node.batched.torch_optim: per-row moments and step counts);
 - **exchange** (mtl_node.batched.torch_pool): a pool of the round's distinct models, Byzantine
   ones crafted by each attacker's own attack object exactly as its attack node would serve them;
@@ -22,19 +22,13 @@ attacks in ``ATTACKS``, on the configs' device (cuda when asked for and availabl
 but it has not run on a GPU). What it cannot run (:func:`unsupported_reason`, or ``Unbatchable``
 once the tasks are built) the callers run on the per-agent engine.
 
-**Equality with the per-agent engine** (tests/unit/test_torch_batched.py). With SGD, metrics and
-decisions agree within 1e-5 relative: batched calls sum in a different order, so values differ in
-the last bits of a float32.
-Adam amplifies such differences: its first step moves each parameter by about ``lr * sign(g)``, so a
-gradient component that is nearly zero and whose sign a last-bit difference of the model decides
-ends up 2 lr apart in the two engines, and the trajectories separate from there, chaotically. The
-local steps of a convolutional model are the agent's own operations (bitwise its gradients), so with
-rule none Adam runs equal too; every other rule combines models in another summation order
-(torch_pool's matrix product) or with weights from scores computed in other batch layouts, which
-can leave the combined model an ulp off, and the drift starts (digits example, first 10 rounds,
-benchmarks/bench_torch_cnn.py: up to 5e-5 relative, the decision counts equal). Guaranteed there:
-the same decisions over the first rounds and metrics within 1e-3 (the tests), not equal runs
-(long runs are two samples of the same training, not copies of each other).
+**Equality with the per-agent engine** (tests/unit/test_torch_batched.py): with SGD, metrics and
+decisions within 1e-5 relative (batched calls sum in another order: last-bit differences). Adam
+amplifies last-bit differences of the combined models (its first step is about ``lr * sign(g)``, so
+a nearly-zero gradient component flips by 2 lr): the local steps of a convolutional model are the
+agent's own operations, so rule none stays equal; with combined models what holds is equal
+decisions over the first rounds and metrics within 1e-3 (what the tests check), and long runs
+separate (docs/performance.md has the measured drift).
 """
 
 from __future__ import annotations

@@ -15,13 +15,12 @@ Two ways to evaluate the models, picked by the model:
   for scoring: one call each, which is what makes small models fast.
 - **one call per model** (models with parameters of more than two dimensions, i.e. convolutions such
   as digits' CNN): vmap over different weights turns each convolution into a grouped convolution,
-  which torch's CPU kernels run 3-5x slower than the same work as separate calls (measured on the
-  paper's CNN: 100 models x 32 images took 8.1 s vmapped, 2.3 s one by one, 1.5 s as below; see
-  docs/performance.md). So each agent's local step is its own forward/backward (the very operations
-  its own ``TorchTask`` runs, hence the same gradients bit for bit), and scoring runs each distinct
-  received model once on the scoring batches of every agent that received it, stacked along the
-  batch dimension (an honest model is the same for every receiver; 10 calls of 320 images instead of
-  100 of 32).
+  which torch's CPU kernels run about 3.6x slower than the same work as separate calls in
+  channels-last layout (benchmarks/bench_torch_cnn.py; docs/performance.md). So each agent's local
+  step is its own forward/backward (the very operations its own ``TorchTask`` runs, hence the same
+  gradients bit for bit), and scoring runs each distinct pool model on the scoring batches of the
+  rows that received it, stacked along the batch dimension, with its convolution weights in
+  channels-last layout.
 
 Test metrics: with the default cross-entropy and accuracy (vmap way) per-sample losses of every
 agent's whole test split at once; otherwise each agent's own ``TorchTask.test_metrics``.
@@ -68,9 +67,9 @@ REPLACED = (
 )
 
 
-# Samples per forward call when one model is scored on several rows' batches: the digits CNN's
-# activations for 320 images (32 MB after the first convolution) no longer fit the caches, and a
-# call took 0.095 s of CPU against 0.054 s as calls of 32-160 images (benchmarks/bench_torch_cnn.py).
+# Samples per forward call when one model is scored on several rows' batches: bounds one call's
+# activations (the digits CNN on 320 images: 32 MB after its first convolution). On the digits CNN
+# calls of 128 and of 320 images cost the same CPU (benchmarks/bench_torch_cnn.py).
 CALL_SAMPLES = 128
 
 
@@ -142,9 +141,9 @@ def _default_metrics(t: TorchTask) -> bool:
 
 def _fast_layout(model: StateDict) -> StateDict:
     """4-D weights (2-D convolutions) in channels-last layout, which makes torch's CPU convolution
-    and the max-pooling after it run in that layout: 0.056 s instead of 0.070-0.096 s of CPU for the
-    digits CNN on 320 images (one thread). Only where the result is a score or a metric: the local
-    steps keep the agents' own layout, so their gradients stay bitwise the agents' own."""
+    and the max-pooling after it run in that layout: a quarter less CPU for the digits CNN
+    (benchmarks/bench_torch_cnn.py). Only where the result is a score: the local steps keep the
+    agents' own layout, so their gradients stay bitwise the agents' own."""
     return {
         n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for n, t in model.items()
     }
