@@ -11,8 +11,10 @@ Every agent's model is one row of stacked parameters (``name -> (agents, *shape)
   ones crafted by each attacker's own attack object exactly as its attack node would serve them;
 - **scoring** of every received model on the receiver's scoring batch, distances, **aggregation**
   of all rows with the kernels (mtl_node.batched.torch_rules) and **combination**;
-- **evaluation**: the combined models' loss on the scoring batches, test metrics every
-  ``eval_every`` rounds.
+- **evaluation**: the combined models' loss on the scoring batches, test metrics and backdoor
+  attack success rates (mtl_node.batched.torch_trigger) every ``eval_every`` rounds; the decision
+  rows are built when first read (torch_rules.RowDecisions). The run holds torch to ``THREADS``
+  intra-op threads (docs/performance.md, "Threads").
 
 It runs every task built on ``TorchTask`` (HAR, digits, custom ``module:factory`` tasks) whose
 agents share one model and loss (torch_model.model_reason), with SGD or Adam, every rule and the

@@ -59,8 +59,9 @@ REPLACED = (
     "scoring_batch",
     "trains_in",
     "_round_batches",
-    "_indices",
+    "_indices",  # the engine lays out batches from _perm (mtl_node/batched/torch_draws.py)
     "_perm",
+    "attack_success",  # batched for vmapped models (mtl_node/batched/torch_trigger.py)
     "_make_optimizer",
     "_load",
 )
@@ -268,13 +269,16 @@ class BatchedModel:
             pairs = [self.tasks[k].test_metrics({n: t[k] for n, t in theta.items()}) for k in rows]
             return [p[0] for p in pairs], [p[1] for p in pairs]
         x, y, mask, count = split
-        r = torch.tensor(list(rows), dtype=torch.long, device=x.device)
-        params = {n: t[r] for n, t in theta.items()}
+        params = theta
+        if len(rows) < len(x):  # else every row: no copies of the padded test splits
+            r = torch.tensor(list(rows), dtype=torch.long, device=x.device)
+            params = {n: t[r] for n, t in theta.items()}
+            x, y, mask, count = x[r], y[r], mask[r], count[r]
         self.module.eval()
         with torch.no_grad():
-            out = self._outputs(params, x[r])
-            losses = self._sample_losses(out.flatten(0, 1), y[r].flatten()).view(out.shape[:2]).double()
-            loss = (losses * mask[r]).sum(dim=1) / count[r]
-            hit = (out.argmax(dim=-1) == y[r]).double()
-            acc = (hit * mask[r]).sum(dim=1) / count[r]
+            out = self._outputs(params, x)
+            losses = self._sample_losses(out.flatten(0, 1), y.flatten()).view(out.shape[:2]).double()
+            loss = (losses * mask).sum(dim=1) / count
+            hit = (out.argmax(dim=-1) == y).double()
+            acc = (hit * mask).sum(dim=1) / count
         return loss.tolist(), acc.tolist()
