@@ -44,7 +44,7 @@ import torch
 
 from mtl_node import wire
 from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
-from mtl_node.batched import torch_pool
+from mtl_node.batched import torch_linear, torch_pool
 from mtl_node.batched.torch_draws import Draws
 from mtl_node.batched.torch_model import BatchedModel
 from mtl_node.batched.torch_model import Unbatchable as Unbatchable  # what the callers catch
@@ -55,7 +55,7 @@ from mtl_node.batched.torch_support import ATTACKS as ATTACKS
 from mtl_node.batched.torch_support import POOL_ATTACKS
 from mtl_node.batched.torch_support import RULES as RULES
 from mtl_node.batched.torch_support import unsupported_reason as unsupported_reason
-from mtl_node.batched.torch_trigger import TriggerRates
+from mtl_node.batched.torch_trigger import TriggerRates, shared_trigger
 from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core.errors import WireError
@@ -190,34 +190,43 @@ class _Engine:
             test_count = torch.tensor(
                 [len(t.test) for t in self.tasks], dtype=torch.float64, device=self.device
             )
-            self.test_split = (test_x, _padded([t.test.y for t in self.tasks])[0], test_mask, test_count)
+            test_y = _padded([t.test.y for t in self.tasks])[0]
+            self.test_split = (self.model.layout(test_x), test_y, test_mask, test_count)
         self.arange = torch.arange(n, device=self.device)
+        self.offsets = self.arange * self.train_x.shape[1]  # each row's first sample, flattened
         self.steps = t0.p.local_steps
         self.optim = RowOptimizers(t0.p.optimizer, [t.p.lr for t in self.tasks], self.theta)
-        self.scorer = PoolScorer(self.model.module, self.model.loss_fn)
+        self.scorer = PoolScorer(self.model.module, self.model.loss_fn, closed_form=self.model.linear)
         self.loss_rows = _rows(self.rules.needs_loss)
         self.dist_rows = _rows(self.rules.needs_distance)
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._batches: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
-        self.triggers = TriggerRates(self.tasks)
+        self.triggers = TriggerRates(self.tasks, self.model.layout)
+        # The closed-form linear layer's test metrics and rates in one pass (torch_linear.Tests).
+        self.tests: torch_linear.Tests | None = None
+        trigger = shared_trigger(self.tasks)
+        if self.model.linear and self.test_split is not None and trigger is not False:
+            self.tests = torch_linear.Tests(self.test_split, trigger)
         self.resample = [k for k, t in enumerate(self.tasks) if t.p.scoring == "resample"]
 
     # -- one round ---------------------------------------------------------------------------------
 
     def adapt(self, i: int) -> Stacked:
-        batches = self.draws.batches(i)
         rows = [k for k, t in enumerate(self.tasks) if t.trains_in(i)]
         psi = {name: t.clone() for name, t in self.theta.items()}
         if not rows:
             return psi
         r = torch.tensor(rows, dtype=torch.long, device=self.device)
-        params = {name: t[r] for name, t in self.theta.items()}
+        xs, ys = self.round_batches(i)
+        shape = (len(rows), self.steps, -1)
+        xs = xs.index_select(0, r).view(*shape, *xs.shape[2:])
+        ys = ys.index_select(0, r).view(*shape, *ys.shape[2:])
+        params = {name: t.index_select(0, r) for name, t in self.theta.items()}
         for s in range(self.steps):
-            idx = batches[r, s]
-            x, y = self.train_x[r[:, None], idx], self.train_y[r[:, None], idx]
-            params = self.optim.step(rows, r, params, self.model.grads(params, x, y))
+            params = self.optim.step(rows, r, params, self.model.grads(params, xs[:, s], ys[:, s]))
         for name in self.names:
-            psi[name][r] = params[name].detach()
+            psi[name].index_copy_(0, r, params[name].detach())
         return psi
 
     def exchange(self, i: int, psi: Stacked) -> Pool:
@@ -292,22 +301,34 @@ class _Engine:
             return honest
         return model
 
+    def _gather(self, data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(rows, m, ...): ``data[k, idx[k]]`` for every row k of a padded split (one
+        ``index_select`` over the flattened rows: advanced indexing costs several times more)."""
+        flat = (self.offsets[:, None] + idx).flatten()
+        return data.flatten(0, 1).index_select(0, flat).view(*idx.shape, *data.shape[2:])
+
+    def round_batches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every agent's samples of its local steps in round ``i`` (rows, steps * batch, ...), its
+        task's own draws (TorchTask._round_batches), gathered once per round."""
+        if self._batches is None or self._batches[0] != i:
+            idx = self.draws.batches(i).flatten(1)
+            self._batches = (i, self._gather(self.train_x, idx), self._gather(self.train_y, idx))
+        return self._batches[1], self._batches[2]
+
     def scoring_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every agent's scoring samples of round ``i`` (TorchTask.scoring_batch, gathered at once)."""
+        """Every agent's scoring samples of round ``i`` (TorchTask.scoring_batch, gathered at once):
+        its round's batches, or for ``scoring: resample`` the task's own draw of others."""
+        x, y = self.round_batches(i)
+        if not self.resample:
+            return x, y
         if self._score is None or self._score[0] != i:
-            rows = self.draws.batches(i).flatten(1)
-            if self.resample:
-                rows = rows.clone()  # a view of the draws' block otherwise
+            x, y = x.clone(), y.clone()
             for k in self.resample:
                 t = self.tasks[k]
                 t.scoring_batch(i)
                 assert t._scoring is not None
-                rows[k] = t._scoring[1]
-            self._score = (
-                i,
-                self.train_x[self.arange[:, None], rows],
-                self.train_y[self.arange[:, None], rows],
-            )
+                x[k], y[k] = self.train_x[k, t._scoring[1]], self.train_y[k, t._scoring[1]]
+            self._score = (i, x, y)
         return self._score[1], self._score[2]
 
     def _attack_success(self, k: int, theta: Stacked) -> float | None:
@@ -346,9 +367,13 @@ class _Engine:
         x, y = self.scoring_batch(i)
         own_loss = self.model.row_losses(theta, x, y).tolist()
         tested = [k for k in range(n) if due[k]]
-        test_loss, test_acc = self.model.test_metrics(theta, tested, self.test_split)
+        test_acc: Sequence[float | None]
+        if self.tests is not None and len(tested) == n:
+            test_loss, test_acc, success = self.tests(theta)
+        else:
+            test_loss, test_acc = self.model.test_metrics(theta, tested, self.test_split)
+            success = self.triggers.rates(self.model.predict, theta) if any(due) else {}
         tests = {k: (test_loss[j], test_acc[j]) for j, k in enumerate(tested)}
-        success = self.triggers.rates(self.model.outputs, theta) if any(due) else {}
         seconds = (time.perf_counter() - started) / n
         records = []
         for k, c in enumerate(self.configs):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from mtl_node.batched import torch_linear
 from mtl_node.batched.torch_pool import Pool
 from mtl_node.tasks.plugin import FactoryTask
 from mtl_node.tasks.torch_task import TorchTask
@@ -182,6 +183,8 @@ class BatchedModel:
         self.per_sample_tests = not self.per_model and all(_default_metrics(t) for t in tasks)
         if not self.per_model and not self._traceable(t0):
             self.per_model = True
+        # HAR's softmax classifier: the same maths as batched matrix products (torch_linear).
+        self.linear = self.per_sample_tests and torch_linear.applies(self.module, t0.train.x, t0.train.y)
 
     def _traceable(self, t0: TorchTask) -> bool:
         """Whether vmap can trace the loss (a custom loss calling ``.item()`` cannot)."""
@@ -199,6 +202,8 @@ class BatchedModel:
     def grads(self, params: Stacked, x: torch.Tensor, y: torch.Tensor) -> Stacked:
         """Each row's gradient of its loss on its own batch ``(x[j], y[j])``."""
         self.module.train()
+        if self.linear:
+            return torch_linear.grads(params, x, y)
         if not self.per_model:
             return self._grads(params, x, y)
         names = list(params)
@@ -209,19 +214,29 @@ class BatchedModel:
             rows.append(torch.autograd.grad(loss, [p[name] for name in names]))
         return {name: torch.stack([g[n] for g in rows]) for n, name in enumerate(names)}
 
-    def outputs(self, params: Stacked, x: torch.Tensor) -> torch.Tensor | None:
-        """(rows, samples, ...) outputs of row j's model on ``x[j]`` in one vmapped call; None for
-        models scored one call per model (convolutional: ``per_model``)."""
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Fixed samples (rows, samples, ...) as :meth:`predict` and :meth:`test_metrics` take
+        them: transposed once for the closed-form linear layer (torch_linear.layout), else as is."""
+        return torch_linear.layout(x) if self.linear else x
+
+    def predict(self, params: Stacked, x: torch.Tensor) -> torch.Tensor | None:
+        """(rows, samples): the class (argmax of the outputs) row j's model gives each of its
+        samples ``x[j]`` (in :meth:`layout`), in one call; None for models scored one call per
+        model (convolutional: ``per_model``)."""
         if self.per_model:
             return None
         self.module.eval()
         with torch.no_grad():
-            return self._outputs(params, x)
+            if self.linear:
+                return torch_linear.predictions(torch_linear.logits(params, x))
+            return self._outputs(params, x).argmax(dim=-1)
 
     def row_losses(self, params: Stacked, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(rows,): row j's model on ``(x[j], y[j])``."""
         self.module.eval()
         with torch.no_grad():
+            if self.linear:
+                return torch_linear.row_losses(params, x, y)
             if not self.per_model:
                 return self._row_loss(params, x, y)
             return torch.stack(
@@ -264,7 +279,8 @@ class BatchedModel:
         self, theta: Stacked, rows: Sequence[int], split: tuple[torch.Tensor, ...] | None
     ) -> tuple[list[float], list[float | None]]:
         """(mean loss, accuracy) of each row's model on its whole test split. ``split`` is the
-        padded (x, y, mask, count) of every agent's test split, for the per-sample way."""
+        padded (x, y, mask, count) of every agent's test split, for the per-sample way (x in
+        :meth:`layout`)."""
         if not (self.per_sample_tests and split is not None):
             pairs = [self.tasks[k].test_metrics({n: t[k] for n, t in theta.items()}) for k in rows]
             return [p[0] for p in pairs], [p[1] for p in pairs]
@@ -276,6 +292,9 @@ class BatchedModel:
             x, y, mask, count = x[r], y[r], mask[r], count[r]
         self.module.eval()
         with torch.no_grad():
+            if self.linear:
+                loss, acc = torch_linear.test_metrics(params, x, y, mask, count)
+                return loss.tolist(), acc.tolist()
             out = self._outputs(params, x)
             losses = self._sample_losses(out.flatten(0, 1), y.flatten()).view(out.shape[:2]).double()
             loss = (losses * mask).sum(dim=1) / count

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from mtl_node.batched import torch_linear
 from mtl_node.kernels.combine import accumulate
 
 Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape)
@@ -64,7 +65,7 @@ def finite_rows(models: Stacked) -> torch.Tensor:
 class PoolScorer:
     """Losses of pool models on the receivers' batches, for one module and loss function."""
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+    def __init__(self, module: nn.Module, loss_fn: LossFn, closed_form: bool = False) -> None:
         def on_rows(params: Stacked, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             out = functional_call(module, params, (x.flatten(0, 1),))
             return vmap(loss_fn)(out.unflatten(0, x.shape[:2]), y)
@@ -78,6 +79,8 @@ class PoolScorer:
         # A bare linear layer (HAR): every pool model's outputs on the stacked batches as one matrix
         # product; vmap turns it into one small product per model, 3x slower for HAR's 6 outputs.
         self.linear = type(module) is nn.Linear
+        # ... and with the default cross-entropy (torch_linear), its losses in closed form too.
+        self.closed_form = closed_form
         self.pair_losses: Callable[..., torch.Tensor] = vmap(vmap(loss_fn), in_dims=(0, None))
 
     def losses(self, pool: Pool, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,11 @@ class PoolScorer:
         src = pool.src[rows]
         size = len(next(iter(pool.models.values())))
         if size <= 2 * src.shape[1]:
-            if self.linear and x.dim() == 3:
+            if self.closed_form:  # only the models these rows receive (not the attackers' own)
+                used, inverse = torch.unique(src, return_inverse=True)
+                models = {name: t.index_select(0, used) for name, t in pool.models.items()}
+                return torch_linear.pool_losses(models, x, y).T.gather(1, inverse)
+            elif self.linear and x.dim() == 3:
                 w, b = pool.models["weight"], pool.models.get("bias")
                 out = x.flatten(0, 1) @ w.reshape(-1, w.shape[-1]).T  # (rows*batch, pool*outputs)
                 out = out.view(*x.shape[:2], size, w.shape[1]).permute(2, 0, 1, 3)
@@ -97,22 +104,32 @@ class PoolScorer:
         return self.per_slot({name: t[src] for name, t in pool.models.items()}, x, y)
 
 
+# Elements of one (rows x models x parameters) difference in distances(): bounds its memory (16 MB).
+DIFF_ELEMENTS = 1 << 22
+
+
 def distances(theta_prev: Stacked, pool: Pool, rows: torch.Tensor) -> torch.Tensor:
-    """(len(rows), slots) float64: ||theta_prev_k - psi_src(k,s)||^2, summed per tensor in float32
-    and added in float64 as ``mtl_node.combine.squared_distance`` does."""
+    """(len(rows), slots) float64: ||theta_prev_k - psi_src(k,s)||^2, each tensor's sum of squared
+    differences in float32 and the tensors added in float64, as ``mtl_node.combine.squared_distance``
+    does (the same element operations; torch.cdist, which takes a square root, was 2x slower here).
+    Only the pool models the rows receive, a few rows at a time."""
     total: torch.Tensor | None = None
+    used, inverse = torch.unique(pool.src[rows], return_inverse=True)  # the models they receive
     for name, t in pool.models.items():
         if not t.is_floating_point():
             continue
-        d = torch.cdist(
-            theta_prev[name][rows].reshape(len(rows), -1),
-            t.reshape(len(t), -1),
-            compute_mode="donot_use_mm_for_euclid_dist",
-        )
-        sq = d.square().double()
+        models = t.index_select(0, used).reshape(len(used), -1)
+        prev = theta_prev[name].index_select(0, rows).reshape(len(rows), -1)
+        step = max(1, DIFF_ELEMENTS // max(1, models.numel()))
+        sq = torch.cat(
+            [
+                (models[None] - prev[j : j + step, None]).square_().sum(dim=-1)
+                for j in range(0, len(rows), step)
+            ]
+        ).double()
         total = sq if total is None else total + sq
     assert total is not None
-    return total.gather(1, pool.src[rows])
+    return total.gather(1, inverse)
 
 
 def combine(pool: Pool, weights: np.ndarray, keep_own: np.ndarray, psi: Stacked) -> Stacked:

@@ -5,12 +5,14 @@ the trigger's target class that the model puts in the target class once triggere
 (``mtl_node.tasks.trigger``). Asked of each agent's task, that is one forward pass per agent and
 round (30 for HAR: a third of a batched round). Here each agent's triggered samples are made once,
 by the agent's own ``Trigger.apply`` (the same inputs), padded into one (rows, samples, ...) tensor,
-and a round's rates are one vmapped forward call and a masked count.
+and a round's rates are one batched forward call (torch_model.BatchedModel.predict) and a masked
+count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
@@ -20,7 +22,10 @@ Stacked = dict[str, torch.Tensor]
 
 
 class TriggerRates:
-    def __init__(self, tasks: Sequence[TorchTask]) -> None:
+    def __init__(
+        self, tasks: Sequence[TorchTask], layout: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    ) -> None:
+        """``layout``: how the predicting model wants the fixed (rows, samples, ...) inputs."""
         parts, targets = [], []
         self.rows: list[int] = []  # agents with a trigger and a test sample not of its target
         for k, t in enumerate(tasks):
@@ -41,20 +46,43 @@ class TriggerRates:
                 self.x[j, : len(p)] = p
                 self.mask[j, : len(p)] = True
             self.count = self.mask.sum(dim=1)
+            self.x = layout(self.x)
             self.target = torch.tensor(targets, dtype=torch.long, device=self.x.device)
         self.index = torch.tensor(self.rows, dtype=torch.long)
 
     def rates(
-        self, outputs: Callable[[Stacked, torch.Tensor], torch.Tensor | None], theta: Stacked
+        self, predict: Callable[[Stacked, torch.Tensor], torch.Tensor | None], theta: Stacked
     ) -> dict[int, float]:
         """Row -> attack success rate of its model in ``theta``, for the rows that have one;
-        ``outputs(params, x)`` is the model's forward call vmapped over rows (None where the model
-        is run one call per model: then no rates, and the caller asks each task)."""
+        ``predict(params, x)`` is the model's (rows, samples) classes in one call over rows (None
+        where the model is run one call per model: then no rates, and the caller asks each task)."""
         if self.x is None:
             return {}
-        out = outputs({name: t[self.index] for name, t in theta.items()}, self.x)
-        if out is None:
+        params = theta if len(self.rows) == len(next(iter(theta.values()))) else None
+        if params is None:
+            params = {name: t[self.index] for name, t in theta.items()}
+        classes = predict(params, self.x)
+        if classes is None:
             return {}
-        hits = ((out.argmax(dim=-1) == self.target[:, None]) & self.mask).sum(dim=1)
+        hits = ((classes == self.target[:, None]) & self.mask).sum(dim=1)
         values = (hits.double() / self.count.double()).tolist()
         return dict(zip(self.rows, values, strict=True))
+
+
+Shared = tuple[torch.Tensor, float, torch.Tensor]
+
+
+def shared_trigger(tasks: Sequence[TorchTask]) -> Shared | Literal[False] | None:
+    """(feature positions, value, every row's target class) when every task has a trigger with
+    the same positions and value; None when no task has one; False otherwise."""
+    triggers = [t.trigger for t in tasks]
+    if all(tr is None for tr in triggers):
+        return None
+    first = triggers[0]
+    if first is None or any(
+        tr is None or tr.value != first.value or not torch.equal(tr.positions, first.positions)
+        for tr in triggers
+    ):
+        return False
+    targets = torch.tensor([tr.target for tr in triggers if tr is not None], device=first.positions.device)
+    return first.positions, first.value, targets
