@@ -36,7 +36,9 @@ from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
 
 # The rules whose acceptance is a loss comparison on the victim's data.
-LOSS_RULES = frozenset({"loss", "loss-filtered", "loss-filtered-capped", "loss-filtered-clipped", "ubar"})
+LOSS_RULES = frozenset(
+    {"loss", "loss-filtered", "loss-filtered-capped", "loss-filtered-clipped", "loss-filtered-median", "ubar"}
+)
 RADIUS_RULES = frozenset({"self-clipping", "balance", "clipped-gossip"})
 
 
