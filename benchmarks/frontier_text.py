@@ -100,9 +100,12 @@ FINDINGS += (
     "- **The backdoor takes `average` and `balance` completely** (100% success, accuracy down to "
     "0.087). Against `loss-filtered` it reaches 10% success on average, all of it one of the six "
     "normal agents (58%; the others at most 1%), against 2% for the same agents alone: not above the "
-    "10-point line used here, but the filter let one backdoored model in. `ubar` ends at 14% (two "
-    "agents at 31% and 9% already without attack: its closest-half stage picks the other group's "
-    "models early in training).",
+    "10-point line used here, but the filter let one backdoored model in. `ubar` ends at 14% "
+    "(three agents at 24-30%), but it is at 5% already without attack (two agents at 31% and 9%: its "
+    "closest-half stage picks the other group's models early in training), so not all of that is "
+    "the backdoor.",
+    "- **label-flip breaks `average` and `balance`** (0.048 and 0.075, below chance); loss-filtered "
+    "(0.226) and ubar (0.301) do not notice it.",
     "- After 30 rounds the filter costs most of what cooperation gives: loss-filtered 0.217, ubar "
     "0.283, average 0.275 (alone 0.197).",
 )
