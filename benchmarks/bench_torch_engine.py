@@ -68,7 +68,7 @@ def agree(fast: dict[str, Any], oracle: dict[str, Any]) -> tuple[int, float]:
         differ += sum(
             (g.accepted, g.filtered, g.missing) != (w.accepted, w.filtered, w.missing) for g, w in pairs
         )
-        for f in ("loss", "test_loss", "test_accuracy"):
+        for f in ("loss", "test_loss", "test_accuracy", "attack_success"):
             a, b = getattr(got[-1].metrics, f), getattr(want[-1].metrics, f)
             if a is not None and b is not None and math.isfinite(b):
                 worst = max(worst, abs(a - b) / max(abs(b), 1e-12))

@@ -64,4 +64,6 @@ def status_to_pb(s: AgentStatus) -> pb.NodeStatus:
         msg.test_loss = s.metrics.test_loss
     if s.metrics and s.metrics.test_accuracy is not None:
         msg.test_accuracy = s.metrics.test_accuracy
+    if s.metrics and s.metrics.attack_success is not None:
+        msg.attack_success = s.metrics.attack_success
     return msg

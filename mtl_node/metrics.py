@@ -130,6 +130,9 @@ class PrometheusMetrics:
         self.loss = Gauge("loss", "Training loss after the last round", agent, **kw)
         self.test_loss = Gauge("test_loss", "Test loss at the last evaluation", agent, **kw)
         self.test_accuracy = Gauge("test_accuracy", "Test accuracy at the last evaluation", agent, **kw)
+        self.attack_success = Gauge(
+            "attack_success", "Backdoor trigger's attack success rate at the last evaluation", agent, **kw
+        )
         self.starts = Counter("agent_starts", "Agent starts: kind=start or resume", ["agent", "kind"], **kw)
         self.rejected = Counter(
             "rpc_rejected", "Calls refused by a server limit", ["agent", "method", "code"], **kw
@@ -192,6 +195,8 @@ class _PrometheusAgent(AgentObserver):
             m.test_loss.labels(self.id).set(metrics.test_loss)
         if metrics.test_accuracy is not None:
             m.test_accuracy.labels(self.id).set(metrics.test_accuracy)
+        if metrics.attack_success is not None:
+            m.attack_success.labels(self.id).set(metrics.attack_success)
 
     def fetched(self, neighbor: str, outcome: str, seconds: float) -> None:
         outcome = outcome if outcome in OUTCOMES else "error"

@@ -48,8 +48,8 @@ from mtl_node.kernels.hardened import cap_weights, clip_pulls, kept_median, own_
 
 NAN = math.nan
 
-# The rules the vectorized engine runs (loss-filtered-median runs on the per-agent engine).
-HARDENED_RULES = ("loss-filtered-capped", "loss-filtered-clipped")
+# The hardened rules (the vectorized engine runs them all: mtl_node/batched/engine.py).
+HARDENED_RULES = ("loss-filtered-capped", "loss-filtered-clipped", "loss-filtered-median")
 
 
 @RULES.register("loss-filtered-capped")

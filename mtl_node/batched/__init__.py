@@ -29,9 +29,11 @@ Layout: ``network`` (the slot form and what can be batched), ``attack_kinds`` (w
 networks of attackers it reproduces), ``senders`` (Byzantine senders),
 ``engine`` (the round and the run loop), ``decentralized`` (ubar, balance, clipped-gossip and ios
 rows), ``result`` (arrays, rows and records); the maths of every
-rule and attack is in ``mtl_node.kernels``. ``torch_engine`` is the same idea for torch tasks (HAR
-with SGD or Adam: stacked parameters, vmapped local steps and scoring; see its docstring for what it
-runs and what falls back).
+rule and attack is in ``mtl_node.kernels``. ``torch_engine`` is the same idea for torch tasks (HAR,
+digits, custom ``module:factory`` tasks, SGD or Adam: stacked parameters, local steps and scoring
+vmapped or one call per model; ``torch_model``, ``torch_optim``, ``torch_support``, ``torch_pool``,
+``torch_rules``, ``torch_draws``, ``torch_trigger``; see its docstring for what it runs and what
+falls back).
 """
 
 from mtl_node.batched.attack_kinds import ATTACKS, POOL_ATTACKS, REQUESTER_ATTACKS, attack_unsupported

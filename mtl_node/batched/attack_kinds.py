@@ -98,7 +98,7 @@ def attack_unsupported(configs: Sequence[NodeConfig]) -> str | None:
     # requester needs the sender's model in turn to craft what it serves back: the two fetch from
     # each other within the round, and what each ends up with depends on which asked first (an
     # attack node answers a requester it is itself fetching from without that requester's model:
-    # ``_fetch_requester`` of the attack node), i.e. on scheduling, not on the configs. Only
+    # mtl_node/attack_node.py, ``_fetch_requester``), i.e. on scheduling, not on the configs. Only
     # attackers that use what they fetch (pool and victim-pool attacks) would see it. A pool
     # requester (ipm, alie, mimic, min-max, min-sum) serves every requester the same model without
     # fetching theirs: nothing depends on the order, and the batched engine reproduces it

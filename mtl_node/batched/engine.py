@@ -44,7 +44,7 @@ from mtl_node.kernels.decisions import (
     UNBOUNDED,
 )
 from mtl_node.kernels.ema import ema_step
-from mtl_node.kernels.hardened import cap_weights, clip_pulls, own_step_ema
+from mtl_node.kernels.hardened import cap_weights, clip_pulls, kept_median, own_step_ema
 
 
 @dataclass
@@ -149,6 +149,20 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
         clipped_combined = (rows, out.combined[good])
         clipped_code = (rows, out.clipped[good], out.dropped[good])
 
+    # loss-filtered-median: the coordinate-wise median of the members the filter kept (the agent
+    # first among them), each logged with weight 1/m; loss-filtered's combination where it does not run
+    median_combined = None
+    if len(b.median_rows):
+        rows = b.median_rows[cooperating[b.median_rows]]
+        members = weights[rows] > 0.0
+        use = (members.sum(axis=1) > 1) & members[:, 0]
+        rows, members = rows[use], members[use]
+        z = kept_median(received[rows], members)
+        good = np.isfinite(z).all(axis=1)
+        rows, members = rows[good], members[good]
+        weights[rows] = members / members.sum(axis=1, keepdims=True)
+        median_combined = (rows, z[good])
+
     # average: equal weights over the present members; self-only rows keep their own model
     avg = b.average_rows
     weights[avg] = present[avg] / present[avg].sum(axis=1, keepdims=True)
@@ -210,8 +224,9 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     st.theta = combine_rows(weights, received)
     for rows, z in combined:
         st.theta[rows] = z
-    if clipped_combined is not None:
-        st.theta[clipped_combined[0]] = clipped_combined[1]
+    for extra in (clipped_combined, median_combined):
+        if extra is not None:
+            st.theta[extra[0]] = extra[1]
     loss = tl.residual(st.theta, b.x, u, d) ** 2
     residual = tl.residual(st.theta[:, None, :], b.x[:, None, :], b.test_u, b.test_d)
     if b.equal_tests:

@@ -147,6 +147,9 @@ class Batch:
         self.clipped_rows = np.flatnonzero(
             [c.rule == "loss-filtered-clipped" and not c.attack for c in configs]
         )
+        self.median_rows = np.flatnonzero(
+            [c.rule == "loss-filtered-median" and not c.attack for c in configs]
+        )
         params = [c.rule_params or RuleParams() for c in configs]
         self.nu = np.array([p.nu for p in params])[:, None]
         self.ema_init = np.array([math.nan if p.ema_init is None else p.ema_init for p in params])[:, None]

@@ -36,7 +36,9 @@ class Attackers:
     """Every Byzantine sender's model for every (receiver, slot) pair that uses it, per round.
 
     Pairs are the slots of receivers that use what they fetch (cooperating normal agents) and of
-    Byzantine receivers whose attack is built from what they fetched (ipm, alie, mimic). Each
+    Byzantine receivers whose attack is built from what they fetched (pool and victim-pool
+    attacks); when such a receiver is itself the requester of a requester-model attack, its own
+    attack is run for it too (what it answers that attacker: ``_victims``). Each
     attack follows its docstring in ``attacks/``; random draws come from the same generators
     (``seeding.generator`` keyed by seed, attacker id, purpose, name salt and counters), made once
     per distinct key and round, so stacked runs with the same agent ids share them.

@@ -3,7 +3,7 @@
 The fast path for sweeps. ``-o engine=`` picks the engine:
 
 - ``auto`` (default): the vectorized engine (mtl_node.batched for target localization,
-  mtl_node.batched.torch_engine for HAR; the same rule and attack kernels as the agents) when it
+  mtl_node.batched.torch_engine for torch tasks; the same rule and attack kernels as the agents) when it
   can run the plan, else the per-agent engine, with a log line saying why;
 - ``per-agent``: the per-agent asyncio engine running the very same Agent code the daemons run
   (the oracle);
@@ -111,24 +111,27 @@ class SimBackend(Backend):
         reason = None
         if engine != "per-agent":
             reason = (batched if on_tl else torch_engine).unsupported_reason(configs)
+        if engine != "per-agent" and reason is None:
+            if on_tl:
+                return _run_batched(plan, ctx, configs)
+
+            def forward(records: list[RoundRecord]) -> None:
+                for rec in records:
+                    # decisions are built when read: not at all unless they are recorded
+                    rows = rec.decision_rows() if ctx.record_decisions else []
+                    collector.add(rec.metrics_row(), rows)
+
+            try:  # what only the built tasks tell (their models and losses) raises before round 1
+                torch_engine.run_torch_batched(configs, on_round=forward)
+                return RunOutput(collector.metrics, collector.decisions)
+            except torch_engine.Unbatchable as exc:
+                reason = exc.reason
         if engine == "batched" and reason is not None:
             raise ConfigError(
                 "--option engine",
                 f"the batched engine cannot run this: {reason}",
                 "use engine=per-agent or auto",
             )
-        if engine != "per-agent" and reason is None:
-            if not on_tl:
-
-                def forward(records: list[RoundRecord]) -> None:
-                    for rec in records:
-                        # decisions are built when read: not at all unless they are recorded
-                        rows = rec.decision_rows() if ctx.record_decisions else []
-                        collector.add(rec.metrics_row(), rows)
-
-                torch_engine.run_torch_batched(configs, on_round=forward)
-                return RunOutput(collector.metrics, collector.decisions)
-            return _run_batched(plan, ctx, configs)
         if engine == "auto":
             log.warning(
                 "sim: rule %s on the per-agent engine (the batched engine cannot: %s)", ctx.rule, reason

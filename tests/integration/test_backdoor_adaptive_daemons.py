@@ -88,6 +88,11 @@ def test_backdoor_and_adaptive_daemons_serve_their_maths_over_grpc(tmp_path: Pat
         ds.wait_done(timeout=300)
         metrics = {a: ds[a].metrics() for a in NORMAL}
         dirs = {a: ds[a].results_dir / "models" for a in NORMAL}
+        # GetStatus carries the last round's rate too (round 8 is a test round).
+        status = {a: ds.status(a) for a in NORMAL}
+    for a in NORMAL:
+        assert status[a].HasField("attack_success"), a
+        assert status[a].attack_success == metrics[a][-1]["attack_success"]
     expected, honest = in_process(True, rule), in_process(False, rule)
     moved = 0.0
     for agent in NORMAL:

@@ -403,7 +403,8 @@ def test_random_attacks_redraw_per_round_unless_told_otherwise(name: str) -> Non
         ("adaptive", {"test": "radius"}, "attack_params.test", "'auto', 'loss' or 'none'"),
         ("adaptive", {"max_step": 0}, "attack_params.max_step", "greater than 0"),
         ("adaptive", {"margin": 1}, "attack_params.margin", "less than 1"),
-        ("backdoor", {"blend": 1.5}, "attack_params.blend", "less than or equal to 1"),
+        ("backdoor", {"blend": 1.5}, "attack_params.blend", "in [0, 1] or 'auto'"),
+        ("backdoor", {"base": "mean"}, "attack_params.base", "'honest' or 'victim'"),
         ("backdoor", {"target": 3}, "attack_params.target", "Extra inputs"),
     ],
 )
@@ -753,6 +754,39 @@ def test_backdoor_trains_on_triggered_samples_and_leaves_the_honest_trajectory_a
     got = half.craft(4, "v1", asked[3])
     for name in got:
         torch.testing.assert_close(got[name], asked[3][name] + 0.25 * (served[4][name] - asked[3][name]))
+
+
+def test_backdoor_blend_auto_keeps_the_loss_within_the_base_and_victim_base_is_two_faced() -> None:
+    task = make_task("har", "atk", SEED, HAR)
+    h = _honest_rounds(task, 3)[-1]
+    victims = {
+        "v1": make_task("har", "v1", SEED, {**HAR, "subject": 3}),
+        "v2": make_task("har", "v2", SEED, {**HAR, "subject": 4}),
+    }
+    models = {v: _honest_rounds(t, 3)[-1] for v, t in victims.items()}
+    view = StaticView(requester_models={(v, 3): m for v, m in models.items()}, task_instance=task)
+    full = make_attack("backdoor", "atk", SEED, {})
+    full.bind(StaticView(task_instance=make_task("har", "atk", SEED, HAR)))
+    b = full.craft(3, "v1", h)
+    for base in ("honest", "victim"):
+        a = make_attack("backdoor", "atk", SEED, {"blend": "auto", "base": base})
+        a.bind(view)
+        assert a.needs_requester_model == (base == "victim")
+        for v in ("v1", "v2"):
+            z = models[v] if base == "victim" else h
+            x = a.craft(3, v, h)
+            assert task.losses([x], 3)[0] <= task.losses([z], 3)[0] * (1 + 1e-6)
+            # x lies on the segment from the base to the backdoored model
+            share = float(((x["weight"] - z["weight"]) * (b["weight"] - z["weight"])).sum()) / float(
+                ((b["weight"] - z["weight"]) ** 2).sum()
+            )
+            assert 0.0 <= share <= 1.0
+            for name in x:
+                torch.testing.assert_close(
+                    x[name], z[name] + share * (b[name] - z[name]), rtol=1e-4, atol=1e-5
+                )
+        if base == "victim":
+            assert not same(a.craft(3, "v1", h), a.craft(3, "v2", h))
 
 
 def test_backdoor_needs_a_classification_task_with_a_trigger() -> None:

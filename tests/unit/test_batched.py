@@ -418,6 +418,7 @@ def test_rows_for_results_files() -> None:
         "loss",
         "test_loss",
         "test_accuracy",
+        "attack_success",  # backdoor's metric (torch tasks); None here
         "accepted",
         "filtered",
         "missing",

@@ -122,3 +122,42 @@ def test_requester_with_a_non_finite_model() -> None:
     ]
     reference = run_agents(configs, keep_models=True)
     assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), TOL)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the attack's std, on purpose
+def test_requester_model_of_the_round_before() -> None:
+    """An alie requester r with an on-off constant of 1e200 in its pool serves a non-finite model
+    in the rounds after each burst (its std overflows) and a finite one otherwise: echo s, fetching
+    r's model for r, then gets nothing valid and falls back to what r served it the round before,
+    which r pools in turn; both engines alike."""
+    neighbours = {
+        "n0": ["n1", "s", "r"],
+        "n1": ["n0", "s", "r"],
+        "r": ["s", "c", "n0"],
+        "s": ["r", "n0", "n1"],
+    }
+    neighbours["c"] = ["n0"]
+    burst = {"low": 1e200, "high": 1e200}
+    attacks: Assign = {
+        "r": ("alie", {"z": 1.0}),
+        "s": ("echo", {}),
+        "c": ("on-off", {"honest_rounds": 2, "attack_rounds": 1, "then": "constant", "then_params": burst}),
+    }
+    configs = [
+        NodeConfig(
+            id=agent,
+            neighbors={b: IN_PROCESS for b in listed},
+            rule="average",
+            rounds=9,
+            seed=3,
+            attack=attacks[agent][0] if agent in attacks else None,
+            attack_params=attacks[agent][1] if agent in attacks else {},
+        )
+        for agent, listed in neighbours.items()
+    ]
+    assert supports(configs), unsupported_reason(configs)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), POOL_TOL)
+    # r's model reaches n0 in some rounds and is left out as non-finite in others
+    seen = {(d.decision) for r in reference["n0"].records for d in r.decisions if d.agent_id == "r"}
+    assert seen == {"accepted", "missing"}, seen

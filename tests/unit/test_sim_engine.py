@@ -35,7 +35,20 @@ def run(plan: RunPlan, tmp_path: Path, rule: str, **options: str) -> RunOutput:
     return BACKENDS.get("sim")().run(plan, ctx)
 
 
-@pytest.mark.parametrize("rule", ["loss-filtered", "distance", "loss-filtered-clipped", "krum", "average"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "loss-filtered",
+        "distance",
+        "loss-filtered-clipped",
+        "krum",
+        "average",
+        "ubar",
+        "balance",
+        "clipped-gossip",
+        "ios",
+    ],
+)
 def test_batched_and_per_agent_give_the_same_rows(rule: str, tmp_path: Path) -> None:
     plan = plan_topology(parse_spec(SPEC))
     fast = run(plan, tmp_path, rule, engine="batched")
@@ -126,3 +139,60 @@ def test_har_runs_batched_by_default_with_the_per_agent_rows(
     da, db = sorted(fast.decisions, key=dkey), sorted(oracle.decisions, key=dkey)
     assert [(dkey(r), r["decision"]) for r in da] == [(dkey(r), r["decision"]) for r in db]
     assert len(da) == 5 * 5 * 3
+
+
+DIGITS: dict[str, Any] = {
+    "name": "sim-digits",
+    "task": "digits",
+    "agents": 3,
+    "rounds": 2,
+    "seed": 4,
+    "rules": ["loss-filtered"],
+    "byzantine": {"count": 1, "attack": "constant", "attack_params": {"low": 0.0, "high": 0.1}},
+    "task_params": {"optimizer": "sgd", "lr": 0.05, "batch_size": 4, "train_samples": 12, "test_samples": 6},
+}
+
+
+def test_digits_runs_batched_by_default_and_per_agent_on_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """digits (the CNN) is batched under auto, with the per-agent engine's rows (SGD: within 1e-5)."""
+    plan = plan_topology(parse_spec(DIGITS))
+    with caplog.at_level(logging.WARNING, logger="orchestrator.backends.sim"):
+        fast = run(plan, tmp_path, "loss-filtered")
+    assert not any("per-agent engine" in r.message for r in caplog.records)
+    oracle = run(plan, tmp_path, "loss-filtered", engine="per-agent")
+    key = lambda r: (r["round"], r["agent"])  # noqa: E731
+    a, b = sorted(fast.metrics, key=key), sorted(oracle.metrics, key=key)
+    assert [key(r) for r in a] == [key(r) for r in b] and len(a) == 3 * 2
+    for x, y in zip(a, b, strict=True):
+        assert (x["accepted"], x["filtered"]) == (y["accepted"], y["filtered"])
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5, abs_tol=1e-6), (x, y)
+
+
+def test_a_custom_task_it_cannot_batch_falls_back_or_fails_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents whose models differ: only building the tasks tells; auto falls back with the reason
+    logged in one line, engine=batched is a ConfigError naming it."""
+    (tmp_path / "plug_widths.py").write_text(
+        "import numpy as np\n"
+        "from torch import nn\n"
+        "from mtl_node.tasks import TaskDefinition\n"
+        "def make(ctx, options):\n"
+        "    x = np.ones((8, 3), np.float32)\n"
+        "    width = 4 if ctx.agent_id == 'a1' else 2\n"
+        "    return TaskDefinition(model=lambda: nn.Linear(3, width), train=(x, np.zeros(8, np.int64)))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = {**HAR, "task": "plug_widths:make", "byzantine": None, "task_params": {"batch_size": 4}}
+    plan = plan_topology(parse_spec(spec))
+    with pytest.raises(ConfigError) as info:
+        run(plan, tmp_path, "loss", engine="batched")
+    assert info.value.field == "--option engine" and "a1: its model differs from a0's" in str(info.value)
+    assert "\n" not in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.backends.sim"):
+        out = run(plan, tmp_path, "loss")
+    assert len(out.metrics) == 3 * 2
+    fell_back = [r.message for r in caplog.records if "per-agent engine" in r.message]
+    assert len(fell_back) == 1 and "its model differs" in fell_back[0]

@@ -92,3 +92,31 @@ def test_trigger_params_refuse_unknown_keys() -> None:
         make_task("har", "a1", SEED, {**HAR, "trigger": {"pattern": "square"}})
     assert info.value.field == "task_params.trigger.pattern"
     TriggerParams()  # defaults build
+
+
+def test_attack_success_is_exported_to_prometheus() -> None:
+    from prometheus_client import generate_latest
+
+    from mtl_node.metrics import PrometheusMetrics
+    from mtl_node.recorder import RoundRecord
+    from mtl_node.tasks import Metrics
+
+    metrics = PrometheusMetrics()
+    observer = metrics.agent("a1", ["a2"])
+    rec = RoundRecord("a1", 3, "normal", "average", Metrics(1.0, 0.5, 0.75, 0.25), 1, 0, 0, (), 0.1)
+    observer.round_done(rec)
+    text = generate_latest(metrics.registry).decode()
+    assert 'mtl_attack_success{agent="a1"} 0.25' in text
+
+
+def test_attack_success_is_in_the_status_message() -> None:
+    from mtl_node.agent import AgentStatus
+    from mtl_node.messages import status_to_pb
+    from mtl_node.tasks import Metrics
+
+    with_rate = status_to_pb(
+        AgentStatus("a1", "normal", "average", 5, 2, metrics=Metrics(1.0, 0.5, 0.75, 0.25))
+    )
+    assert with_rate.HasField("attack_success") and with_rate.attack_success == 0.25
+    without = status_to_pb(AgentStatus("a1", "normal", "average", 5, 2, metrics=Metrics(1.0)))
+    assert not without.HasField("attack_success")

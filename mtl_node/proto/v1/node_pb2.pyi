@@ -105,7 +105,7 @@ class NeighborStatus(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., decision: _Optional[str] = ..., ema: _Optional[float] = ..., weight: _Optional[float] = ..., loss: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("agent_id", "round", "rounds_total", "state", "loss", "test_loss", "test_accuracy", "accepted", "filtered", "missing", "neighbors", "role", "rule")
+    __slots__ = ("agent_id", "round", "rounds_total", "state", "loss", "test_loss", "test_accuracy", "accepted", "filtered", "missing", "neighbors", "role", "rule", "attack_success")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class NodeStatus(_message.Message):
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     round: int
     rounds_total: int
@@ -132,4 +133,5 @@ class NodeStatus(_message.Message):
     neighbors: _containers.RepeatedCompositeFieldContainer[NeighborStatus]
     role: str
     rule: str
-    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., rounds_total: _Optional[int] = ..., state: _Optional[str] = ..., loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., accepted: _Optional[int] = ..., filtered: _Optional[int] = ..., missing: _Optional[int] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., role: _Optional[str] = ..., rule: _Optional[str] = ...) -> None: ...
+    attack_success: float
+    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., rounds_total: _Optional[int] = ..., state: _Optional[str] = ..., loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., accepted: _Optional[int] = ..., filtered: _Optional[int] = ..., missing: _Optional[int] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., role: _Optional[str] = ..., rule: _Optional[str] = ..., attack_success: _Optional[float] = ...) -> None: ...
