@@ -16,7 +16,7 @@ import torch
 
 from mtl_node import seeding
 from mtl_node.aggregation import RuleParams, decentralized, hardened, robust
-from mtl_node.batched.attack_kinds import POOL_ATTACKS, VICTIM_POOL_ATTACKS, attack_unsupported, sender_of
+from mtl_node.batched.attack_kinds import attack_unsupported, reads_pool
 from mtl_node.batched.senders import Attackers
 from mtl_node.config import NodeConfig
 from mtl_node.tasks import TaskContext
@@ -209,13 +209,7 @@ class Batch:
 
         # Byzantine senders, as the receivers that use what they fetch see them (cooperating
         # normal agents, and attackers whose attack is built from what they fetched).
-        self.keeps_fetched = np.array(
-            [
-                c.attack is not None and sender_of(c).kind in (*POOL_ATTACKS, *VICTIM_POOL_ATTACKS)
-                for c in configs
-            ],
-            dtype=bool,
-        )
+        self.keeps_fetched = np.array([reads_pool(c) for c in configs], dtype=bool)
         readers = self.uses_fetched | self.keeps_fetched
         attacked = self.exists & self.neighbours & self.byzantine[self.nbr] & readers[:, None]
         self.attacked_rows, self.attacked_slots = np.nonzero(attacked)
