@@ -224,7 +224,7 @@ def rop(
 ADAPTIVE_DIRECTIONS = ("negative", "goal", "away")
 # The rules whose acceptance is a loss comparison on the victim's data, and those with a radius.
 ADAPTIVE_LOSS_RULES = frozenset(
-    {"loss", "loss-filtered", "loss-filtered-capped", "loss-filtered-clipped", "ubar"}
+    {"loss", "loss-filtered", "loss-filtered-capped", "loss-filtered-clipped", "loss-filtered-median", "ubar"}
 )
 ADAPTIVE_RADIUS_RULES = frozenset({"self-clipping", "balance", "clipped-gossip"})
 
