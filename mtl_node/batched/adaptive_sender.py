@@ -97,12 +97,22 @@ def adaptive(
 def _pool_mean(
     att: Attackers, senders: np.ndarray, psi: np.ndarray, prev: tuple[np.ndarray, np.ndarray] | None
 ) -> np.ndarray:
-    """mu of H = [h] + the models each sender fetched last round (``attacks._common.honest_pool``)."""
+    """mu of H = [h] + the models each sender fetched last round (``attacks._common.honest_pool``),
+    the slots taken in neighbour-id order as the attack sums them (absent ones add exact zeros), so
+    the mean is the attack's to the last bit."""
+    b = att.b
     own = psi[senders]
     if prev is None:
         return own
     received, present = prev
-    return ka.pool_moments(own, received[senders], present[senders] & att.b.neighbours[senders])[0]
+    order = np.zeros((len(senders), b.width), dtype=np.intp)
+    for j, a in enumerate(senders.tolist()):
+        ids = b.slot_ids[a]
+        by_id = sorted(range(1, len(ids)), key=lambda s: ids[s])
+        order[j] = [0, *by_id, *range(len(ids), b.width)]
+    X = np.take_along_axis(received[senders], order[:, :, None], axis=1)
+    mask = np.take_along_axis(present[senders] & b.neighbours[senders], order, axis=1)
+    return ka.pool_moments(own, X, mask)[0]
 
 
 def _radius(

@@ -3,9 +3,9 @@
 Both call the same kernels (mtl_node.kernels.attacks: adaptive_test, adaptive_direction,
 radius_step, budget_step, along; the balance and CS+ radii of mtl_node.kernels.decentralized) with
 the same inputs: the victim's model as the attack node finds it, the attacker's (or, omniscient,
-the victim's) samples for the loss test's bisection, the victim's radius. Every number is equal bit
-for bit (TOL) except with direction ``away``, whose honest mean the attack sums over the models it
-knows by neighbour id and the engine in slot order (POOL_TOL, as ipm and alie).
+the victim's) samples for the loss test's bisection, the victim's radius, direction ``away``'s
+honest mean summed in neighbour-id order as the attack sums it. Every number is equal bit for bit
+(TOL); with a pool attacker (alie, ipm: summed in slot order) in the network, to POOL_TOL.
 
 The network is test_batched.attack_configs (four attackers, two of which fetch from each other) with
 one rule for every agent, as in a run: ctx.rule is what decides the attack's test.
@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from test_batched import POOL_TOL, TOL, assert_same_runs, attack_configs
+from test_batched_attackers import assigned
 
 from mtl_node.aggregation import RuleParams
 from mtl_node.batched import run_batched, supports, unsupported_reason
@@ -112,7 +113,7 @@ def test_adaptive_reading_its_fetch(rule: str, params: dict[str, Any]) -> None:
     configs = run_configs(rule, params, isolated=True)
     assert supports(configs), unsupported_reason(configs)
     reference = run_agents(configs, keep_models=True)
-    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), POOL_TOL)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), TOL)
 
 
 def test_on_off_adaptive_reads_the_runs_rule() -> None:
@@ -126,3 +127,21 @@ def test_on_off_adaptive_reads_the_runs_rule() -> None:
     assert supports(configs), unsupported_reason(configs)
     reference = run_agents(configs, keep_models=True)
     assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), TOL)
+
+
+def test_adaptive_with_pool_attackers_as_requesters() -> None:
+    """Pool attackers (alie m01, ipm m10) fetch from the adaptive attackers m06 (away: it reads its
+    fetch) and m04, which craft against what those serve them (attack_configs: m01 and m06 list
+    each other, m04 lists m10 and m01)."""
+    configs = assigned(
+        {
+            "m01": ("alie", {"z": 1.5}),
+            "m06": ("adaptive", {"direction": "away"}),
+            "m04": ("adaptive", {"window": 2}),
+            "m10": ("ipm", {"epsilon": 0.5}),
+        }
+    )
+    configs = [c.model_copy(update={"rule": "loss-filtered", "rule_params": PARAMS}) for c in configs]
+    assert supports(configs), unsupported_reason(configs)
+    reference = run_agents(configs, keep_models=True)
+    assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), POOL_TOL)
