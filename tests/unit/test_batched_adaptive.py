@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 from test_batched import POOL_TOL, TOL, assert_same_runs, attack_configs
 from test_batched_attackers import assigned
 
 from mtl_node.aggregation import RuleParams
-from mtl_node.batched import run_batched, supports, unsupported_reason
+from mtl_node.batched import run_batched, run_many, supports, unsupported_reason
 from mtl_node.config import NodeConfig
 from mtl_node.engine import run_agents
 from mtl_node.recorder import MemoryRecorder
@@ -145,3 +146,16 @@ def test_adaptive_with_pool_attackers_as_requesters() -> None:
     assert supports(configs), unsupported_reason(configs)
     reference = run_agents(configs, keep_models=True)
     assert_same_runs(configs, reference, run_batched(configs, record_decisions=True), POOL_TOL)
+
+
+def test_stacked_adaptive_runs_equal_separate_runs() -> None:
+    """Sweeps stack runs (run_many): the adaptive attackers of each run craft within their own run."""
+    runs = [
+        run_configs("loss-filtered", {"omniscient": True}),
+        run_configs("balance", {"direction": "away"}, isolated=True),
+        run_configs("self-clipping", {"direction": "goal", "goal": [12.0, -3.0]}),
+    ]
+    for configs, got in zip(runs, run_many(runs, keep_models=True), strict=True):
+        alone = run_batched(configs, keep_models=True)
+        np.testing.assert_array_equal(got.models, alone.models)
+        np.testing.assert_array_equal(got.loss, alone.loss)
