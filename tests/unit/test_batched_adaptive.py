@@ -67,6 +67,7 @@ CASES: list[tuple[str, dict[str, Any], set[str]]] = [
     ("loss-filtered", {"omniscient": True}, {"accepted", "filtered ema"}),
     ("loss-filtered", {"omniscient": True, "window": 2, "iters": 7}, {"accepted"}),
     ("ubar", {}, {"accepted", "filtered loss"}),
+    ("loss-filtered-median", {"window": 2}, {"accepted"}),
     # radius: exactly at the victim's radius (within margin)
     ("self-clipping", {}, {"accepted"}),
     ("self-clipping", {"margin": 0.0, "direction": "goal"}, {"accepted"}),
