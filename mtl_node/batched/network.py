@@ -45,8 +45,9 @@ RULES = (
 _NONE, _AVERAGE, _EMA, _ROBUST = 0, 1, 2, 3
 
 
-def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
-    """Why the batched engine cannot run these configs, or None when it can."""
+def run_shape_reason(configs: Sequence[NodeConfig]) -> str | None:
+    """What neither vectorized engine (this one, nor the torch one) can run: no agents, agent ids
+    used twice, or agents running different numbers of rounds (rows advance in lockstep)."""
     if not configs:
         return "no agents"
     ids = [c.id for c in configs]
@@ -55,6 +56,14 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
     rounds = {c.rounds for c in configs}
     if len(rounds) != 1:
         return f"agents run different numbers of rounds ({sorted(rounds)})"
+    return None
+
+
+def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
+    """Why the batched engine cannot run these configs, or None when it can."""
+    shape = run_shape_reason(configs)
+    if shape is not None:
+        return shape
     for c in configs:
         if c.task != TASK:
             return f"{c.id}: task {c.task!r} (only {TASK})"

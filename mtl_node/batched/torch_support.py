@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from mtl_node.attack_api import make_attack
+from mtl_node.batched.network import run_shape_reason
 from mtl_node.batched.torch_model import class_reason
 from mtl_node.config import NodeConfig
 from mtl_node.core import names
@@ -87,14 +88,10 @@ def requester_reason(configs: Sequence[NodeConfig]) -> str | None:
 
 def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
     """Why the torch batched engine cannot run these configs, or None when it can."""
-    if not configs:
-        return "no agents"
-    ids = [c.id for c in configs]
-    if len(set(ids)) != len(ids):
-        return "agent ids are not unique"
-    if len({c.rounds for c in configs}) != 1:
-        return "agents run different numbers of rounds"
-    known = set(ids)
+    shape = run_shape_reason(configs)
+    if shape is not None:
+        return shape
+    known = {c.id for c in configs}
     params: list[TorchTaskParams] = []
     if len({c.task for c in configs}) != 1:
         return "agents run different tasks"
