@@ -49,8 +49,15 @@ END = "<!-- end of frontier matrices -->"
 # name -> (sweep file, results directory of the sweep)
 SWEEPS: dict[str, tuple[str, str]] = {
     "tl": ("examples/sweep-frontier-tl.yaml", "results/frontier-tl"),
+    "tl-hardened": ("examples/sweep-frontier-tl-hardened.yaml", "results/frontier-tl-hardened"),
     "har": ("examples/sweep-frontier-har.yaml", "results/frontier-har"),
     "digits": ("examples/sweep-frontier-digits.yaml", "results/frontier-digits"),
+}
+HEADINGS = {
+    "tl": "Target localization",
+    "tl-hardened": "Target localization, complete graph: the adaptive attack and the hardened variants",
+    "har": "Human activity recognition",
+    "digits": "Digit classification",
 }
 KEEP = (
     "task",
@@ -139,7 +146,7 @@ def render_task(name: str, spec: SweepSpec, rows: list[dict[str, Any]], run: dic
         f"`{a.label}`" + (f" {json.dumps(a.params)}" if a.params else "") for a in spec.attacks
     )
     lines = [
-        f"### {task.label}",
+        f"### {HEADINGS.get(name, task.label)}",
         "",
         "```",
         run.get("command", f"mtl-orchestrate sweep {SWEEPS[name][0]} --out {SWEEPS[name][1]}"),
@@ -187,7 +194,11 @@ def render_task(name: str, spec: SweepSpec, rows: list[dict[str, Any]], run: dic
     lines += _defeats(rules, attacks, fractions, mean, rows, task.label, metric)
     lines += per_topology(spec, rows)
     lines += backdoor(spec, rows)
-    images = sorted(IMG.glob(f"frontier-{name}-*.png"))
+    images = [
+        p
+        for kind in ("heatmap", "worse-than-alone")
+        for p in sorted(IMG.glob(f"frontier-{name}-{kind}-*.png"))
+    ]
     lines += [f"![{p.stem}](img/{p.name})" for p in images] + [""]
     return lines
 

@@ -369,7 +369,7 @@ NEWER_DEFENSES = (
     "",
     "## Attacks since 2021: what each serves",
     "",
-    "Four attacks aimed at these defenses (`mtl-node attacks`; maths once in "
+    "Six attacks. Four aimed at these defenses (`mtl-node attacks`; maths once in "
     "mtl_node/kernels/attacks.py, classes in attacks/disagreement.py). An attack node knows its own "
     "honest model h, the models its neighbours sent the round before, and the requester's own model "
     "(fetched on demand). Each one hurts `average` measurably (tests/unit/test_attacks.py, efficacy "
@@ -397,6 +397,113 @@ NEWER_DEFENSES = (
     "orthogonal to where the victim is heading, which clipping around psi_k does not undo). "
     "Defaults relocation 0.9, z 1; the efficacy case under `average` needs z = 3 (z = 1 stays "
     "within one honest spread of the mean: 1.1x the honest deviation). Two-faced.",
+    "",
+    "Two more (classes in attacks/backdoor.py and attacks/adaptive.py, maths in "
+    "mtl_node/kernels/attacks.py). Neither runs in the vectorized engines: a run with them goes "
+    "to the per-agent engine with a warning that says why (`sim: rule ... on the per-agent engine"
+    " (the batched engine cannot: aN: attack 'adaptive' ...)`). Both hurt `average` "
+    "(tests/unit/test_attacks.py: `test_backdoor_succeeds_under_average`, the `adaptive` efficacy"
+    " case) and run as real daemons over gRPC with mutual TLS, equal to the in-process engine "
+    "round by round (tests/integration/test_backdoor_adaptive_daemons.py, HAR under `average` and"
+    " `loss-filtered`).",
+    "",
+    "- `backdoor`: the attacker trains its own trajectory b(r) = adapt on its own data with the "
+    "first ceil(`poison` x n) samples of every batch (default 0.5) carrying the trigger and "
+    "relabelled to the target class (an optimizer of its own, like label-flip's, so its honest "
+    "model is undisturbed), and serves h + `blend` x (b - h) to everyone (default blend 1: b "
+    "itself; lower: nearer its honest model h, a clean loss nearer an honest model's, a weaker "
+    "backdoor). Classification torch tasks only (har, digits, custom torch tasks); elsewhere it "
+    "is refused before anything starts.",
+    "  - **The trigger is a task parameter**, `task_params.trigger: {target, features, value}`, "
+    "not an attack one, so that every agent measures the same thing whether or not anyone "
+    "attacks: default target class 0, value 1.0, features the bottom-right 4x4 patch of image "
+    "samples (digits) or the last 2% of the features of flat ones (har: the last 12 of 561). "
+    "`trigger: null` switches it off.",
+    "  - **`attack_success`**: every classification torch task reports it with its test metrics "
+    "(every `eval_every` rounds, for every agent, normal or not): the share of its test samples "
+    "whose true class is not the target that the model classifies as the target once triggered. "
+    "Without an attacker it is the base rate triggered inputs land in the target class, the level"
+    " a backdoor is compared to. It is a column of metrics.csv (empty for regression), in "
+    "summary.json and report.md (table and `attack_success.png`), in the per-agent and the torch "
+    "batched engine alike, and in every sweep row (`attack_success` next to the cell's `final` "
+    "metric, wherever the task reports it); a sweep task entry can make it the cell metric "
+    "(`metric: attack_success`, lower is better).",
+    "  - Measured (examples/sweep-backdoor.yaml: HAR, 30 agents, complete graph, 10 Byzantine, "
+    "100 rounds, one seed; `mtl-orchestrate sweep examples/sweep-backdoor.yaml --out "
+    "results/sweep-backdoor --workers 2`, 597 s under a load average of 15-18 from parallel "
+    "work): mean `attack_success` of the normal agents over the last 20 rounds.",
+    "",
+    "    | rule | no attack | backdoor | backdoor, blend 0.5 |",
+    "    |---|---:|---:|---:|",
+    "    | none | 0.014 | 0.018 | 0.018 |",
+    "    | average | 0.007 | **1.000** | **0.303** |",
+    "    | loss-filtered | 0.014 | 0.018 | 0.018 |",
+    "    | ubar | 0.010 | 0.015 | 0.014 |",
+    "    | balance | 0.007 | **0.434** | **0.132** |",
+    "    | clipped-gossip | 0.007 | **1.000** | **0.303** |",
+    "",
+    "    `average` takes the backdoor completely; `loss-filtered` keeps it at the no-attack level"
+    " here (each attacker holds another subject's data, so its model scores worse than the "
+    "victim's own on the victim's batch and is filtered, blended or not; the \"none\" row, agents "
+    "learning alone, differs between the columns only because the set of normal agents does); "
+    "`ubar`'s loss stage does the same; `balance` lets 43% through. `clipped-gossip` ran with its"
+    " default f = 1 against 10 attackers (its assumption does not hold), so it clips too little "
+    "and equals `average`. One seed and one task: a defense this table does not break may fall to"
+    " a backdoor attacker holding data like its victims'.",
+    "",
+    "- `adaptive` (white-box worst case): to victim k, psi_k + lambda x d, as far along d as k's "
+    "own rule lets through. The attacker knows the run's rule and its parameters (an attack "
+    "node's config carries them). d by `direction`: `negative` (default) -psi_k (lambda 1 is the "
+    "zero model, 2 the victim's model sign-flipped), `goal` `goal` - psi_k (lambda 1 reaches it),"
+    " `away` psi_k - mu (mu the mean of the honest models it knows). lambda (`test: auto`, the "
+    "default, picks by rule):",
+    "  - loss tests (`loss`, `loss-filtered`, `loss-filtered-capped`, `loss-filtered-clipped`, "
+    "`loss-filtered-median`, `ubar`): the largest lambda in [0, `max_step`] with L_k(psi_k + "
+    "lambda d) <= `slack` x L_k(psi_k), by bisection (`iters`, 20; loss-budget's machinery, "
+    "assuming the feasible steps form an interval). L_k is the loss on the attacker's own data of"
+    " the last `window` rounds (its same-task proxy of k's data);",
+    "  - radii: `self-clipping` exactly at `clip_tau`, `balance` exactly at gamma exp(-kappa i/T)"
+    " ||psi_k|| (psi_k the victim's model of the round, so this is BALANCE's own radius), "
+    "`clipped-gossip` at the CS+ radius estimated over psi_k, the attacker's honest model and the"
+    " neighbour models it fetched the round before (an estimate: k's real neighbourhood differs);"
+    " each at (1 - `margin`) times the radius (margin 1e-6, so the victim's own rounding cannot "
+    "put it outside);",
+    "  - every other rule (`average`, `median`, `krum`, `ios`, ...): lambda = `max_step` (default 2).",
+    "  - `test: loss` or `test: none` force one test whatever the rule.",
+    "  - **`omniscient: true`** judges the loss test on the victim's own scoring data instead: "
+    "the attacker builds a private copy of the victim's task from its config (the same data, "
+    "deterministic in seed, agent and round; no state shared with the victim). Only the in-"
+    "process engine can do that: a daemon refuses it at start (`mtl-node: error: "
+    "attack_params.omniscient: reads the victim's own data, which only the in-process engine can "
+    "do ...`, exit 2), `mtl-orchestrate up` refuses it off `--backend sim` before anything "
+    "starts, and results label it: sweep rows and heat-maps say `adaptive (omniscient)` (or the "
+    "given name plus ` (omniscient)`), report.md's header lists `adaptive (omniscient) x N`. "
+    "Against `loss-filtered` every model it serves has at most the victim's own loss, so it is "
+    "accepted in every round "
+    "(tests/unit/test_attacks.py::test_omniscient_adaptive_runs_in_process_and_always_passes_the_loss_filter).",
+    "  - Measured (examples/sweep-adaptive.yaml: target localization, 12 agents, complete graph, "
+    "3 Byzantine, 100 rounds, one seed; `mtl-orchestrate sweep examples/sweep-adaptive.yaml --out"
+    " results/sweep-adaptive --workers 2`, 76 s under a load average of 17): mean final test loss"
+    ' of the normal agents (in brackets the share worse than learning alone). "goal" pushes '
+    "towards (15.5, 4.5), off the victims' measurement direction, where their one-sample loss is "
+    "flat.",
+    "",
+    "    | rule | no attack | adaptive (negative) | adaptive, goal | adaptive, goal (omniscient) |",
+    "    |---|---:|---:|---:|---:|",
+    "    | none | 0.048 (0%) | 0.051 (0%) | 0.051 (0%) | 0.051 (0%) |",
+    "    | average | 27.6 (100%) | 404 (100%) | 72.8 (100%) | 72.8 (100%) |",
+    "    | loss-filtered | 0.035 (0%) | 0.038 (11%) | 0.041 (22%) | **0.090 (56%)** |",
+    "    | ubar | 0.033 (8%) | 0.036 (11%) | 0.036 (11%) | **0.065 (56%)** |",
+    "    | balance | 4.69 (75%) | 49.4 (100%) | 28.6 (100%) | 28.6 (100%) |",
+    "    | self-clipping | 20.6 (100%) | 21.6 (100%) | 19.4 (100%) | 19.4 (100%) |",
+    "    | clipped-gossip | 27.5 (100%) | 68.5 (100%) | 62.7 (100%) | 62.7 (100%) |",
+    "",
+    "    The omniscient attacker, always accepted, more than doubles `loss-filtered`'s and "
+    "`ubar`'s final loss and makes 56% of their normal agents worse than alone; the same attacker"
+    " judging on its own data (what a real node can do) moves them far less. `balance` and the "
+    "clipping rules take the full radius every round and are far worse than alone already without"
+    " attack on this multi-target network. One seed; the frontier matrices above hold the multi-"
+    "seed picture of the other attacks.",
 )
 
 
@@ -590,7 +697,8 @@ def render(data: dict[str, Any], command: str) -> str:
     lines += ["", "## Left out", "", *LEFT_OUT, "", *NEWER_DEFENSES, "", *HOW_TO_SWEEP, ""]
     # The frontier matrices (benchmarks/frontier.py renders them from their own sweeps): kept.
     kept = kept_block(DOC.read_text()) if DOC.exists() else ""
-    return "\n".join(lines) + "\n" + (f"\n{kept}" if kept else "")
+    text = "\n".join(lines) + "\n"
+    return text.rstrip("\n") + "\n\n" + kept if kept else text
 
 
 # Written from the run recorded at the top of docs/robustness.md (benchmarks/results/robustness.json)
