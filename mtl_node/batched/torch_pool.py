@@ -22,7 +22,8 @@ tests/unit/test_torch_batched.py checks 1e-5 against the per-agent engine).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,30 @@ class Pool:
     def slot(self, k: int, s: int) -> dict[str, torch.Tensor]:
         j = int(self.src[k, s])
         return {name: t[j] for name, t in self.models.items()}
+
+
+Spec = dict[str, tuple[torch.dtype, torch.Size]]  # name -> (dtype, shape) of one model
+
+
+def spec_of(model: Mapping[str, torch.Tensor]) -> Spec:
+    return {name: (t.dtype, t.shape) for name, t in model.items()}
+
+
+def surely_valid(model: Mapping[str, torch.Tensor], spec: Spec) -> bool:
+    """True only when ``wire.validate_state`` would accept ``model`` for a manifest of ``spec``:
+    the same names, dtypes and shapes, and every floating tensor's sum finite (a NaN or infinity
+    makes the sum NaN or infinite). False when unsure (an overflowing sum of finite values too):
+    then the caller asks validate_state, which also says why. One sum per tensor instead of
+    validate_state's min/max and finiteness tests: a third of crafting a HAR model."""
+    if model.keys() != spec.keys():
+        return False
+    for name, t in model.items():
+        dtype, shape = spec[name]
+        if t.dtype != dtype or t.shape != shape:
+            return False
+        if t.is_floating_point() and not math.isfinite(float(t.sum())):
+            return False
+    return True
 
 
 def finite_rows(models: Stacked) -> torch.Tensor:
