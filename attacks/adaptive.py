@@ -30,16 +30,24 @@ from attacks._common import PARAMS_CONFIG, flat, from_flat, goal_like, honest_po
 from attacks.capture import GOAL_HELP, Goal, largest_within, proxy_loss
 from mtl_node.aggregation import RuleParams
 from mtl_node.attack_api import ATTACKS, Attack
-from mtl_node.kernels.attacks import adaptive_direction, along, radius_step
+from mtl_node.kernels.attacks import (
+    ADAPTIVE_LOSS_RULES,
+    ADAPTIVE_RADIUS_RULES,
+    adaptive_direction,
+    adaptive_test,
+    along,
+    pool_moments,
+    radius_step,
+)
 from mtl_node.kernels.decentralized import adaptive_radius, balance_radius
+from mtl_node.kernels.robust import norms
 from mtl_node.tasks.base import Task
 from mtl_node.wire import StateDict
 
-# The rules whose acceptance is a loss comparison on the victim's data.
-LOSS_RULES = frozenset(
-    {"loss", "loss-filtered", "loss-filtered-capped", "loss-filtered-clipped", "loss-filtered-median", "ubar"}
-)
-RADIUS_RULES = frozenset({"self-clipping", "balance", "clipped-gossip"})
+# The rules whose acceptance is a loss comparison on the victim's data, and those with a radius
+# (``mtl_node.kernels.attacks.adaptive_test``: the batched engine decides the same way).
+LOSS_RULES = ADAPTIVE_LOSS_RULES
+RADIUS_RULES = ADAPTIVE_RADIUS_RULES
 
 
 class AdaptiveParams(BaseModel):
@@ -107,7 +115,10 @@ class Adaptive(Attack):
         goal = flat(goal_like(victim, p.goal)) if p.direction == "goal" else None
         mean = None
         if p.direction == "away":
-            mean = np.stack([flat(m) for m in honest_pool(self.view, round_, honest)]).mean(axis=0)
+            # mu over H = [h] + last round's fetch: pool_moments, as ipm/alie and the batched engine
+            pool = [flat(m) for m in honest_pool(self.view, round_, honest)]
+            others = np.stack(pool[1:])[None] if len(pool) > 1 else np.zeros((1, 0, len(v)))
+            mean = pool_moments(pool[0][None], others, np.ones(others.shape[:2], dtype=bool))[0][0]
         d = adaptive_direction(
             v[None],
             p.direction,
@@ -120,10 +131,7 @@ class Adaptive(Attack):
     def _test(self) -> str:
         p = self.params
         assert isinstance(p, AdaptiveParams)
-        if p.test != "auto":
-            return p.test
-        rule = self.ctx.rule
-        return "loss" if rule in LOSS_RULES else "radius" if rule in RADIUS_RULES else "none"
+        return adaptive_test(p.test, self.ctx.rule)
 
     def _step(
         self, round_: int, requester: str, victim: StateDict, v: np.ndarray, d: np.ndarray, honest: StateDict
@@ -168,10 +176,10 @@ class Adaptive(Attack):
         if rule == "self-clipping":
             return rp.clip_tau
         if rule == "balance":
-            norm = np.array([float(np.sqrt((v * v).sum()))])
+            # ||psi_k|| as the victim's own balance computes it (kernels.robust.norms)
             return float(
                 balance_radius(
-                    norm,
+                    norms(v[None]),
                     np.array([rp.balance_gamma]),
                     np.array([rp.balance_kappa]),
                     np.array([float(round_)]),

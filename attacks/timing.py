@@ -48,7 +48,15 @@ class OnOff(Attack):
         super().__init__(ctx, params)
         assert isinstance(params, OnOffParams)
         try:
-            self.inner = make_attack(params.then, ctx.agent_id, ctx.seed, params.then_params)
+            # the run's rule too: a white-box inner attack (adaptive) reads it
+            self.inner = make_attack(
+                params.then,
+                ctx.agent_id,
+                ctx.seed,
+                params.then_params,
+                rule=ctx.rule,
+                rule_params=ctx.rule_params,
+            )
         except ConfigError as exc:
             field = exc.field.replace("attack_params", "attack_params.then_params", 1)
             if exc.field == "attack":

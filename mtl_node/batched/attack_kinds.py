@@ -22,7 +22,9 @@ DRAWN = {  # name -> (distribution, first parameter, second parameter, name salt
     "scaled": ("uniform", "low", "high", True),
 }
 POOL_ATTACKS = ("ipm", "alie", "mimic", "min-max", "min-sum")  # built from last round's fetch
-REQUESTER_ATTACKS = ("echo", "distance-capture", "loss-budget")  # built from the requester's model
+# built from the requester's model (adaptive: and, with direction away or against clipped-gossip,
+# from last round's fetch too: ``reads_pool``)
+REQUESTER_ATTACKS = ("echo", "distance-capture", "loss-budget", "adaptive")
 VICTIM_POOL_ATTACKS = ("dissensus", "rop")  # built from both
 ATTACKS = (
     *DRAWN,
@@ -74,6 +76,22 @@ def _make_sender(cfg: NodeConfig) -> Sender:
     return Sender(cfg.attack, attack.params, None)
 
 
+def reads_pool(cfg: NodeConfig) -> bool:
+    """The attacker's model is built from what it fetched last round (so the engine keeps it): pool
+    and victim-pool attacks, and adaptive when its direction is ``away`` (the honest mean) or its
+    test is clipped-gossip's radius (estimated from the models it knows)."""
+    if cfg.attack is None:
+        return False
+    sender = sender_of(cfg)
+    if sender.kind in (*POOL_ATTACKS, *VICTIM_POOL_ATTACKS):
+        return True
+    if sender.kind == "adaptive":
+        p = sender.params
+        radius = ka.adaptive_test(p.test, cfg.rule) == "radius" and cfg.rule == "clipped-gossip"
+        return bool(p.direction == "away" or radius)
+    return False
+
+
 def attack_unsupported(configs: Sequence[NodeConfig]) -> str | None:
     """Why the batched engine cannot reproduce these configs' attacks, or None."""
     byzantine = {c.id: c for c in configs if c.attack is not None}
@@ -103,8 +121,9 @@ def attack_unsupported(configs: Sequence[NodeConfig]) -> str | None:
     # requester (ipm, alie, mimic, min-max, min-sum) serves every requester the same model without
     # fetching theirs: nothing depends on the order, and the batched engine reproduces it
     # (senders.Attackers._victims).
+    # An adaptive attacker that reads its fetch (reads_pool) is in the same position.
     for c in byzantine.values():
-        if kinds[c.id] not in VICTIM_POOL_ATTACKS:
+        if kinds[c.id] not in VICTIM_POOL_ATTACKS and not (kinds[c.id] == "adaptive" and reads_pool(c)):
             continue
         for n in c.neighbors:
             if kinds.get(n) in (*REQUESTER_ATTACKS, *VICTIM_POOL_ATTACKS) and c.id in byzantine[n].neighbors:

@@ -42,6 +42,18 @@ class Outcome:
     distance: np.ndarray | None = None  # (n, slots): balance's distances to the own model
 
 
+def enough_members(
+    b: Batch, rows: np.ndarray, present: np.ndarray, row_reason: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a rule that needs ``b.need`` present members (robust and decentralized rules)
+    and their presence masks; the others get ROW_TOO_FEW (they keep their own model, as the
+    daemon's rule does when too few members answered)."""
+    mask = present[rows]
+    few = mask.sum(axis=1) < b.need[rows]
+    row_reason[rows[few]] = ROW_TOO_FEW
+    return rows[~few], mask[~few]
+
+
 def aggregate(
     b: Batch,
     i: int,
@@ -56,11 +68,8 @@ def aggregate(
     in place (rows that keep their own model get ROW_TOO_FEW / ROW_COMBINED_NOT_FINITE, as the
     robust rows do)."""
     out = Outcome()
-    for rule, rows in b.decentral_index.items():
-        mask = present[rows]
-        few = mask.sum(axis=1) < b.need[rows]
-        row_reason[rows[few]] = ROW_TOO_FEW
-        rows, mask = rows[~few], mask[~few]
+    for rule, all_rows in b.decentral_index.items():
+        rows, mask = enough_members(b, all_rows, present, row_reason)
         if not len(rows):
             continue
         X = received[rows]

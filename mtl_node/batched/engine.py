@@ -175,11 +175,8 @@ def _step(b: Batch, st: _State, i: int) -> _Round:
     combined: list[tuple[np.ndarray, np.ndarray]] = []
     chosen = np.full(b.n, -1, dtype=np.intp)
     scales: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for rule, rows in b.robust_index.items():
-        mask = present[rows]
-        few = mask.sum(axis=1) < b.need[rows]
-        row_reason[rows[few]] = ROW_TOO_FEW
-        rows, mask = rows[~few], mask[~few]
+    for rule, all_rows in b.robust_index.items():
+        rows, mask = decentralized.enough_members(b, all_rows, present, row_reason)
         if not len(rows):
             continue
         X = received[rows]

@@ -16,7 +16,7 @@ import torch
 
 from mtl_node import seeding
 from mtl_node.aggregation import RuleParams, decentralized, hardened, robust
-from mtl_node.batched.attack_kinds import POOL_ATTACKS, VICTIM_POOL_ATTACKS, attack_unsupported, sender_of
+from mtl_node.batched.attack_kinds import attack_unsupported, reads_pool
 from mtl_node.batched.senders import Attackers
 from mtl_node.config import NodeConfig
 from mtl_node.tasks import TaskContext
@@ -45,8 +45,9 @@ RULES = (
 _NONE, _AVERAGE, _EMA, _ROBUST = 0, 1, 2, 3
 
 
-def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
-    """Why the batched engine cannot run these configs, or None when it can."""
+def run_shape_reason(configs: Sequence[NodeConfig]) -> str | None:
+    """What neither vectorized engine (this one, nor the torch one) can run: no agents, agent ids
+    used twice, or agents running different numbers of rounds (rows advance in lockstep)."""
     if not configs:
         return "no agents"
     ids = [c.id for c in configs]
@@ -55,6 +56,14 @@ def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
     rounds = {c.rounds for c in configs}
     if len(rounds) != 1:
         return f"agents run different numbers of rounds ({sorted(rounds)})"
+    return None
+
+
+def unsupported_reason(configs: Sequence[NodeConfig]) -> str | None:
+    """Why the batched engine cannot run these configs, or None when it can."""
+    shape = run_shape_reason(configs)
+    if shape is not None:
+        return shape
     for c in configs:
         if c.task != TASK:
             return f"{c.id}: task {c.task!r} (only {TASK})"
@@ -209,13 +218,7 @@ class Batch:
 
         # Byzantine senders, as the receivers that use what they fetch see them (cooperating
         # normal agents, and attackers whose attack is built from what they fetched).
-        self.keeps_fetched = np.array(
-            [
-                c.attack is not None and sender_of(c).kind in (*POOL_ATTACKS, *VICTIM_POOL_ATTACKS)
-                for c in configs
-            ],
-            dtype=bool,
-        )
+        self.keeps_fetched = np.array([reads_pool(c) for c in configs], dtype=bool)
         readers = self.uses_fetched | self.keeps_fetched
         attacked = self.exists & self.neighbours & self.byzantine[self.nbr] & readers[:, None]
         self.attacked_rows, self.attacked_slots = np.nonzero(attacked)

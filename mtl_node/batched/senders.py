@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mtl_node.attack_api import draw_generator
+from mtl_node.batched.adaptive_sender import adaptive, proxy_losses
 from mtl_node.batched.attack_kinds import DRAWN as _DRAWN
 from mtl_node.batched.attack_kinds import (
     POOL_ATTACKS,
@@ -106,7 +107,8 @@ class Attackers:
         self.stale_rows = np.array(sorted(a for a, sp in spec.items() if sp.kind == "stale"), dtype=np.intp)
         self.history: list[np.ndarray] = []
         self.window = max(
-            [int(sp.params.window) for sp in spec.values() if sp.kind == "loss-budget"], default=1
+            [int(sp.params.window) for sp in spec.values() if sp.kind in ("loss-budget", "adaptive")],
+            default=1,
         )
         self.samples: list[tuple[np.ndarray, np.ndarray]] = []
         self.b = b
@@ -167,6 +169,9 @@ class Attackers:
                 out[idx] = self._against_victim(kind, idx, psi, victim, known, prev)
             elif kind == "low-loss":
                 out[idx] = self._low_loss(a, own)
+            elif kind == "adaptive":  # mtl_node/batched/adaptive_sender.py
+                victim, known = self._victims(kind, idx, psi, prev, round_)
+                out[idx] = adaptive(self, idx, psi, victim, known, prev, round_)
             elif kind == "stale":
                 lag = self._param(a, "lag").astype(np.intp)
                 back = ka.stale_round(round_, lag)
@@ -355,19 +360,9 @@ class Attackers:
         slack = self._param(senders, "slack")
         iters = self._param(senders, "iters").astype(np.intp)
         window = self._param(senders, "window").astype(np.intp)
-        x = b.x[senders]
 
         def proxy(w: np.ndarray) -> np.ndarray:
-            total = np.zeros(len(w))
-            count = np.zeros(len(w))
-            for back in range(len(self.samples) - 1, -1, -1):  # oldest first, as the attack sums
-                r = round_ - back
-                use = (r >= max(1, 0)) & (back < window) & (r >= 1)
-                u, d = self.samples[len(self.samples) - 1 - back]
-                res = tl.residual(w, x, u[senders], d[senders])
-                total = np.where(use, total + res**2, total)
-                count = count + use
-            return total / count
+            return proxy_losses(self.samples, b.x, senders, w, round_, window)
 
         def towards(step: np.ndarray) -> np.ndarray:
             return ka.towards(base, goal, step[:, None])

@@ -52,8 +52,8 @@ from mtl_node.batched.torch_optim import RowOptimizers
 from mtl_node.batched.torch_pool import Pool, PoolScorer, finite_rows
 from mtl_node.batched.torch_rules import RowRules
 from mtl_node.batched.torch_support import ATTACKS as ATTACKS
-from mtl_node.batched.torch_support import POOL_ATTACKS
 from mtl_node.batched.torch_support import RULES as RULES
+from mtl_node.batched.torch_support import crafts_from_requester, keeps_fetch
 from mtl_node.batched.torch_support import unsupported_reason as unsupported_reason
 from mtl_node.batched.torch_trigger import TriggerRates
 from mtl_node.combine import unflatten
@@ -91,7 +91,10 @@ class _View(AttackView):
         return self.engine.fetched[self.k].get(round_, {})
 
     def model_of(self, agent_id: str, round_: int) -> StateDict | None:
-        return None  # no supported attack asks for the requester's model
+        return self.engine.requester_model(self.k, agent_id, round_)
+
+    def victim_task(self, agent_id: str) -> Task | None:
+        return self.engine.victim_task(agent_id)
 
     def own(self, round_: int) -> StateDict | None:
         return None  # no supported attack replays its own history
@@ -159,10 +162,21 @@ class _Engine:
         self.fetched: list[dict[int, dict[str, StateDict]]] = [{} for _ in configs]
         for k, c in enumerate(configs):
             if c.attack is not None:
-                attack = make_attack(c.attack, c.id, c.seed, c.attack_params, task=c.task)
+                attack = make_attack(
+                    c.attack,
+                    c.id,
+                    c.seed,
+                    c.attack_params,
+                    task=c.task,
+                    rule=c.rule,
+                    rule_params=c.rule_params.model_dump(),
+                )
                 attack.bind(_View(self, k))
                 self.attacks[k] = attack
-        self.keeps_pool = [c.attack in POOL_ATTACKS for c in configs]
+        self.keeps_pool = [keeps_fetch(c) for c in configs]
+        self.index = index
+        self._psi: Stacked = {}  # the round's adapted models, while crafting (requester_model)
+        self._victim_tasks: dict[str, Task] = {}
         # Which (receiver, slot) pairs see a crafted model: receivers that use what they fetch.
         self.crafted_pairs = [
             (k, s, int(nbr[k, s]))
@@ -179,7 +193,8 @@ class _Engine:
         )
         # Attacks whose model does not depend on the requester are crafted once per round.
         self.per_requester = {
-            a: getattr(attack.params, "redraw", None) == "request" for a, attack in self.attacks.items()
+            a: getattr(attack.params, "redraw", None) == "request" or crafts_from_requester(configs[a])
+            for a, attack in self.attacks.items()
         }
         # Every agent's training and test split, padded to the longest (rows index them at once).
         self.train_x, _ = _padded([t.train.x for t in self.tasks])
@@ -227,6 +242,7 @@ class _Engine:
         missing: dict[tuple[int, int], str] = {}
         extra: list[StateDict] = []
         if self.crafted_pairs:
+            self._psi = psi
             honest = {a: _row(psi, a) for a in self.attacks}
             once: dict[int, int | str] = {}
             where = []
@@ -276,6 +292,31 @@ class _Engine:
                 if s > 0 and pool.present[k, s]:
                     pool.present[k, s] = False
                     pool.missing[k, s] = why
+
+    def requester_model(self, a: int, requester: str, i: int) -> StateDict | None:
+        """What attack node ``a`` gets when it fetches ``requester``'s round-``i`` model on demand
+        (mtl_node.attack_node ``_fetch_requester``): nothing without a route (not a neighbour), the
+        requester's adapted model, or from an attacker what it serves ``a`` (a pool attacker: two
+        requester-model attackers listing each other are refused); None when that is not valid."""
+        if requester not in self.configs[a].neighbors or not self._psi:
+            return None
+        r = self.index[requester]
+        honest = _row(self._psi, r)
+        if r in self.attacks:
+            got = self._craft(r, i, self.ids[a], honest)
+            return None if isinstance(got, str) else got
+        try:
+            wire.validate_state(honest, self.manifest)
+        except WireError:
+            return None
+        return honest
+
+    def victim_task(self, agent_id: str) -> Task | None:
+        """A private copy of ``agent_id``'s task (omniscient attacks), as the attack node builds it."""
+        if agent_id not in self._victim_tasks:
+            c = self.configs[self.index[agent_id]]
+            self._victim_tasks[agent_id] = make_task(c.task, c.id, c.seed, c.task_params, c.device)
+        return self._victim_tasks[agent_id]
 
     def _craft(self, a: int, i: int, requester: str, honest: StateDict) -> StateDict | str:
         """What attack node ``a`` serves ``requester`` in round ``i``, or why nothing valid arrives."""

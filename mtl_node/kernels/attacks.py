@@ -222,6 +222,20 @@ def rop(
 # -- adaptive ------------------------------------------------------------------------------------------
 
 ADAPTIVE_DIRECTIONS = ("negative", "goal", "away")
+# The rules whose acceptance is a loss comparison on the victim's data, and those with a radius.
+ADAPTIVE_LOSS_RULES = frozenset(
+    {"loss", "loss-filtered", "loss-filtered-capped", "loss-filtered-clipped", "loss-filtered-median", "ubar"}
+)
+ADAPTIVE_RADIUS_RULES = frozenset({"self-clipping", "balance", "clipped-gossip"})
+
+
+def adaptive_test(test: str, rule: str) -> str:
+    """The acceptance test the adaptive attack stays within: ``test`` ("loss" or "none") when it is
+    not "auto", else by the run's ``rule``: "loss" (a loss comparison), "radius" (a clipping or
+    acceptance radius) or "none" (nothing to stay within: max_step)."""
+    if test != "auto":
+        return test
+    return "loss" if rule in ADAPTIVE_LOSS_RULES else "radius" if rule in ADAPTIVE_RADIUS_RULES else "none"
 
 
 def adaptive_direction(

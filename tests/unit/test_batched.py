@@ -265,6 +265,8 @@ ATTACK_CASES: list[tuple[str, dict[str, Any]]] = [
     ("distance-capture", {"r": 0.3, "goal": [12.0, -3.0]}),
     ("loss-budget", {}),
     ("loss-budget", {"window": 3, "slack": 0.9, "goal": [30.0, 1.0]}),
+    ("adaptive", {}),  # mtl_node/batched/adaptive_sender.py; every variant: test_batched_adaptive.py
+    ("adaptive", {"test": "loss", "window": 2, "direction": "goal", "goal": [30.0, 1.0]}),
     ("low-loss", {"steps": 5}),
     ("stale", {"lag": 3}),
     ("on-off", {"honest_rounds": 5, "attack_rounds": 3, "then": "alie"}),

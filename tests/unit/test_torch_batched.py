@@ -449,3 +449,62 @@ def test_vectorized_running_score_rules_with_attackers_equal_the_per_agent_engin
         fast = torch_engine.run_torch_batched(cfgs)
         assert any("weight capped" in d.reason for recs in fast.values() for r in recs for d in r.decisions)
     assert_same(cfgs)
+
+
+# backdoor and adaptive (issue 13): crafted per receiver by the attacker's own attack object, which
+# reads the requester's model (torch_engine.requester_model), its own trajectory and data, the run's
+# rule and, omniscient, a private copy of the victim's task. One requester-model attacker per network
+# here: two that list each other are refused (which asks first decides what both get).
+BACKDOOR_CASES: list[tuple[str, dict[str, tuple[str, dict[str, Any]]]]] = [
+    ("average", {"a1": ("backdoor", {}), "a4": ("backdoor", {"poison": 0.3, "blend": 0.5})}),
+    ("loss-filtered", {"a1": ("backdoor", {"blend": "auto"}), "a4": ("ipm", {"epsilon": 0.5})}),
+    ("loss-filtered", {"a1": ("backdoor", {"base": "victim", "blend": "auto"}), "a4": ("alie", {})}),
+    ("median", {"a1": ("backdoor", {"base": "victim", "blend": 0.7})}),
+]
+
+
+@pytest.mark.parametrize(("rule", "byz"), BACKDOOR_CASES, ids=lambda x: str(x))
+def test_backdoor_equals_the_per_agent_engine(rule: str, byz: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    cfgs = configs(rule, byzantine=byz, rounds=6, task_params={"eval_every": 2})
+    fast = torch_engine.run_torch_batched(cfgs)
+    rates = [r.metrics.attack_success for r in fast["a0"] if r.round % 2 == 0]
+    assert rates and all(x is not None for x in rates), rates  # the trigger's metric, every evaluation
+    assert_same(cfgs)
+
+
+ADAPTIVE_CASES: list[tuple[str, dict[str, tuple[str, dict[str, Any]]]]] = [
+    ("average", {"a1": ("adaptive", {}), "a4": ("alie", {"z": 1.5})}),
+    ("median", {"a1": ("adaptive", {"max_step": 0.5, "direction": "goal", "goal": 0.0})}),
+    ("self-clipping", {"a1": ("adaptive", {})}),
+    ("balance", {"a1": ("adaptive", {"direction": "away"})}),
+    ("clipped-gossip", {"a1": ("adaptive", {}), "a4": ("ipm", {"epsilon": 0.5})}),
+    ("loss-filtered", {"a1": ("adaptive", {"test": "none", "max_step": 0.3})}),
+]
+
+
+@pytest.mark.parametrize(("rule", "byz"), ADAPTIVE_CASES, ids=lambda x: str(x))
+def test_adaptive_equals_the_per_agent_engine(rule: str, byz: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    cfgs = configs(rule, byzantine=byz, rounds=6)
+    assert torch_engine.unsupported_reason(cfgs) is None
+    assert_same(cfgs)
+
+
+def test_adaptive_loss_test_and_mutual_requester_model_attackers_are_refused() -> None:
+    for rule, params in [
+        ("loss-filtered", {}),
+        ("ubar", {"omniscient": True}),
+        ("average", {"test": "loss"}),
+    ]:
+        got = torch_engine.unsupported_reason(configs(rule, byzantine={"a1": ("adaptive", params)}))
+        assert got is not None and "loss test" in got and got.startswith("a1: "), got
+    victim = ("backdoor", {"base": "victim"})
+    for byz in [{"a1": ("adaptive", {}), "a4": victim}, {"a1": victim, "a4": victim}]:
+        got = torch_engine.unsupported_reason(configs("average", byzantine=byz))
+        assert got is not None and "which asks first" in got, got
+    # a backdoor blending with its honest model reads no requester: two of them are fine
+    assert (
+        torch_engine.unsupported_reason(
+            configs("average", byzantine={"a1": ("backdoor", {}), "a4": ("backdoor", {})})
+        )
+        is None
+    )
