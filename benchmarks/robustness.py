@@ -399,13 +399,36 @@ NEWER_DEFENSES = (
     "within one honest spread of the mean: 1.1x the honest deviation). Two-faced.",
     "",
     "Two more (classes in attacks/backdoor.py and attacks/adaptive.py, maths in "
-    "mtl_node/kernels/attacks.py). Neither runs in the vectorized engines: a run with them goes "
-    "to the per-agent engine with a warning that says why (`sim: rule ... on the per-agent engine"
-    " (the batched engine cannot: aN: attack 'adaptive' ...)`). Both hurt `average` "
-    "(tests/unit/test_attacks.py: `test_backdoor_succeeds_under_average`, the `adaptive` efficacy"
-    " case) and run as real daemons over gRPC with mutual TLS, equal to the in-process engine "
-    "round by round (tests/integration/test_backdoor_adaptive_daemons.py, HAR under `average` and"
-    " `loss-filtered`).",
+    "mtl_node/kernels/attacks.py). Where the vectorized engines run them (below), they are cross-"
+    "checked against the per-agent engine; elsewhere a run goes to the per-agent engine with a "
+    "warning that says why (`sim: rule ... on the per-agent engine (the batched engine cannot: "
+    "aN: attack 'adaptive' ...)`):",
+    "",
+    "  - **target localization** (mtl_node/batched/adaptive_sender.py): `adaptive`, every variant"
+    " (loss test on the attacker's or, omniscient, the victim's samples; self-clipping, balance "
+    "and clipped-gossip radii; max_step; on-off around it), bit for bit (direction `away`'s "
+    "honest mean summed in neighbour-id order, as the attack sums it; "
+    "tests/unit/test_batched_adaptive.py). An adaptive attacker whose model reads its last fetch "
+    "(direction `away`, or the clipped-gossip radius it estimates from the models it knows) is in"
+    " dissensus's position: where it and another attacker built from the requester's model fetch "
+    "from each other, the run goes to the per-agent engine. `backdoor` needs a classification "
+    "task: target localization has none.",
+    "  - **torch tasks** (HAR, digits, custom; mtl_node/batched/torch_engine.py crafts with each "
+    "attacker's own attack object per receiver, the requester's model of the round as the attack "
+    "node would fetch it): `backdoor`, every variant (its own trajectory and optimizer, `base: "
+    "victim`, `blend: auto`), and `adaptive` with the radius tests and max_step, equal to 1e-5 as"
+    " the engine's other attacks (tests/unit/test_torch_batched.py). Not batched: `adaptive`'s "
+    "loss test (under loss, loss-filtered and its variants, ubar, or `test: loss`): its step is "
+    "where the loss along d crosses the victim's own loss, and where that crossing is shallow the"
+    " float32 last-bit differences of the batched local steps move it far more than 1e-5 (HAR "
+    "under loss-filtered: the served model 7e-5 apart in round 2, victims' losses 2e-3 apart by "
+    "round 5); and two attackers built from the requester's model (`adaptive`, `backdoor` with "
+    "`base: victim`) that list each other (who asks first decides what both serve).",
+    "",
+    "Both hurt `average` (tests/unit/test_attacks.py: `test_backdoor_succeeds_under_average`, the"
+    " `adaptive` efficacy case) and run as real daemons over gRPC with mutual TLS, equal to the "
+    "in-process engine round by round (tests/integration/test_backdoor_adaptive_daemons.py, HAR "
+    "under `average` and `loss-filtered`).",
     "",
     "- `backdoor`: the attacker trains its own trajectory b(r) = adapt on its own data with the "
     "first ceil(`poison` x n) samples of every batch (default 0.5) carrying the trigger and "
