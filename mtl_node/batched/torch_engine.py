@@ -218,7 +218,7 @@ class _Engine:
         self._score: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._batches: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.draws = Draws(self.tasks, self.steps, t0.p.batch_size)
-        self.triggers = TriggerRates(self.tasks, self.model.layout)
+        self._triggers: TriggerRates | None = None  # made when first needed (not with self.tests)
         # The closed-form linear layer's test metrics and rates in one pass (torch_linear.Tests).
         self.tests: torch_linear.Tests | None = None
         trigger = shared_trigger(self.tasks)
@@ -415,7 +415,9 @@ class _Engine:
             test_loss, test_acc, success = self.tests(theta)
         else:
             test_loss, test_acc = self.model.test_metrics(theta, tested, self.test_split)
-            success = self.triggers.rates(self.model.predict, theta) if any(due) else {}
+            if self._triggers is None:
+                self._triggers = TriggerRates(self.tasks, self.model.layout)
+            success = self._triggers.rates(self.model.predict, theta) if any(due) else {}
         tests = {k: (test_loss[j], test_acc[j]) for j, k in enumerate(tested)}
         seconds = (time.perf_counter() - started) / n
         records = []
