@@ -144,7 +144,7 @@ def distances(theta_prev: Stacked, pool: Pool, rows: torch.Tensor) -> torch.Tens
         if not t.is_floating_point():
             continue
         models = t.index_select(0, used).reshape(len(used), -1)
-        prev = theta_prev[name].index_select(0, rows).reshape(len(rows), -1)
+        prev = theta_prev[name].index_select(0, rows.to(t.device)).reshape(len(rows), -1)
         step = max(1, DIFF_ELEMENTS // max(1, models.numel()))
         sq = torch.cat(
             [
