@@ -8,7 +8,8 @@ Every agent's model is one row of stacked parameters (``name -> (agents, *shape)
   or the agent's own forward/backward for convolutional models), then each agent's own SGD or Adam step
   (mtl_node.batched.torch_optim: per-row moments and step counts);
 - **exchange** (mtl_node.batched.torch_pool): a pool of the round's distinct models, Byzantine
-  ones crafted by each attacker's own attack object exactly as its attack node would serve them;
+  ones crafted by each attacker's own attack object exactly as its attack node would serve them
+  (mtl_node.batched.torch_attackers);
 - **scoring** of every received model on the receiver's scoring batch, distances, **aggregation**
   of all rows with the kernels (mtl_node.batched.torch_rules) and **combination**;
 - **evaluation**: the combined models' loss on the scoring batches, test metrics and backdoor
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,8 +44,9 @@ import numpy as np
 import torch
 
 from mtl_node import wire
-from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
 from mtl_node.batched import torch_linear, torch_pool
+from mtl_node.batched.torch_attackers import Attackers, reason_of
+from mtl_node.batched.torch_attackers import row as _row
 from mtl_node.batched.torch_draws import Draws
 from mtl_node.batched.torch_model import BatchedModel
 from mtl_node.batched.torch_model import Unbatchable as Unbatchable  # what the callers catch
@@ -60,7 +62,7 @@ from mtl_node.combine import unflatten
 from mtl_node.config import NodeConfig
 from mtl_node.core.errors import WireError
 from mtl_node.recorder import RoundRecord
-from mtl_node.tasks import Metrics, Task, make_task
+from mtl_node.tasks import Metrics, make_task
 from mtl_node.tasks.torch_task import TorchTask
 from mtl_node.wire import StateDict
 
@@ -75,33 +77,6 @@ log = logging.getLogger(__name__)
 THREADS = 1
 
 Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape) or (rows, slots, *shape)
-
-
-class _View(AttackView):
-    """What attack node k sees: its own task and the neighbour models it fetched per round."""
-
-    def __init__(self, engine: _Engine, k: int) -> None:
-        self.engine, self.k = engine, k
-
-    @property
-    def task(self) -> Task:
-        return self.engine.tasks[self.k]
-
-    def neighbors(self, round_: int) -> Mapping[str, StateDict]:
-        return self.engine.fetched[self.k].get(round_, {})
-
-    def model_of(self, agent_id: str, round_: int) -> StateDict | None:
-        return self.engine.requester_model(self.k, agent_id, round_)
-
-    def victim_task(self, agent_id: str) -> Task | None:
-        return self.engine.victim_task(agent_id)
-
-    def own(self, round_: int) -> StateDict | None:
-        return None  # no supported attack replays its own history
-
-
-def _row(stacked: Mapping[str, torch.Tensor], k: int) -> StateDict:
-    return {name: t[k] for name, t in stacked.items()}
 
 
 def _padded(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +94,6 @@ def _rows(mask: np.ndarray) -> torch.Tensor | None:
     """The indices of the True rows, or None when there are none."""
     rows = np.flatnonzero(mask)
     return torch.from_numpy(rows) if len(rows) else None
-
-
-def _reason(exc: Exception) -> str:
-    return f"{getattr(exc, 'reason', 'error')}: {exc}"
 
 
 class _Engine:
@@ -159,25 +130,11 @@ class _Engine:
             [c.rule for c in configs], [c.rule_params for c in configs], self.byzantine, self.slot_ids
         )
         self.cooperating = self.rules.cooperating.tolist()
-        self.attacks: dict[int, Attack] = {}
-        self.fetched: list[dict[int, dict[str, StateDict]]] = [{} for _ in configs]
-        for k, c in enumerate(configs):
-            if c.attack is not None:
-                attack = make_attack(
-                    c.attack,
-                    c.id,
-                    c.seed,
-                    c.attack_params,
-                    task=c.task,
-                    rule=c.rule,
-                    rule_params=c.rule_params.model_dump(),
-                )
-                attack.bind(_View(self, k))
-                self.attacks[k] = attack
-        self.keeps_pool = [keeps_fetch(c) for c in configs]
         self.index = index
-        self._psi: Stacked = {}  # the round's adapted models, while crafting (requester_model)
-        self._victim_tasks: dict[str, Task] = {}
+        # The attack nodes: each attacker's own attack object and what it sees (torch_attackers).
+        self.attackers = Attackers(self.configs, index, self.manifest, self.spec, self.tasks)
+        self.attacks = self.attackers.attacks
+        self.keeps_pool = [keeps_fetch(c) for c in configs]
         # Which (receiver, slot) pairs see a crafted model: receivers that use what they fetch.
         self.crafted_pairs = [
             (k, s, int(nbr[k, s]))
@@ -252,14 +209,14 @@ class _Engine:
         missing: dict[tuple[int, int], str] = {}
         extra: list[StateDict] = []
         if self.crafted_pairs:
-            self._psi = psi
+            self.attackers.psi = psi
             honest = {a: _row(psi, a) for a in self.attacks}
             once: dict[int, int | str] = {}
             where = []
             for k, s, a in self.crafted_pairs:
                 got = once.get(a)
                 if got is None:
-                    model = self._craft(a, i, self.ids[k], honest[a])
+                    model = self.attackers.craft(a, i, self.ids[k], honest[a])
                     if isinstance(model, str):
                         got = model
                     else:
@@ -283,12 +240,12 @@ class _Engine:
             self._not_finite(pool, ok, psi)
         for k in range(self.n):
             if self.keeps_pool[k]:
-                self.fetched[k][i] = {
+                self.attackers.fetched[k][i] = {
                     self.slot_ids[k][s]: pool.slot(k, s)
                     for s in range(1, len(self.slot_ids[k]))
                     if pool.present[k, s]
                 }
-                self.fetched[k].pop(i - 2, None)
+                self.attackers.fetched[k].pop(i - 2, None)
         return pool
 
     def _not_finite(self, pool: Pool, ok: torch.Tensor, psi: Stacked) -> None:
@@ -297,52 +254,11 @@ class _Engine:
             try:
                 wire.validate_state(_row(psi, a), self.manifest)
             except WireError as exc:
-                why = _reason(exc)
+                why = reason_of(exc)
             for k, s in torch.nonzero(pool.src == a).tolist():
                 if s > 0 and pool.present[k, s]:
                     pool.present[k, s] = False
                     pool.missing[k, s] = why
-
-    def requester_model(self, a: int, requester: str, i: int) -> StateDict | None:
-        """What attack node ``a`` gets when it fetches ``requester``'s round-``i`` model on demand
-        (mtl_node.attack_node ``_fetch_requester``): nothing without a route (not a neighbour), the
-        requester's adapted model, or from an attacker what it serves ``a`` (a pool attacker: two
-        requester-model attackers listing each other are refused); None when that is not valid."""
-        if requester not in self.configs[a].neighbors or not self._psi:
-            return None
-        r = self.index[requester]
-        honest = _row(self._psi, r)
-        if r in self.attacks:
-            got = self._craft(r, i, self.ids[a], honest)
-            return None if isinstance(got, str) else got
-        try:
-            wire.validate_state(honest, self.manifest)
-        except WireError:
-            return None
-        return honest
-
-    def victim_task(self, agent_id: str) -> Task | None:
-        """A private copy of ``agent_id``'s task (omniscient attacks), as the attack node builds it."""
-        if agent_id not in self._victim_tasks:
-            c = self.configs[self.index[agent_id]]
-            self._victim_tasks[agent_id] = make_task(c.task, c.id, c.seed, c.task_params, c.device)
-        return self._victim_tasks[agent_id]
-
-    def _craft(self, a: int, i: int, requester: str, honest: StateDict) -> StateDict | str:
-        """What attack node ``a`` serves ``requester`` in round ``i``, or why nothing valid arrives."""
-        attack = self.attacks[a]
-        try:
-            model = attack.craft(i, requester, honest)
-            if not torch_pool.surely_valid(model, self.spec):
-                wire.validate_state(model, self.manifest)
-        except Withhold:
-            return f"unavailable: {self.ids[a]}: round {i}: refused (omission)"
-        except WireError as exc:
-            return _reason(exc)
-        except Exception:  # the attack node serves its honest model when its attack fails
-            log.exception("%s: attack %s failed; serving the honest model", self.ids[a], attack.name)
-            return honest
-        return model
 
     def _gather(self, data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(rows, m, ...): ``data[k, idx[k]]`` for every row k of a padded split (one
