@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -72,8 +72,8 @@ log = logging.getLogger(__name__)
 # operations of well under a millisecond each (HAR: 30 x 10 samples x 561 features), too small for
 # a thread team to pay for its fork/join; and on a shared 2-core machine a team of two waits for its
 # descheduled member at every operation, which made the engine 4-6x slower than with one thread
-# (docs/performance.md, "Threads"). Larger models (a CNN on big batches) may gain from more:
-# run_torch_batched(threads=None) keeps the caller's setting.
+# (docs/performance.md, "Threads"). Convolutional models (digits: large operations) gain from more:
+# for them run_torch_batched's default ("auto") keeps the caller's setting.
 THREADS = 1
 
 Stacked = dict[str, torch.Tensor]  # name -> (rows, *shape) or (rows, slots, *shape)
@@ -367,13 +367,19 @@ class _Engine:
 def run_torch_batched(
     configs: Sequence[NodeConfig],
     on_round: Callable[[list[RoundRecord]], Any] | None = None,
-    threads: int | None = THREADS,
+    threads: int | Literal["auto"] | None = "auto",
 ) -> dict[str, list[RoundRecord]]:
     """Run every agent to its last round, all at once; per agent its RoundRecords (as the
     per-agent engine's recorders hold them). ``on_round`` gets each round's records as they come.
-    ``threads``: torch's intra-op threads during the run (restored after; None: leave as set)."""
+    ``threads``: torch's intra-op threads during the rounds (restored after). ``"auto"``: THREADS
+    for models the engine vmaps (many tiny operations), the caller's setting for convolutional
+    models run one call per model (operations large enough for a thread team: on the quiet 2-core
+    machine digits ran 0.8x the per-agent engine's wall time with one thread, 1.4x with two;
+    docs/performance.md). None leaves the setting alone."""
+    engine = _Engine(configs)
+    if threads == "auto":
+        threads = None if engine.model.per_model else THREADS
     with _torch_threads(threads):
-        engine = _Engine(configs)
         out: dict[str, list[RoundRecord]] = {c.id: [] for c in configs}
         rounds = configs[0].rounds
         for i in range(1, rounds + 1):

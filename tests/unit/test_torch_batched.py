@@ -429,6 +429,22 @@ def test_the_engine_runs_with_its_thread_setting_and_restores_the_callers() -> N
     assert torch.get_num_threads() == before
 
 
+def test_a_convolutional_model_runs_with_the_callers_threads() -> None:
+    """digits' CNN is run one call per model: large operations, which a thread team speeds up."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+        torch_engine.run_torch_batched(
+            digits("none", "sgd", rounds=1), on_round=lambda _: seen.append(torch.get_num_threads())
+        )
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("attack", "params"), [("constant", {"low": 0.0, "high": 0.1}), ("small-perturbation", {"std": 0.05})]
 )
