@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from mtl_node import state as agent_state
 from mtl_node import wire
 from mtl_node.aggregation import Aggregation, Candidate, NeighborDecision, Rule, make_rule
-from mtl_node.attack_api import make_attack
+from mtl_node.attack_api import attack_of
 from mtl_node.attack_node import AttackSide
 from mtl_node.combine import flatten, squared_distance, unflatten, weighted_sum
 from mtl_node.config import NodeConfig
@@ -78,19 +78,7 @@ class Agent:
         self.task = task or make_task(config.task, config.id, config.seed, config.task_params, config.device)
         # A Byzantine agent learns alone to keep an honest-looking model to craft from.
         self.rule: Rule = make_rule("none" if config.attack else config.rule, config.rule_params)
-        attack = (
-            make_attack(
-                config.attack,
-                config.id,
-                config.seed,
-                config.attack_params,
-                task=config.task,
-                rule=config.rule,
-                rule_params=config.rule_params.model_dump(),
-            )
-            if config.attack
-            else None
-        )
+        attack = attack_of(config) if config.attack else None
         self.store = ModelStore(config.id, keep=config.keep_rounds)
         self.theta: StateDict = self.task.init_model()
         self.manifest = wire.manifest_of(self.theta)

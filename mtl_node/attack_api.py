@@ -53,6 +53,7 @@ from mtl_node.core.registry import Registry
 from mtl_node.wire import StateDict
 
 if TYPE_CHECKING:
+    from mtl_node.config import NodeConfig
     from mtl_node.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -280,3 +281,20 @@ def make_attack(
             if problem:
                 raise ConfigError("attack", problem, f"use another attack, or a task that {name} supports")
     return cls(AttackContext(agent_id, seed, rule, dict(rule_params or {})), parsed)
+
+
+def attack_of(config: NodeConfig, *, network: bool = False) -> Attack:
+    """The attack of a Byzantine agent's config, given everything of its run an attack may read (its
+    task, its rule and the rule's parameters): the one way the daemon, the per-agent engine and the
+    torch batched engine build it, so an attacker serves the same maths in all three."""
+    assert config.attack is not None
+    return make_attack(
+        config.attack,
+        config.id,
+        config.seed,
+        config.attack_params,
+        task=config.task,
+        rule=config.rule,
+        rule_params=config.rule_params.model_dump(),
+        network=network,
+    )

@@ -72,7 +72,7 @@ def check_agent(cfg: NodeConfig) -> None:
     """Build the agent's parts once before serving, so that task and attack parameter errors and
     a rule whose assumptions the neighbourhood cannot meet exit 2 with one clear line."""
     from mtl_node.aggregation.robust import check_neighbourhood
-    from mtl_node.attack_api import make_attack
+    from mtl_node.attack_api import attack_of
     from mtl_node.identity import agent_id, party_tls
     from mtl_node.tasks import make_task
 
@@ -91,7 +91,7 @@ def check_agent(cfg: NodeConfig) -> None:
 
         state.check(cfg.state_path, state.fingerprint(cfg, wire.manifest_of(task.init_model())))
     if cfg.attack:
-        make_attack(cfg.attack, cfg.id, cfg.seed, cfg.attack_params, task=cfg.task, network=True)
+        attack_of(cfg, network=True)
     else:
         check_neighbourhood(cfg.rule, cfg.rule_params, len(cfg.neighbors), cfg.id, "rule")
 

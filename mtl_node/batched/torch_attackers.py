@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mtl_node import wire
-from mtl_node.attack_api import Attack, AttackView, Withhold, make_attack
+from mtl_node.attack_api import Attack, AttackView, Withhold, attack_of
 from mtl_node.batched import torch_pool
 from mtl_node.config import NodeConfig
 from mtl_node.core.errors import WireError
@@ -80,15 +80,7 @@ class Attackers:
         self.attacks: dict[int, Attack] = {}
         for k, c in enumerate(configs):
             if c.attack is not None:
-                attack = make_attack(
-                    c.attack,
-                    c.id,
-                    c.seed,
-                    c.attack_params,
-                    task=c.task,
-                    rule=c.rule,
-                    rule_params=c.rule_params.model_dump(),
-                )
+                attack = attack_of(c)
                 attack.bind(_View(self, k, tasks[k]))
                 self.attacks[k] = attack
 
