@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -161,6 +161,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     complete = path.read_text().split("\n")[:-1]
     return [json.loads(line) for line in complete if line.strip()]
+
+
+def attack_args(name: str, params: Mapping[str, Any]) -> list[str]:
+    """``mtl-node serve``'s flags for attack ``name`` with ``params``."""
+    args = ["--attack", name]
+    for key, value in params.items():
+        args += ["--attack-param", f"{key}={value}"]
+    return args
+
+
+def in_process_models(configs: Sequence[dict[str, Any]], keep: Sequence[str]) -> dict[str, list[Any]]:
+    """Per agent in ``keep``, its model of every round when ``configs`` (NodeConfig fields) run on
+    the in-process engine: what the daemons' checkpoints must equal."""
+    from mtl_node.config import build_config
+    from mtl_node.engine import run_agents
+
+    records = run_agents([build_config(c) for c in configs], keep_models=True)
+    return {a: records[a].models for a in keep}
 
 
 def mtl_node_command() -> list[str]:

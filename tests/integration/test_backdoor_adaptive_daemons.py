@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from daemons import AgentSpec, DaemonSet, mtl_node_command, shared_ca
+from daemons import AgentSpec, DaemonSet, attack_args, in_process_models, mtl_node_command, shared_ca
 
-from mtl_node.config import NodeConfig, build_config
-from mtl_node.engine import IN_PROCESS, run_agents
+from mtl_node.engine import IN_PROCESS
 
 pytestmark = pytest.mark.integration
 
@@ -55,16 +54,13 @@ def specs() -> list[AgentSpec]:
         for key, value in task_params(k).items():
             args += ["--task-param", f"{key}={value}"]
         if a in ATTACKS:
-            name, params = ATTACKS[a]
-            args += ["--attack", name]
-            for key, value in params.items():
-                args += ["--attack-param", f"{key}={value}"]
+            args += attack_args(*ATTACKS[a])
         out.append(AgentSpec(a, neighbours(a), args))
     return out
 
 
 def in_process(attacked: bool, rule: str) -> dict[str, list[dict[str, torch.Tensor]]]:
-    configs: list[NodeConfig] = []
+    configs: list[dict[str, Any]] = []
     for k, a in enumerate(IDS):
         data: dict[str, Any] = {
             "id": a,
@@ -77,9 +73,8 @@ def in_process(attacked: bool, rule: str) -> dict[str, list[dict[str, torch.Tens
         }
         if attacked and a in ATTACKS:
             data |= {"attack": ATTACKS[a][0], "attack_params": ATTACKS[a][1]}
-        configs.append(build_config(data))
-    records = run_agents(configs, keep_models=True)
-    return {a: records[a].models for a in NORMAL}
+        configs.append(data)
+    return in_process_models(configs, NORMAL)
 
 
 @pytest.mark.parametrize("rule", ["average", "loss-filtered"])
